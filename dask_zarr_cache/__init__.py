@@ -1,0 +1,19 @@
+"""dask-zarr-cache: one shared cache of Zarr chunks for a whole Dask cluster."""
+
+from __future__ import annotations
+
+from dask_zarr_cache._exceptions import CacheConfigError, InvalidCacheKeyError, ZarrCacheError
+from dask_zarr_cache._plugin import ZarrCachePlugin
+from dask_zarr_cache._stats import cluster_stats
+from dask_zarr_cache._store import ClusterCacheStore
+
+__all__ = [
+    "CacheConfigError",
+    "ClusterCacheStore",
+    "InvalidCacheKeyError",
+    "ZarrCacheError",
+    "ZarrCachePlugin",
+    "cluster_stats",
+]
+
+__version__ = "0.1.0"

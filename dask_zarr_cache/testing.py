@@ -1,0 +1,163 @@
+"""A real S3 endpoint on loopback for tests, the demo and benchmarks.
+
+:class:`LocalS3Server` runs moto's S3 server (the real S3 HTTP protocol) on 127.0.0.1
+in a thread, wrapped in a WSGI middleware that counts requests *at the server*, per
+method and per object, and can add a fixed latency to each request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+__all__ = ["LocalS3Server"]
+
+
+class _CountingMiddleware:
+    """Counts requests per method and GETs per object path; sleeps ``latency`` each."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self.latency = 0.0
+        self.lock = threading.Lock()
+        self.methods: Counter[str] = Counter()
+        self.object_gets: Counter[str] = Counter()
+        self.bytes_sent = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        method = environ["REQUEST_METHOD"]
+        path = unquote(environ.get("PATH_INFO", "")).lstrip("/")
+        is_object_get = method == "GET" and "/" in path and not environ.get("QUERY_STRING")
+        with self.lock:
+            self.methods[method] += 1
+            if is_object_get:
+                self.object_gets[path] += 1
+        if self.latency:
+            time.sleep(self.latency)
+        body = list(self.app(environ, start_response))
+        if is_object_get:
+            with self.lock:
+                self.bytes_sent += sum(len(b) for b in body)
+        return body
+
+
+class LocalS3Server:
+    """moto's S3 server on ``127.0.0.1`` with server-side request counting.
+
+    Parameters
+    ----------
+    port : int
+        Port to bind on 127.0.0.1; 0 picks a free one.
+    latency : float
+        Seconds added to every request (simulates the distance to real S3).
+
+    Examples
+    --------
+    >>> with LocalS3Server() as s3:  # doctest: +SKIP
+    ...     fs = s3.filesystem(); s3.create_bucket("data")
+    ...     s3.object_gets["data/x.zarr/c/0"]
+    """
+
+    def __init__(self, port: int = 0, latency: float = 0.0) -> None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class _QuietHandler(WSGIRequestHandler):
+            def log_request(self, *args: object, **kwargs: object) -> None:
+                pass  # one line per request would drown test and demo output
+
+        self._counter = _CountingMiddleware(DomainDispatcherApplication(create_backend_app))
+        self._counter.latency = latency
+        self._server = make_server(
+            "127.0.0.1", port, self._counter, threaded=True, request_handler=_QuietHandler
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs options that reach this server (dummy credentials)."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": "testing",
+            "secret": "testing",
+        }
+
+    @property
+    def latency(self) -> float:
+        """Seconds added to every request."""
+        return self._counter.latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        self._counter.latency = float(seconds)
+
+    @property
+    def object_gets(self) -> Counter[str]:
+        """GET requests per ``"<bucket>/<key>"`` seen by the server (a copy)."""
+        with self._counter.lock:
+            return Counter(self._counter.object_gets)
+
+    @property
+    def methods(self) -> Counter[str]:
+        """Requests per HTTP method seen by the server (a copy)."""
+        with self._counter.lock:
+            return Counter(self._counter.methods)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of object bodies sent for GETs."""
+        return self._counter.bytes_sent
+
+    def reset_counts(self) -> None:
+        """Zero all request counters."""
+        with self._counter.lock:
+            self._counter.methods.clear()
+            self._counter.object_gets.clear()
+            self._counter.bytes_sent = 0
+
+    def start(self) -> LocalS3Server:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="local-s3", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> LocalS3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def filesystem(self) -> Any:
+        """A synchronous ``s3fs.S3FileSystem`` for this server (no instance caching)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name``."""
+        self.filesystem().mkdir(name)
+
+    def url(self, path: str) -> str:
+        """``s3://<path>``."""
+        return f"s3://{path}"

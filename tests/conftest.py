@@ -1,0 +1,89 @@
+"""Shared fixtures: a real S3 server on loopback and real multi-process Dask clusters."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import dask.config
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+from zarr.storage import FsspecStore
+
+from dask_zarr_cache import ZarrCachePlugin
+from dask_zarr_cache.testing import LocalS3Server
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_zarr_threads() -> None:
+    # zarr starts its I/O loop thread on first use; start it once, not inside a test.
+    zarr.core.sync._get_loop()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[LocalS3Server]:
+    """moto's S3 server on 127.0.0.1 with one bucket, ``test``."""
+    with LocalS3Server() as server:
+        server.create_bucket("test")
+        yield server
+
+
+@pytest.fixture
+def s3_path(s3: LocalS3Server) -> str:
+    """A fresh ``test/<name>.zarr`` prefix for one test."""
+    return f"test/data-{next(_names)}.zarr"
+
+
+def s3_store(s3: LocalS3Server, path: str, read_only: bool = False) -> FsspecStore:
+    """An ``FsspecStore`` over s3fs for ``path`` on the loopback server."""
+    return FsspecStore.from_url(
+        f"s3://{path}",
+        read_only=read_only,
+        storage_options={**s3.storage_options, "skip_instance_cache": True},
+    )
+
+
+def chunk_gets(s3: LocalS3Server, path: str) -> dict[str, int]:
+    """Server-side GETs of the chunk/shard objects (not metadata) below ``path``."""
+    metadata = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+    return {
+        key: n
+        for key, n in s3.object_gets.items()
+        if key.startswith(path + "/") and not key.endswith(metadata)
+    }
+
+
+def start_cluster(n_workers: int = 3, **plugin_kwargs) -> tuple[LocalCluster, Client]:
+    """A multi-process cluster on 127.0.0.1 with the cache plugin registered."""
+    with dask.config.set({"zarr-cache.flush-interval": "100ms"}):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=2,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+        )
+    client = Client(cluster)
+    client.register_plugin(ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs}))
+    return cluster, client
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[LocalCluster, Client]]:
+    """One 3-worker process cluster with a 1 GiB cache per worker, shared by a module."""
+    cluster, client = start_cluster()
+    yield cluster, client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture
+def client(cluster) -> Client:
+    return cluster[1]

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import dask.config
+import pytest
+
+from dask_zarr_cache import CacheConfigError, ZarrCachePlugin
+from dask_zarr_cache._config import CacheSettings
+
+
+def test_sizes_parse_from_int_and_dask_strings():
+    assert CacheSettings.from_arguments(1024).max_size == 1024
+    assert CacheSettings.from_arguments("2GiB").max_size == 2 * 2**30
+    assert CacheSettings.from_arguments("1.5 MB").max_size == 1_500_000
+
+
+@pytest.mark.parametrize("bad", [0, -1, "lots", "", True, 1.5, [1], "-3GiB"])
+def test_bad_max_size_is_a_clear_error(bad):
+    with pytest.raises(CacheConfigError, match="max_size"):
+        ZarrCachePlugin(max_size=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), "soon", True])
+def test_bad_max_age_is_a_clear_error(bad):
+    with pytest.raises(CacheConfigError, match="max_age_seconds"):
+        ZarrCachePlugin(max_size="1GiB", max_age_seconds=bad)
+
+
+@pytest.mark.parametrize("bad", ["", 42, "a\x00b"])
+def test_bad_directory_is_a_clear_error(bad):
+    with pytest.raises(CacheConfigError, match="directory"):
+        ZarrCachePlugin(max_size="1GiB", directory=bad)
+
+
+def test_unset_arguments_come_from_dask_config(tmp_path):
+    with dask.config.set(
+        {
+            "zarr-cache.max-size": "3MiB",
+            "zarr-cache.max-age-seconds": 60,
+            "zarr-cache.directory": str(tmp_path),
+        }
+    ):
+        settings = CacheSettings.from_arguments()
+    assert settings == CacheSettings(3 * 2**20, 60.0, str(tmp_path))
+
+
+def test_plugin_pickles_to_its_settings_only():
+    import pickle
+
+    plugin = ZarrCachePlugin(max_size="1MiB", max_age_seconds=5)
+    clone = pickle.loads(pickle.dumps(plugin))
+    assert clone.settings == plugin.settings
+    assert "max_size=1048576" in repr(clone)

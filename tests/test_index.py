@@ -1,0 +1,157 @@
+"""The index policy, without a cluster: ownership, single fetch, global LRU, TTL."""
+
+from __future__ import annotations
+
+import pytest
+
+from dask_zarr_cache._index import (
+    FETCH,
+    PEER,
+    PENDING,
+    CacheIndex,
+    join_items,
+    join_keys,
+    split_items,
+    split_keys,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fill(index: CacheIndex, worker: str, keys, size=10, capacity=100):
+    assert index.acquire(worker, keys) == [(FETCH, worker)] * len(keys)
+    return index.commit(worker, capacity, [(k, size, 1) for k in keys])
+
+
+def test_first_asker_fetches_others_wait_then_read_from_the_owner():
+    index = CacheIndex()
+    assert index.acquire("A", ["k"]) == [(FETCH, "A")]
+    assert index.acquire("B", ["k"]) == [(PENDING, "A")]
+    assert index.acquire("C", ["k"]) == [(PENDING, "A")]
+    assert index.commit("A", 100, [("k", 10, 7)]) == ([], [])
+    assert index.acquire("B", ["k"]) == [(PEER, "A")]
+    assert index.owner("k") == "A"
+    assert index.workers()["A"] == {"capacity": 100, "used": 10, "entries": 1}
+
+
+def test_abandoned_fetch_lets_the_next_asker_fetch():
+    index = CacheIndex()
+    index.acquire("A", ["k"])
+    index.abandon("A", ["k"])
+    assert index.acquire("B", ["k"]) == [(FETCH, "B")]
+
+
+def test_owner_that_lost_its_file_fetches_again():
+    index = CacheIndex()
+    fill(index, "A", ["k"])
+    assert index.acquire("A", ["k"]) == [(FETCH, "A")]
+    assert index.workers()["A"]["used"] == 0
+
+
+def test_eviction_follows_cluster_wide_last_access():
+    index = CacheIndex()
+    fill(index, "A", ["k0", "k1", "k2"], size=10, capacity=30)
+    # k0 is read by another worker (a peer read): its owner reports the access.
+    index.touch("A", ["k0"])
+    evicted, rejected = index.commit("A", 30, [])
+    assert (evicted, rejected) == ([], [])
+    index.acquire("A", ["k3"])
+    evicted, _ = index.commit("A", 30, [("k3", 10, 1)])
+    assert evicted == ["k1"]  # least recently used cluster-wide; k0 was refreshed
+    assert index.lru_keys("A") == ["k2", "k0", "k3"]
+    assert index.workers()["A"]["used"] == 30
+
+
+def test_budget_is_per_worker():
+    index = CacheIndex()
+    fill(index, "A", ["a0", "a1"], size=10, capacity=20)
+    fill(index, "B", ["b0", "b1"], size=10, capacity=20)
+    index.acquire("B", ["b2"])
+    evicted, _ = index.commit("B", 20, [("b2", 10, 1)])
+    assert evicted == ["b0"]
+    assert index.lru_keys("A") == ["a0", "a1"]
+
+
+def test_ttl_makes_entries_absent_and_queues_their_deletion():
+    clock = Clock()
+    index = CacheIndex(max_age_seconds=5, clock=clock)
+    fill(index, "A", ["k"])
+    clock.now += 4
+    assert index.acquire("B", ["k"]) == [(PEER, "A")]
+    clock.now += 2
+    assert index.acquire("B", ["k"]) == [(FETCH, "B")]
+    expired, known = index.touch("A", [])
+    assert (expired, known) == (["k"], True)
+    assert index.workers()["A"]["used"] == 0
+
+
+def test_expire_all_sweeps_old_entries():
+    clock = Clock()
+    index = CacheIndex(max_age_seconds=5, clock=clock)
+    fill(index, "A", ["k0", "k1"])
+    clock.now += 10
+    assert index.expire_all() == 2
+    assert len(index) == 0
+
+
+def test_invalidate_drops_object_ranges_and_pending_claims():
+    index = CacheIndex()
+    fill(index, "A", ["ns/k", "ns/k#r0-4", "ns/other"])
+    index.acquire("B", ["ns/k#s8"])  # in flight
+    dropped = index.invalidate(["ns/k"])
+    assert sorted(dropped) == [("A", "ns/k"), ("A", "ns/k#r0-4")]
+    assert "ns/other" in index
+    # The in-flight fetch lost its claim: its commit is rejected, so old bytes never land.
+    assert index.commit("B", 100, [("ns/k#s8", 4, 1)]) == ([], ["ns/k#s8"])
+
+
+def test_invalidate_prefix_drops_a_directory():
+    index = CacheIndex()
+    fill(index, "A", ["ns/a/c/0", "ns/a/c/1", "ns/b/c/0"])
+    assert len(index.invalidate([], ["ns/a/"])) == 2
+    assert list(index._entries) == ["ns/b/c/0"]
+
+
+def test_register_adopts_disk_files_and_refuses_duplicates_and_overflow():
+    index = CacheIndex()
+    fill(index, "A", ["dup"])
+    to_delete = index.register("B", 25, [("dup", 10, 1), ("x", 10, 1), ("y", 10, 1), ("z", 10, 1)])
+    assert to_delete == ["dup", "x"]  # held elsewhere; then the oldest over budget
+    assert index.owner("y") == "B" and index.workers()["B"]["used"] == 20
+    # A re-registration is authoritative: entries no longer on disk are forgotten.
+    assert index.register("B", 25, [("y", 10, 1)]) == []
+    assert index.owner("z") is None and index.workers()["B"]["used"] == 10
+
+
+def test_remove_worker_drops_its_entries_and_claims():
+    index = CacheIndex()
+    fill(index, "A", ["k0", "k1"])
+    index.acquire("A", ["k2"])
+    assert index.remove_worker("A") == 2
+    assert index.acquire("B", ["k0", "k2"]) == [(FETCH, "B"), (FETCH, "B")]
+
+
+def test_touch_from_an_unknown_worker_asks_it_to_register():
+    assert CacheIndex().touch("nobody", ["k"]) == ([], False)
+
+
+def test_a_stale_claim_can_be_taken_over():
+    clock = Clock()
+    index = CacheIndex(clock=clock)
+    index.acquire("A", ["k"])
+    clock.now += 3600
+    assert index.acquire("B", ["k"]) == [(FETCH, "B")]
+    assert index.commit("A", 100, [("k", 1, 1)]) == ([], ["k"])
+
+
+@pytest.mark.parametrize("keys", [[], ["a"], ["ns/c/0", "ns/c/1#r0-5", "x y"]])
+def test_wire_format_round_trips(keys):
+    assert split_keys(join_keys(keys)) == keys
+    items = [(k, i, i * 7) for i, k in enumerate(keys)]
+    assert split_items(join_items(items)) == items
