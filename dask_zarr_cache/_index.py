@@ -150,8 +150,9 @@ class CacheIndex:
 
     # -- the read path -------------------------------------------------------------
     def acquire(self, worker: str, keys: Iterable[str]) -> list[tuple[str, str]]:
-        """Decide for each key how ``worker`` gets it: ``(FETCH, worker)``,
-        ``(PEER, owner)`` or ``(PENDING, fetcher)``.
+        """Decide for each key how ``worker`` gets it.
+
+        Each answer is ``(FETCH, worker)``, ``(PEER, owner)`` or ``(PENDING, fetcher)``.
 
         ``FETCH`` makes ``worker`` the pending owner: it must :meth:`commit` or
         :meth:`abandon` the key.
@@ -245,8 +246,9 @@ class CacheIndex:
     def invalidate(
         self, keys: Iterable[str], prefixes: Iterable[str] = ()
     ) -> list[tuple[str, str]]:
-        """Forget ``keys`` (whole-object cache keys) with all their byte ranges, and every
-        key starting with one of ``prefixes``; pending fetches of them lose their claim.
+        """Forget ``keys`` with all their byte ranges, and every key under ``prefixes``.
+
+        ``keys`` are whole-object cache keys. Pending fetches of them lose their claim.
 
         Returns the ``(owner, key)`` pairs of ready entries that were dropped.
         """

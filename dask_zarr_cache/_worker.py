@@ -353,7 +353,7 @@ class WorkerCache:
         return len(doomed)
 
     async def handle_stats(self) -> dict[str, int]:
-        """This worker's counters."""
+        """Return the counters of this worker."""
         with self._lock:
             return self.counters.as_dict()
 

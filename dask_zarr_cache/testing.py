@@ -62,6 +62,7 @@ class LocalS3Server:
     >>> with LocalS3Server() as s3:  # doctest: +SKIP
     ...     fs = s3.filesystem(); s3.create_bucket("data")
     ...     s3.object_gets["data/x.zarr/c/0"]
+
     """
 
     def __init__(self, port: int = 0, latency: float = 0.0) -> None:

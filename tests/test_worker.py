@@ -97,7 +97,9 @@ def test_sharded_array_is_correct_and_not_read_again(s3, s3_path, client):
     assert len(after_first) == 4  # four shard objects, read by byte ranges
     for _ in range(2):
         np.testing.assert_array_equal(client.compute(x).result(), data)
-        np.testing.assert_array_equal(client.compute(x[5:50:3, 7:61:5]).result(), data[5:50:3, 7:61:5])
+        np.testing.assert_array_equal(
+            client.compute(x[5:50:3, 7:61:5]).result(), data[5:50:3, 7:61:5]
+        )
     assert chunk_gets(s3, s3_path) == after_first
 
 

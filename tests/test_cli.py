@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dask_zarr_cache.cli import format_stats, main
+
+
+def test_demo_reads_once_and_is_correct(capsys):
+    argv = ["demo", "--workers", "2", "--passes", "2", "--side", "256", "--chunk", "64"]
+    assert main([*argv, "--latency-ms", "5"]) == 0
+    out = capsys.readouterr().out
+    rows = {  # label | wall s, S3 GETs, peer reads, local hits, ok
+        line[:18].strip(): line[18:].split()
+        for line in out.splitlines()
+        if line.startswith(("no cache", "cache,"))
+    }
+    assert list(rows) == ["no cache", "cache, cold", "cache, warm 1"]
+    assert rows["no cache"][1] == "16"  # S3 GETs, counted at the server
+    assert rows["cache, cold"][1] == "16"
+    assert rows["cache, warm 1"][1] == "0"
+    assert int(rows["cache, warm 1"][2]) + int(rows["cache, warm 1"][3]) == 16
+    assert all(r[-1] == "yes" for r in rows.values())
+    assert "dashboard http://127.0.0.1:" in out
+
+
+def test_stats_prints_a_table_and_json(client, capsys):
+    address = client.scheduler.address
+    assert main(["stats", "--scheduler", address]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["worker", "hits", "misses"]
+    assert table.splitlines()[-1].startswith("total")
+    assert main(["stats", "--scheduler", address, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert set(stats["workers"]) == set(client.scheduler_info()["workers"])
+    assert stats["total"]["hits"] == sum(w["hits"] for w in stats["workers"].values())
+
+
+def test_format_stats_has_a_total_row():
+    text = format_stats({"workers": {"tcp://a": {"hits": 2}}, "total": {"hits": 2}})
+    assert text.splitlines()[-1].split()[:2] == ["total", "2"]
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        main(["nope"])
