@@ -79,3 +79,66 @@ async def test_escaping_keys_are_rejected_for_reads_and_writes(tmp_path, key):
     with pytest.raises(InvalidCacheKeyError):
         await store.delete(key)
     assert not any((tmp_path).rglob("secret"))
+
+
+@pytest.fixture
+async def worker_cache(tmp_path, monkeypatch):
+    """A real scheduler, worker, index actor and ``WorkerCache`` in this test's loop.
+
+    ``ClusterCacheStore`` finds its cache through ``get_worker()``, which only answers
+    inside a task; here the lookup is pointed at this worker's real cache instead.
+    """
+    from distributed import Client, Scheduler, Worker
+
+    from dask_zarr_cache import ZarrCachePlugin
+
+    async with (
+        Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler,
+        Worker(scheduler.address, host="127.0.0.1", nthreads=2) as worker,
+        Client(scheduler.address, asynchronous=True) as client,
+    ):
+        await client.register_plugin(ZarrCachePlugin(max_size="10MiB", directory=tmp_path / "c"))
+        cache = worker.extensions["zarr_cache"]
+        monkeypatch.setattr("dask_zarr_cache._store.worker_cache", lambda: cache)
+        yield cache
+
+
+class TestClusterCacheStoreOnWorker(TestClusterCacheStore):
+    """The same StoreTests with every read going through a real worker's cache."""
+
+    @pytest.fixture
+    async def store(self, open_kwargs, worker_cache) -> ClusterCacheStore:
+        return await self.store_cls.open(**open_kwargs)
+
+    @pytest.fixture
+    def source_root(self, tmp_path: Path) -> str:
+        (tmp_path / "src").mkdir(exist_ok=True)
+        return str(tmp_path / "src")
+
+    @pytest.fixture
+    def store_kwargs(self, source_root: str) -> dict[str, object]:
+        return {"store": LocalStore(source_root)}
+
+    @pytest.fixture
+    def open_kwargs(self, source_root: str) -> dict[str, object]:
+        return {"store_cls": LocalStore, "root": source_root}
+
+    _SAME_LOOP = (
+        "zarr's sync API blocks this test's event loop, which in this fixture is also the "
+        "worker's loop; in a real cluster the worker loop has its own thread. The "
+        "read-through class runs this test."
+    )
+
+    @pytest.mark.skip(reason=_SAME_LOOP)
+    def test_get_bytes_sync(self, store) -> None: ...
+
+    @pytest.mark.skip(reason=_SAME_LOOP)
+    def test_get_json_sync(self, store) -> None: ...
+
+    async def test_reads_were_cached(self, store, worker_cache) -> None:
+        proto = default_buffer_prototype()
+        await self.set(store, "c/0", Buffer.from_bytes(b"abcdef"))
+        assert (await store.get("c/0", proto)).to_bytes() == b"abcdef"
+        (store._store.root / "c/0").unlink()  # the source no longer has it ...
+        assert (await store.get("c/0", proto)).to_bytes() == b"abcdef"  # ... the cache has
+        assert worker_cache.counters.hits == 1 and worker_cache.counters.remote_reads == 1
