@@ -60,6 +60,13 @@ class DiskCache:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def unchecked(cls, root: str | os.PathLike[str]) -> DiskCache:
+        """A ``DiskCache`` for a directory that could not be created (all writes fail)."""
+        disk = cls.__new__(cls)
+        disk.root = Path(root).absolute()
+        return disk
+
     def path_of(self, key: str) -> Path:
         """Return the file of a cache key, refusing any path outside :attr:`root`.
 
@@ -112,11 +119,14 @@ class DiskCache:
         path = self.path_of(key)
         try:
             raw = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except FileNotFoundError:
             return None
+        except OSError:  # unreadable (EIO, permissions, a directory): not usable, drop it
+            raw = b""
         data = _verified_payload(raw, expected_checksum)
         if data is None:
-            self.delete(key)
+            with contextlib.suppress(OSError):
+                self.delete(key)
         return data
 
     def delete(self, key: str) -> int:

@@ -41,15 +41,22 @@ PENDING = "pending"
 PENDING_TIMEOUT = 60.0
 
 
+#: ``(key, size, checksum, tag)``: one object as workers report it. ``tag`` is a serial
+#: the owner gives each local copy, so a late "dropped" report about an older copy never
+#: removes a newer one.
+Item = tuple[str, int, int, int]
+
+
 class _Entry:
-    """One cached object: owner worker, size, checksum and creation time (index clock)."""
+    """One cached object: owner, size, checksum, owner's tag, creation (index clock)."""
 
-    __slots__ = ("checksum", "created", "owner", "size")
+    __slots__ = ("checksum", "created", "owner", "size", "tag")
 
-    def __init__(self, owner: str, size: int, checksum: int, created: float) -> None:
+    def __init__(self, owner: str, size: int, checksum: int, tag: int, created: float) -> None:
         self.owner = owner
         self.size = size
         self.checksum = checksum
+        self.tag = tag
         self.created = created
 
 
@@ -109,9 +116,7 @@ class CacheIndex:
         return [] if state is None else list(state.lru)
 
     # -- worker lifecycle ----------------------------------------------------------
-    def register(
-        self, worker: str, capacity: int, files: Iterable[tuple[str, int, int]] = ()
-    ) -> list[str]:
+    def register(self, worker: str, capacity: int, files: Iterable[Item] = ()) -> list[str]:
         """(Re)register ``worker`` with its budget and the files already on its disk.
 
         Returns the keys the worker must delete: files another worker already holds and
@@ -120,19 +125,20 @@ class CacheIndex:
         state = self._state(worker, capacity)
         files = list(files)
         # The worker's disk is the truth: forget entries it no longer has.
-        on_disk = {key for key, _, _ in files}
+        on_disk = {item[0] for item in files}
         for key in [k for k in state.lru if k not in on_disk]:
             self._remove(key)
         to_delete = []
         now = self._clock()
-        for key, size, crc in files:
+        for key, size, crc, tag in files:
             entry = self._entries.get(key)
             if entry is not None and entry.owner == worker:
+                entry.tag = tag
                 continue
             if entry is not None or key in self._pending:
                 to_delete.append(key)
                 continue
-            self._insert(key, _Entry(worker, size, crc, now), state)
+            self._insert(key, _Entry(worker, size, crc, tag, now), state)
         return to_delete + self._evict_over_budget(worker, state)
 
     def remove_worker(self, worker: str) -> int:
@@ -149,17 +155,31 @@ class CacheIndex:
         return len(state.lru)
 
     # -- the read path -------------------------------------------------------------
-    def acquire(self, worker: str, keys: Iterable[str]) -> list[tuple[str, str]]:
+    def acquire(
+        self, worker: str, keys: Iterable[str], unreachable: str = ""
+    ) -> list[tuple[str, str]]:
         """Decide for each key how ``worker`` gets it.
 
         Each answer is ``(FETCH, worker)``, ``(PEER, owner)`` or ``(PENDING, fetcher)``.
-
         ``FETCH`` makes ``worker`` the pending owner: it must :meth:`commit` or
         :meth:`abandon` the key.
+
+        Parameters
+        ----------
+        worker : str
+            Address of the asking worker.
+        keys : iterable of str
+            Cache keys the worker missed.
+        unreachable : str, optional
+            A peer that just failed to serve these keys (dead, or its file is gone): its
+            entry or claim for them is dropped first, so exactly one asker re-fetches.
+
         """
         now = self._clock()
         decisions = []
         for key in keys:
+            if unreachable:
+                self._forget_holder(key, unreachable)
             entry = self._entries.get(key)
             if entry is not None and self._is_expired(entry, now):
                 self._expire(key, entry)
@@ -180,9 +200,9 @@ class CacheIndex:
         return decisions
 
     def commit(
-        self, worker: str, capacity: int, items: Iterable[tuple[str, int, int]]
+        self, worker: str, capacity: int, items: Iterable[Item]
     ) -> tuple[list[str], list[str]]:
-        """Record that ``worker`` now holds these ``(key, size, checksum)`` objects.
+        """Record that ``worker`` now holds these ``(key, size, checksum, tag)`` objects.
 
         Returns
         -------
@@ -197,13 +217,13 @@ class CacheIndex:
         state = self._state(worker, capacity)
         now = self._clock()
         rejected = []
-        for key, size, crc in items:
+        for key, size, crc, tag in items:
             pending = self._pending.get(key)
             if pending is None or pending[0] != worker or key in self._entries:
                 rejected.append(key)
                 continue
             del self._pending[key]
-            self._insert(key, _Entry(worker, size, crc, now), state)
+            self._insert(key, _Entry(worker, size, crc, tag, now), state)
         return self._evict_over_budget(worker, state), rejected
 
     def abandon(self, worker: str, keys: Iterable[str]) -> None:
@@ -214,11 +234,13 @@ class CacheIndex:
                 self._drop_pending(key)
 
     def touch(
-        self, worker: str, accessed: Iterable[str], dropped: Iterable[str] = ()
+        self, worker: str, accessed: Iterable[str], dropped: Iterable[Item] = ()
     ) -> tuple[list[str], bool]:
-        """Apply a worker's batched access records and the keys it deleted on its own.
+        """Apply a worker's batched access records and the copies it deleted on its own.
 
         ``accessed`` keys are moved to the most recently used end of their owner's LRU.
+        A ``dropped`` item removes its entry only if the tag matches: the worker may have
+        fetched and committed a newer copy since.
 
         Returns
         -------
@@ -228,9 +250,9 @@ class CacheIndex:
             Whether the index knows ``worker``; if not, the worker must :meth:`register`.
 
         """
-        for key in dropped:
+        for key, _size, _crc, tag in dropped:
             entry = self._entries.get(key)
-            if entry is not None and entry.owner == worker:
+            if entry is not None and entry.owner == worker and entry.tag == tag:
                 self._remove(key)
         known = worker in self._workers
         for key in accessed:
@@ -313,6 +335,14 @@ class CacheIndex:
         if state is not None:
             state.expired.append(key)
 
+    def _forget_holder(self, key: str, holder: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.owner == holder:
+            self._remove(key)
+        pending = self._pending.get(key)
+        if pending is not None and pending[0] == holder:
+            self._drop_pending(key)
+
     def _drop_pending(self, key: str) -> None:
         del self._pending[key]
         if key not in self._entries:
@@ -351,17 +381,17 @@ def split_keys(packed: str) -> list[str]:
     return packed.split("\n") if packed else []
 
 
-def join_items(items: Iterable[tuple[str, int, int]]) -> str:
-    """Pack ``(key, size, checksum)`` triples into one string."""
-    return "\n".join(f"{k}\t{s}\t{c}" for k, s, c in items)
+def join_items(items: Iterable[Item]) -> str:
+    """Pack ``(key, size, checksum, tag)`` items into one string."""
+    return "\n".join(f"{k}\t{s}\t{c}\t{t}" for k, s, c, t in items)
 
 
-def split_items(packed: str) -> list[tuple[str, int, int]]:
+def split_items(packed: str) -> list[Item]:
     """Inverse of :func:`join_items`."""
     out = []
     for line in split_keys(packed):
-        key, size, crc = line.split("\t")
-        out.append((key, int(size), int(crc)))
+        key, size, crc, tag = line.split("\t")
+        out.append((key, int(size), int(crc), int(tag)))
     return out
 
 
@@ -393,9 +423,9 @@ class IndexActor:
         """See :meth:`CacheIndex.remove_worker`."""
         return self.index.remove_worker(worker)
 
-    async def acquire(self, worker: str, keys: str) -> str:
+    async def acquire(self, worker: str, keys: str, unreachable: str = "") -> str:
         """See :meth:`CacheIndex.acquire`; answers one ``"<decision> <address>"`` per line."""
-        decisions = self.index.acquire(worker, split_keys(keys))
+        decisions = self.index.acquire(worker, split_keys(keys), unreachable)
         return "\n".join(f"{d} {addr}" for d, addr in decisions)
 
     async def commit(self, worker: str, capacity: int, items: str) -> tuple[str, str]:
@@ -409,7 +439,7 @@ class IndexActor:
 
     async def touch(self, worker: str, accessed: str, dropped: str) -> tuple[str, bool]:
         """See :meth:`CacheIndex.touch`."""
-        expired, known = self.index.touch(worker, split_keys(accessed), split_keys(dropped))
+        expired, known = self.index.touch(worker, split_keys(accessed), split_items(dropped))
         return join_keys(expired), known
 
     async def invalidate(self, keys: str, prefixes: str = "") -> int:

@@ -93,6 +93,16 @@ class ZarrCachePlugin(SchedulerPlugin):
         if state is not None:
             state.ensure_index()
 
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Move the index off a worker as soon as it starts retiring."""
+        if (
+            isinstance(msg, dict)
+            and msg.get("action") == "worker-status-change"
+            and msg.get("status") == "closing_gracefully"
+            and self._scheduler_state is not None
+        ):
+            self._scheduler_state.worker_closing(topic)
+
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget the departed worker's entries (re-create the index if it hosted it)."""
         state = scheduler.extensions.get(EXTENSION_NAME)

@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
+from distributed.protocol.serialize import Serialized, deserialize
 
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._index import IndexActor
@@ -125,6 +126,9 @@ class ZarrCacheScheduler:
         self._index_future = future
         self.location = {"address": actor._address, "key": key}
         logger.info("zarr cache index created on %s", actor._address)
+        # Workers re-register the files on their disks now, not at their next miss: until
+        # then the new index would send other workers to the source for those keys.
+        await self.broadcast("handle_index_moved")
 
     def _choose_host(self) -> str | None:
         workers = [
@@ -133,6 +137,26 @@ class ZarrCacheScheduler:
             if ws.status.name in ("running", "paused")
         ]
         return min(workers) if workers else None
+
+    def worker_closing(self, worker: str) -> None:
+        """Move the index off a worker that is being retired.
+
+        ``retire_workers`` refuses to retire a worker holding an actor. Called from the
+        (synchronous) ``worker-status-change`` event, before that check runs, this
+        releases the actor's task and starts a new index on another worker.
+        """
+        if self.location is None or worker != self.location["address"]:
+            return
+        logger.info("zarr cache index host %s is retiring; moving the index", worker)
+        key, client = self.location["key"], self._client
+        self.location = None
+        self.index.reset()
+        self._index_future = None
+        if client is not None and client.id in self.scheduler.clients:
+            self.scheduler.client_releases_keys(
+                keys=[key], client=client.id, stimulus_id=f"zarr-cache-move-index-{key}"
+            )
+        self.ensure_index()
 
     def remove_worker(self, worker: str) -> None:
         """Drop a departed worker's entries, or re-create the index if it hosted it."""
@@ -169,21 +193,55 @@ class ZarrCacheScheduler:
             self._client = None
 
     # -- cluster-wide operations ---------------------------------------------------------
-    async def invalidate(self, keys: str, prefixes: str) -> int:
-        """Drop cache keys and key prefixes on every worker, then from the index."""
+    async def broadcast(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        """Call ``WorkerCache.<method>(**kwargs)`` on every worker; results by address.
+
+        Goes through the workers' built-in ``run`` handler, so workers without a cache
+        (still setting up, or without the plugin) answer ``None`` instead of logging a
+        missing-handler error. Unreachable workers are left out.
+        """
         replies = await self.scheduler.broadcast(
-            msg={"op": "zarr_cache_invalidate", "keys": keys, "prefixes": prefixes},
+            msg={
+                "op": "run",
+                "function": dumps(_call_worker_cache),
+                "args": dumps((method,)),
+                "kwargs": dumps(kwargs),
+                "wait": True,
+            },
             on_error="ignore",
         )
+        return {
+            addr: _deserialized(reply.get("result"))
+            for addr, reply in replies.items()
+            if isinstance(reply, dict) and reply.get("status") == "OK"
+        }
+
+    async def invalidate(self, keys: str, prefixes: str) -> int:
+        """Drop cache keys and key prefixes on every worker, then from the index."""
+        replies = await self.broadcast("handle_invalidate", keys=keys, prefixes=prefixes)
         await self._call_index("invalidate", keys, prefixes)
         return sum(r for r in replies.values() if isinstance(r, int))
 
     async def stats(self) -> dict[str, Any]:
         """Counters of every worker, their totals, and the index's own summary."""
-        replies = await self.scheduler.broadcast(msg={"op": "zarr_cache_stats"}, on_error="ignore")
+        replies = await self.broadcast("handle_stats")
         workers = {addr: r for addr, r in replies.items() if isinstance(r, dict)}
         index = await self._call_index("summary")
         return {"total": total_of(workers), "workers": workers, "index": index}
+
+
+def _deserialized(value: Any) -> Any:
+    # The scheduler relays a worker's ``run`` result still serialized.
+    if isinstance(value, Serialized):
+        return deserialize(value.header, value.frames)
+    return value
+
+
+async def _call_worker_cache(method: str, dask_worker: Any = None, **kwargs: Any) -> Any:
+    from dask_zarr_cache._worker import worker_cache_of
+
+    cache = worker_cache_of(dask_worker)
+    return None if cache is None else await getattr(cache, method)(**kwargs)
 
 
 def _done() -> asyncio.Future[None]:

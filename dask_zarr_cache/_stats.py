@@ -34,6 +34,8 @@ class CacheCounters:
     evictions: int = 0
     expired: int = 0
     fallbacks: int = 0  #: reads that went to the source because the index or a peer failed
+    disk_errors: int = 0  #: cache writes that failed (disk full, unwritable, ...)
+    caching_disabled: int = 0  #: 1 once disk trouble turned this worker to read-through
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""

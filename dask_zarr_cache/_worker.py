@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -24,7 +25,7 @@ from tornado.ioloop import PeriodicCallback
 
 from dask_zarr_cache._disk import DiskCache, checksum
 from dask_zarr_cache._exceptions import InvalidCacheKeyError
-from dask_zarr_cache._index import FETCH, PEER, PENDING, join_items, join_keys, split_keys
+from dask_zarr_cache._index import FETCH, Item, join_items, join_keys, split_keys
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
 from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._stats import CacheCounters
@@ -51,6 +52,10 @@ class _LocalEntry:
     size: int
     checksum: int
     created: float
+    tag: int = field(default_factory=itertools.count(1).__next__)  # see ``_index.Item``
+
+    def item(self, key: str) -> Item:
+        return key, self.size, self.checksum, self.tag
 
 
 def cache_directory(worker: Worker, settings: CacheSettings) -> str:
@@ -80,8 +85,13 @@ class WorkerCache:
     def __init__(self, worker: Worker, settings: CacheSettings) -> None:
         self.worker = worker
         self.settings = settings
-        self.disk = DiskCache(cache_directory(worker, settings))
         self.counters = CacheCounters(capacity=settings.max_size)
+        self._caching_enabled = True
+        try:
+            self.disk = DiskCache(cache_directory(worker, settings))
+        except OSError as err:  # keep a DiskCache object; every write will fail cleanly
+            self.disk = DiskCache.unchecked(cache_directory(worker, settings))
+            self._disable_caching(err)
         self.index = IndexClient(worker.scheduler, worker.rpc, self._register)
         self._timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
         self._lock = threading.Lock()
@@ -90,8 +100,7 @@ class WorkerCache:
         self._inflight: dict[str, concurrent.futures.Future[bytes | None]] = {}
         self._poisoned: set[str] = set()  # in-flight keys invalidated by a write
         self._accessed: set[str] = set()
-        self._dropped: set[str] = set()
-        self._caching_enabled = True
+        self._dropped: dict[str, Item] = {}
         self._flush_lock = asyncio.Lock()
         interval = parse_timedelta(dask.config.get("zarr-cache.flush-interval"))
         self._flusher = PeriodicCallback(self.flush, interval * 1000)
@@ -99,14 +108,18 @@ class WorkerCache:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Adopt verified files already on disk and start the periodic flush."""
-        files = await asyncio.to_thread(lambda: list(self.disk.scan()))
+        try:
+            files = await asyncio.to_thread(lambda: list(self.disk.scan()))
+        except OSError as err:
+            self._disable_caching(err)
+            files = []
         with self._lock:
             for f in sorted(files, key=lambda f: f.mtime):
                 self._add_entry(f.key, _LocalEntry(f.size, f.checksum, f.mtime))
         self.worker.handlers["zarr_cache_get"] = self.handle_get
-        self.worker.handlers["zarr_cache_invalidate"] = self.handle_invalidate
-        self.worker.handlers["zarr_cache_stats"] = self.handle_stats
         self._flusher.start()
+        # Register the adopted files now (in the background: the index may not exist yet).
+        self.worker.loop.add_callback(self.flush)
 
     async def close(self) -> None:
         """Stop flushing; files stay on disk for the next cache on this directory."""
@@ -116,7 +129,7 @@ class WorkerCache:
     async def _register(self, call: Callable[..., Awaitable[Any]]) -> None:
         """Tell a newly found index this worker's budget and the files on its disk."""
         with self._lock:
-            items = join_items((k, e.size, e.checksum) for k, e in self._entries.items())
+            items = join_items(e.item(k) for k, e in self._entries.items())
         to_delete = await call("register", self.worker.address, self.settings.max_size, items)
         await asyncio.to_thread(self._drop, split_keys(to_delete), evicted=True)
 
@@ -187,14 +200,17 @@ class WorkerCache:
     ) -> bytes | None:
         with self._lock:
             self.counters.misses += 1
-        try:
-            decision, address = await self.on_worker_loop(self._acquire(key))
-        except (TimeoutError, IndexUnavailableError, OSError) as err:
-            logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
-            return await self._read_source_uncached(read_source)
-        if decision == FETCH:
-            return await self._fetch_and_cache(key, read_source)
-        if decision in (PEER, PENDING):
+        unreachable = ""
+        # Second round only after a peer failed: the index then drops that peer's entry,
+        # so one asker (maybe this one) re-fetches instead of everyone reading the source.
+        for _ in range(2):
+            try:
+                decision, address = await self.on_worker_loop(self._acquire(key, unreachable))
+            except (IndexUnavailableError, OSError, TimeoutError) as err:
+                logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
+                break
+            if decision == FETCH:
+                return await self._fetch_and_cache(key, read_source)
             status, data = await self.on_worker_loop(self._peer_get(address, key))
             if status == _PEER_OK:
                 with self._lock:
@@ -203,6 +219,7 @@ class WorkerCache:
                 return data
             if status == _PEER_ABSENT:
                 return None
+            unreachable = address
         return await self._read_source_uncached(read_source)
 
     async def _read_source_uncached(
@@ -239,16 +256,17 @@ class WorkerCache:
             self._disable_caching(err)
             await self._abandon(key)
             return data
+        entry = _LocalEntry(len(data), crc, time.time())
         with self._lock:
             poisoned = key in self._poisoned
             if not poisoned:
-                self._add_entry(key, _LocalEntry(len(data), crc, time.time()))
+                self._add_entry(key, entry)
         if poisoned:  # a write invalidated the key while we read it: do not keep old bytes
             await asyncio.to_thread(self.disk.delete, key)
             await self._abandon(key)
             return data
         try:
-            await self.on_worker_loop(self._commit(key, len(data), crc))
+            await self.on_worker_loop(self._commit(entry.item(key)))
         except (TimeoutError, IndexUnavailableError, OSError) as err:
             logger.debug("zarr cache commit of %s failed: %s", key, err)
         return data
@@ -260,8 +278,10 @@ class WorkerCache:
             logger.debug("zarr cache abandon of %s failed: %s", key, err)
 
     def _disable_caching(self, err: OSError) -> None:
+        self.counters.disk_errors += 1
         if self._caching_enabled:
             self._caching_enabled = False
+            self.counters.caching_disabled = 1
             logger.warning(
                 "zarr cache directory %s is not writable (%s); this worker now reads "
                 "through to the source without caching",
@@ -270,14 +290,14 @@ class WorkerCache:
             )
 
     # -- index and peer calls (worker loop) ---------------------------------------------
-    async def _acquire(self, key: str) -> tuple[str, str]:
-        reply = await self.index.call("acquire", self.worker.address, key)
+    async def _acquire(self, key: str, unreachable: str = "") -> tuple[str, str]:
+        reply = await self.index.call("acquire", self.worker.address, key, unreachable)
         decision, _, address = reply.partition(" ")
         return decision, address
 
-    async def _commit(self, key: str, size: int, crc: int) -> None:
+    async def _commit(self, item: Item) -> None:
         evicted, rejected = await self.index.call(
-            "commit", self.worker.address, self.settings.max_size, join_items([(key, size, crc)])
+            "commit", self.worker.address, self.settings.max_size, join_items([item])
         )
         await asyncio.to_thread(self._drop, split_keys(evicted), evicted=True)
         await asyncio.to_thread(self._drop, split_keys(rejected))
@@ -352,6 +372,11 @@ class WorkerCache:
         await asyncio.to_thread(self._drop, doomed)
         return len(doomed)
 
+    async def handle_index_moved(self) -> None:
+        """A new index actor exists: register this worker's files with it right away."""
+        self.index.reset()
+        await self.flush()
+
     async def handle_stats(self) -> dict[str, int]:
         """Return the counters of this worker."""
         with self._lock:
@@ -366,12 +391,12 @@ class WorkerCache:
             await asyncio.to_thread(self._sweep_expired)
             with self._lock:
                 accessed, self._accessed = self._accessed, set()
-                dropped, self._dropped = self._dropped, set()
+                dropped, self._dropped = self._dropped, {}
             if not accessed and not dropped and self.index.connected:
                 return
             try:
                 expired, known = await self.index.call(
-                    "touch", self.worker.address, join_keys(accessed), join_keys(dropped)
+                    "touch", self.worker.address, join_keys(accessed), join_items(dropped.values())
                 )
             except (TimeoutError, IndexUnavailableError, OSError):
                 return
@@ -415,20 +440,30 @@ class WorkerCache:
                 self.counters.evictions += evicted
                 self.counters.expired += expired
                 if not evicted:
-                    self._dropped.add(key)
+                    self._dropped[key] = entry.item(key)
             try:
                 self.disk.delete(key)
             except (OSError, InvalidCacheKeyError) as err:
                 logger.debug("could not delete cache file %s: %s", key, err)
 
 
-def worker_cache() -> WorkerCache | None:
-    """The cache of the worker running the current task, or ``None`` (client, no plugin)."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None
+def worker_cache_of(worker: Worker) -> WorkerCache | None:
+    """The cache installed on ``worker``, if any."""
     cache = worker.extensions.get(EXTENSION_NAME)
     return cache if isinstance(cache, WorkerCache) else None
+
+
+def worker_cache() -> WorkerCache | None:
+    """The cache of the worker this code runs in, or ``None`` (client, no plugin).
+
+    Inside a task ``get_worker()`` names the worker. Threads a task starts do not inherit
+    that context, so otherwise the process's only worker is used, if it has just one.
+    """
+    from distributed import Worker, get_worker
+
+    try:
+        return worker_cache_of(get_worker())
+    except ValueError:
+        pass
+    workers = list(Worker._instances)
+    return worker_cache_of(workers[0]) if len(workers) == 1 else None

@@ -28,7 +28,9 @@ class _CountingMiddleware:
         self.lock = threading.Lock()
         self.methods: Counter[str] = Counter()
         self.object_gets: Counter[str] = Counter()
+        self.requests: Counter[tuple[str, str]] = Counter()
         self.bytes_sent = 0
+        self.faults: dict[str, int] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         method = environ["REQUEST_METHOD"]
@@ -36,15 +38,35 @@ class _CountingMiddleware:
         is_object_get = method == "GET" and "/" in path and not environ.get("QUERY_STRING")
         with self.lock:
             self.methods[method] += 1
+            self.requests[method, path] += 1
             if is_object_get:
                 self.object_gets[path] += 1
         if self.latency:
             time.sleep(self.latency)
+        status = self.faults.get(path) if method == "GET" else None
+        if status is not None:
+            return _error_response(status, start_response)
         body = list(self.app(environ, start_response))
         if is_object_get:
             with self.lock:
                 self.bytes_sent += sum(len(b) for b in body)
         return body
+
+
+_REASONS = {403: ("Forbidden", "AccessDenied"), 500: ("Internal Server Error", "InternalError")}
+
+
+def _error_response(status: int, start_response: Callable[..., Any]) -> list[bytes]:
+    reason, code = _REASONS.get(status, ("Error", "InternalError"))
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+        f"<Message>injected by LocalS3Server</Message></Error>"
+    ).encode()
+    start_response(
+        f"{status} {reason}",
+        [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
 
 
 class LocalS3Server:
@@ -111,6 +133,12 @@ class LocalS3Server:
             return Counter(self._counter.object_gets)
 
     @property
+    def requests(self) -> Counter[tuple[str, str]]:
+        """Requests per ``(method, "<bucket>/<key>")``, any query string (a copy)."""
+        with self._counter.lock:
+            return Counter(self._counter.requests)
+
+    @property
     def methods(self) -> Counter[str]:
         """Requests per HTTP method seen by the server (a copy)."""
         with self._counter.lock:
@@ -121,11 +149,20 @@ class LocalS3Server:
         """Bytes of object bodies sent for GETs."""
         return self._counter.bytes_sent
 
+    def fail(self, path: str, status: int | None) -> None:
+        """Answer GETs of ``"<bucket>/<key>"`` with HTTP ``status`` (``None`` stops it)."""
+        with self._counter.lock:
+            if status is None:
+                self._counter.faults.pop(path, None)
+            else:
+                self._counter.faults[path] = status
+
     def reset_counts(self) -> None:
         """Zero all request counters."""
         with self._counter.lock:
             self._counter.methods.clear()
             self._counter.object_gets.clear()
+            self._counter.requests.clear()
             self._counter.bytes_sent = 0
 
     def start(self) -> LocalS3Server:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import uuid
 from typing import TYPE_CHECKING
 
+import dask.array as da
 import dask.config
+import numpy as np
 import pytest
 import zarr
 from distributed import Client, LocalCluster
 from zarr.storage import FsspecStore
 
-from dask_zarr_cache import ZarrCachePlugin
+from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
 from dask_zarr_cache.testing import LocalS3Server
 
 if TYPE_CHECKING:
@@ -49,6 +53,28 @@ def s3_store(s3: LocalS3Server, path: str, read_only: bool = False) -> FsspecSto
     )
 
 
+def write_array(s3: LocalS3Server, path: str, data: np.ndarray, **kwargs) -> zarr.Array:
+    """Write ``data`` as a zarr array at ``path`` on the S3 server."""
+    arr = zarr.create_array(s3_store(s3, path), shape=data.shape, dtype=data.dtype, **kwargs)
+    arr[...] = data
+    return arr
+
+
+def cached(s3: LocalS3Server, path: str) -> ClusterCacheStore:
+    """A read-only ``ClusterCacheStore`` over ``path`` on the S3 server."""
+    return ClusterCacheStore(s3_store(s3, path, read_only=True))
+
+
+def read_all(store: ClusterCacheStore, client: Client) -> np.ndarray:
+    """Read a whole array through ``store`` on the cluster.
+
+    Each call builds a graph with fresh keys, so dask never answers from an earlier
+    result (or an earlier error) of the same graph.
+    """
+    arr = zarr.open_array(store, mode="r")
+    return client.compute(da.from_zarr(arr, name=f"read-{uuid.uuid4().hex}")).result()
+
+
 def chunk_gets(s3: LocalS3Server, path: str) -> dict[str, int]:
     """Server-side GETs of the chunk/shard objects (not metadata) below ``path``."""
     metadata = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
@@ -59,7 +85,8 @@ def chunk_gets(s3: LocalS3Server, path: str) -> dict[str, int]:
     }
 
 
-def start_cluster(n_workers: int = 3, **plugin_kwargs) -> tuple[LocalCluster, Client]:
+@contextlib.contextmanager
+def cache_cluster(n_workers: int = 3, **plugin_kwargs) -> Iterator[tuple[LocalCluster, Client]]:
     """A multi-process cluster on 127.0.0.1 with the cache plugin registered."""
     with dask.config.set({"zarr-cache.flush-interval": "100ms"}):
         cluster = LocalCluster(
@@ -70,18 +97,16 @@ def start_cluster(n_workers: int = 3, **plugin_kwargs) -> tuple[LocalCluster, Cl
             dashboard_address="127.0.0.1:0",
             worker_dashboard_address="127.0.0.1:0",
         )
-    client = Client(cluster)
-    client.register_plugin(ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs}))
-    return cluster, client
+    with cluster, Client(cluster) as client:
+        client.register_plugin(ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs}))
+        yield cluster, client
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[LocalCluster, Client]]:
     """One 3-worker process cluster with a 1 GiB cache per worker, shared by a module."""
-    cluster, client = start_cluster()
-    yield cluster, client
-    client.close()
-    cluster.close()
+    with cache_cluster() as running:
+        yield running
 
 
 @pytest.fixture

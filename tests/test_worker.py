@@ -17,17 +17,7 @@ import zarr
 from distributed import wait
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
-from tests.conftest import chunk_gets, s3_store, start_cluster
-
-
-def write_array(s3, path, data, **kwargs):
-    arr = zarr.create_array(s3_store(s3, path), shape=data.shape, dtype=data.dtype, **kwargs)
-    arr[...] = data
-    return arr
-
-
-def cached(s3, path) -> ClusterCacheStore:
-    return ClusterCacheStore(s3_store(s3, path, read_only=True))
+from tests.conftest import cache_cluster, cached, chunk_gets, s3_store, write_array
 
 
 def read_sum(store, client) -> float:
@@ -139,8 +129,7 @@ def test_eviction_keeps_disk_within_budget_and_drops_global_lru_first(s3, s3_pat
     chunk_bytes = 8 * 64 * 8  # (8, 64) float64 chunks, uncompressed
     data = np.random.default_rng(3).random((8 * 24, 64))
     write_array(s3, s3_path, data, chunks=(8, 64), compressors=None)
-    cluster, client = start_cluster(n_workers=2, max_size=4 * chunk_bytes)
-    try:
+    with cache_cluster(n_workers=2, max_size=4 * chunk_bytes) as (_cluster, client):
         a, b = sorted(client.scheduler_info()["workers"])
         store = cached(s3, s3_path)
         # A fills its budget with chunks 0-3, then B reads chunk 0 from A (a peer read).
@@ -163,28 +152,25 @@ def test_eviction_keeps_disk_within_budget_and_drops_global_lru_first(s3, s3_pat
         assert stats["total"]["evictions"] > 0
         for addr, counters in stats["workers"].items():
             assert counters["bytes"] == on_disk[addr]
-    finally:
-        client.close()
-        cluster.close()
 
 
 def test_ttl_expiry_forces_a_fresh_read(s3, s3_path):
+    ttl = 5.0
     data = np.arange(32 * 32, dtype="f8").reshape(32, 32)
     write_array(s3, s3_path, data, chunks=(16, 16))
-    cluster, client = start_cluster(max_age_seconds=1.5)
-    try:
+    with cache_cluster(max_age_seconds=ttl) as (_cluster, client):
         store = cached(s3, s3_path)
         s3.reset_counts()
+        start = time.monotonic()
         assert read_sum(store, client) == data.sum()
+        created_by = time.monotonic()  # every entry was written during the first pass
         assert read_sum(store, client) == data.sum()
+        assert time.monotonic() - start < ttl, "machine too slow for this TTL"
         assert set(chunk_gets(s3, s3_path).values()) == {1}
-        time.sleep(2.0)
+        time.sleep(max(0.0, created_by + ttl + 0.5 - time.monotonic()))
         assert read_sum(store, client) == data.sum()
         assert set(chunk_gets(s3, s3_path).values()) == {2}
         assert cluster_stats(client)["total"]["expired"] >= 4
-    finally:
-        client.close()
-        cluster.close()
 
 
 @pytest.mark.parametrize("where", ["worker", "client"])

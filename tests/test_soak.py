@@ -1,0 +1,87 @@
+"""A bounded soak: random reads and writes with evictions and a worker kill.
+
+Marked ``slow``; ``.ci/run`` runs it after the default suite. Duration is bounded by
+``DASK_ZARR_CACHE_SOAK_SECONDS`` (default 60).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from dask_zarr_cache import ClusterCacheStore, cluster_stats
+from tests.conftest import cache_cluster, s3_store, write_array
+from tests.test_worker_faults import index_host, kill_worker, wait_for
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 32
+SHAPE = (8 * CHUNK, 8 * CHUNK)  # 64 chunks of 8 KiB
+
+
+def _rss(dask_worker) -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _write_chunk(store, i, j, value):
+    arr = zarr.open_array(store, mode="r+")
+    arr[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK] = value
+
+
+def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path):
+    budget = float(os.environ.get("DASK_ZARR_CACHE_SOAK_SECONDS", "60"))
+    rng = np.random.default_rng(99)
+    truth = rng.random(SHAPE)
+    write_array(s3, s3_path, truth, chunks=(CHUNK, CHUNK), compressors=None)
+    # A budget of 12 chunks per worker: 36 of 64 chunks fit, so evictions never stop.
+    with cache_cluster(max_size=12 * CHUNK * CHUNK * 8) as (_cluster, client):
+        store = ClusterCacheStore(s3_store(s3, s3_path))
+        rss_start = None
+        killed = False
+        rounds = wrong = 0
+        start = time.monotonic()
+        while time.monotonic() - start < budget:
+            rounds += 1
+            for _ in range(rng.integers(0, 3)):  # a few writes, alternating client/worker
+                i, j = rng.integers(0, 8, size=2)
+                value = float(rng.integers(0, 1000))
+                if rounds % 2:
+                    _write_chunk(store, i, j, value)
+                else:
+                    client.submit(_write_chunk, store, i, j, value, pure=False).result()
+                truth[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK] = value
+            r0, c0 = rng.integers(0, SHAPE[0] - 40, size=2)
+            r1, c1 = r0 + rng.integers(1, 200), c0 + rng.integers(1, 200)
+            arr = zarr.open_array(store, mode="r")
+            x = da.from_zarr(arr, chunks=(CHUNK, CHUNK), name=f"soak-{rounds}")
+            got = client.compute(x[r0:r1, c0:c1]).result()
+            wrong += not np.array_equal(got, truth[r0:r1, c0:c1])
+            if rounds == 5:
+                rss_start = client.run(_rss)
+            if not killed and time.monotonic() - start > budget / 3:
+                victim = next(
+                    a
+                    for a in sorted(client.scheduler_info()["workers"])
+                    if a != client.run_on_scheduler(index_host)
+                )
+                kill_worker(client, victim)
+                wait_for(lambda v=victim: v not in client.scheduler_info()["workers"])
+                killed = True
+        assert wrong == 0, f"{wrong} wrong results in {rounds} rounds"
+        assert killed and rounds > 20
+        stats = cluster_stats(client)
+        assert stats["total"]["evictions"] > 0
+        over = {a: w for a, w in stats["workers"].items() if w["bytes"] > 12 * CHUNK * CHUNK * 8}
+        assert not over, (over, stats["index"])
+        rss_end = client.run(_rss)
+        for addr in set(rss_start or {}) & set(rss_end):
+            growth = rss_end[addr] - rss_start[addr]
+            assert growth < 200 * 2**20, f"{addr} grew {growth / 2**20:.0f} MiB"
+        print(f"soak: {rounds} rounds, 0 wrong, {stats['total']}")
