@@ -20,6 +20,11 @@ from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._index import IndexActor
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
 from dask_zarr_cache._stats import total_of
+from dask_zarr_cache.dashboard import (
+    CacheHistory,
+    add_http_routes,
+    register_prometheus_collector,
+)
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
@@ -58,6 +63,10 @@ class ZarrCacheScheduler:
         self._creating: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         scheduler.handlers["zarr_cache_index"] = self.locate_index
+        self.history = CacheHistory(scheduler)
+        self.history.start()
+        add_http_routes(scheduler)
+        register_prometheus_collector()
 
     async def apply(self, settings: CacheSettings) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
@@ -185,6 +194,7 @@ class ZarrCacheScheduler:
 
     async def close(self) -> None:
         """Stop background work and close the internal client."""
+        self.history.stop()
         for task in [*self._background, self._creating]:
             if task is not None:
                 task.cancel()

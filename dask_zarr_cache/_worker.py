@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask.config
 from dask.utils import parse_timedelta
+from distributed.metrics import context_meter
 from distributed.protocol import to_serialize
 from tornado.ioloop import PeriodicCallback
 
@@ -29,6 +30,7 @@ from dask_zarr_cache._index import FETCH, Item, join_items, join_keys, split_key
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
 from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._stats import CacheCounters
+from dask_zarr_cache.dashboard import METRIC_PREFIX, register_prometheus_collector
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -56,6 +58,13 @@ class _LocalEntry:
 
     def item(self, key: str) -> Item:
         return key, self.size, self.checksum, self.tag
+
+
+def _counter_reader(cache: WorkerCache, name: str) -> Callable[[Worker], int]:
+    def read(worker: Worker) -> int:
+        return getattr(cache.counters, name)
+
+    return read
 
 
 def cache_directory(worker: Worker, settings: CacheSettings) -> str:
@@ -117,6 +126,9 @@ class WorkerCache:
             for f in sorted(files, key=lambda f: f.mtime):
                 self._add_entry(f.key, _LocalEntry(f.size, f.checksum, f.mtime))
         self.worker.handlers["zarr_cache_get"] = self.handle_get
+        for name in self.counters.as_dict():  # columns of the dashboard's Workers table
+            self.worker.metrics[METRIC_PREFIX + name] = _counter_reader(self, name)
+        register_prometheus_collector()
         self._flusher.start()
         # Register the adopted files now (in the background: the index may not exist yet).
         self.worker.loop.add_callback(self.flush)
@@ -124,6 +136,8 @@ class WorkerCache:
     async def close(self) -> None:
         """Stop flushing; files stay on disk for the next cache on this directory."""
         self._flusher.stop()
+        for name in self.counters.as_dict():
+            self.worker.metrics.pop(METRIC_PREFIX + name, None)
         await self.flush()
 
     async def _register(self, call: Callable[..., Awaitable[Any]]) -> None:
@@ -185,7 +199,8 @@ class WorkerCache:
         if self._is_expired(entry):
             await asyncio.to_thread(self._drop, [key], expired=True)
             return None
-        data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
+        with context_meter.meter("zarr-cache-local-read"):
+            data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
         if data is None:  # deleted or corrupt on disk: forget it, fetch again
             await asyncio.to_thread(self._drop, [key])
             return None
@@ -193,6 +208,7 @@ class WorkerCache:
             self.counters.hits += 1
             self.counters.hit_bytes += len(data)
             self._accessed.add(key)
+        context_meter.digest_metric("zarr-cache-hit", 1, "count")
         return data
 
     async def _load(
@@ -211,8 +227,10 @@ class WorkerCache:
                 break
             if decision == FETCH:
                 return await self._fetch_and_cache(key, read_source)
-            status, data = await self.on_worker_loop(self._peer_get(address, key))
+            with context_meter.meter("zarr-cache-peer-fetch"):
+                status, data = await self.on_worker_loop(self._peer_get(address, key))
             if status == _PEER_OK:
+                context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
                 with self._lock:
                     self.counters.peer_reads += 1
                     self.counters.peer_bytes += len(data)
@@ -225,7 +243,8 @@ class WorkerCache:
     async def _read_source_uncached(
         self, read_source: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
-        data = await read_source()
+        with context_meter.meter("zarr-cache-source-fetch"):
+            data = await read_source()
         with self._lock:
             self.counters.fallbacks += 1
             if data is not None:
@@ -237,7 +256,8 @@ class WorkerCache:
         self, key: str, read_source: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
         try:
-            data = await read_source()
+            with context_meter.meter("zarr-cache-source-fetch"):
+                data = await read_source()
         except BaseException:
             await self._abandon(key)
             raise
