@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import google_crc32c
+import crc32c
 
 from dask_zarr_cache._exceptions import InvalidCacheKeyError
 
@@ -30,8 +30,12 @@ _TMP_PREFIX = ".tmp-"
 
 
 def checksum(data: bytes | memoryview) -> int:
-    """CRC32C of ``data`` (hardware accelerated, ~20 GB/s here)."""
-    return google_crc32c.value(data)
+    """CRC32C of ``data``: hardware accelerated (~17 GB/s here), no copy of memoryviews.
+
+    The ``crc32c`` package rather than ``google-crc32c`` (zarr's): the latter accepts only
+    ``bytes``, which cost a 4 MiB copy per peer transfer (received frames are memoryviews).
+    """
+    return crc32c.crc32c(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +114,10 @@ class DiskCache:
             raise
         return crc
 
-    def read(self, key: str, expected_checksum: int | None = None) -> bytes | None:
+    def read(self, key: str, expected_checksum: int | None = None) -> memoryview | None:
         """Return the verified bytes of ``key``, or ``None`` if missing or corrupt.
+
+        The bytes come back as a read-only memoryview of the file's contents (no copy).
 
         A corrupt file (bad trailer, wrong size, checksum mismatch with the trailer or with
         ``expected_checksum``) is deleted, so the caller fetches the object again.
@@ -162,10 +168,14 @@ class DiskCache:
                     with contextlib.suppress(OSError):
                         path.unlink()
                     continue
-                yield CacheFile(key, len(data), checksum(data), mtime)
+                yield CacheFile(key, len(data), _trailer_checksum(raw), mtime)
 
 
-def _verified_payload(raw: bytes, expected_checksum: int | None) -> bytes | None:
+def _trailer_checksum(raw: bytes) -> int:
+    return _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)[2]
+
+
+def _verified_payload(raw: bytes, expected_checksum: int | None) -> memoryview | None:
     if len(raw) < _TRAILER.size:
         return None
     magic, size, crc = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
@@ -173,5 +183,5 @@ def _verified_payload(raw: bytes, expected_checksum: int | None) -> bytes | None
         return None
     if expected_checksum is not None and crc != expected_checksum:
         return None
-    data = raw[:size]
-    return data if checksum(data) == crc else None
+    payload = memoryview(raw)[:size]  # no copy
+    return payload if checksum(payload) == crc else None

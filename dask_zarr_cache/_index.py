@@ -48,14 +48,18 @@ Item = tuple[str, int, int, int]
 
 
 class _Entry:
-    """One cached object: owner, size, checksum, owner's tag, creation (index clock)."""
+    """One cached object: owner, size, owner's tag, creation time (index clock).
 
-    __slots__ = ("checksum", "created", "owner", "size", "tag")
+    No checksum: owners verify their files against the file's own trailer and peers check
+    the checksum the owner sends with the bytes, so the index would only store it (32+
+    bytes per key, a tenth of the memory budget).
+    """
 
-    def __init__(self, owner: str, size: int, checksum: int, tag: int, created: float) -> None:
+    __slots__ = ("created", "owner", "size", "tag")
+
+    def __init__(self, owner: str, size: int, tag: int, created: float) -> None:
         self.owner = owner
         self.size = size
-        self.checksum = checksum
         self.tag = tag
         self.created = created
 
@@ -130,7 +134,7 @@ class CacheIndex:
             self._remove(key)
         to_delete = []
         now = self._clock()
-        for key, size, crc, tag in files:
+        for key, size, _crc, tag in files:
             entry = self._entries.get(key)
             if entry is not None and entry.owner == worker:
                 entry.tag = tag
@@ -138,7 +142,7 @@ class CacheIndex:
             if entry is not None or key in self._pending:
                 to_delete.append(key)
                 continue
-            self._insert(key, _Entry(worker, size, crc, tag, now), state)
+            self._insert(key, _Entry(worker, size, tag, now), state)
         return to_delete + self._evict_over_budget(worker, state)
 
     def remove_worker(self, worker: str) -> int:
@@ -217,13 +221,13 @@ class CacheIndex:
         state = self._state(worker, capacity)
         now = self._clock()
         rejected = []
-        for key, size, crc, tag in items:
+        for key, size, _crc, tag in items:
             pending = self._pending.get(key)
             if pending is None or pending[0] != worker or key in self._entries:
                 rejected.append(key)
                 continue
             del self._pending[key]
-            self._insert(key, _Entry(worker, size, crc, tag, now), state)
+            self._insert(key, _Entry(worker, size, tag, now), state)
         return self._evict_over_budget(worker, state), rejected
 
     def abandon(self, worker: str, keys: Iterable[str]) -> None:

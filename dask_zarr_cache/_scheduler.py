@@ -292,7 +292,7 @@ async def run_on_scheduler(scheduler_rpc: Any, function: str, **kwargs: Any) -> 
         function=dumps(func), args=dumps(()), kwargs=dumps(kwargs), wait=True
     )
     if response["status"] == "error":
-        from distributed.utils import clean_exception
+        from distributed.core import clean_exception
 
         _, exc, tb = clean_exception(**response)
         raise exc.with_traceback(tb)

@@ -48,6 +48,14 @@ EXTENSION_NAME = "zarr_cache"
 
 _PEER_OK, _PEER_ABSENT, _PEER_MISSING = "ok", "absent", "missing"
 
+#: Object bytes as the cache hands them around: file reads are zero-copy memoryviews.
+Payload = bytes | memoryview
+
+#: Returned by a peer read when the source itself has no such key.
+_ABSENT = memoryview(b"")
+#: How many "which peer served this key" hints a worker keeps (oldest dropped first).
+_MAX_OWNER_HINTS = 200_000
+
 
 @dataclass(frozen=True, slots=True)
 class _LocalEntry:
@@ -106,8 +114,12 @@ class WorkerCache:
         self._lock = threading.Lock()
         # Insertion order is creation order: the TTL sweep walks it from the front.
         self._entries: dict[str, _LocalEntry] = {}
-        self._inflight: dict[str, concurrent.futures.Future[bytes | None]] = {}
+        self._inflight: dict[str, concurrent.futures.Future[Payload | None]] = {}
         self._poisoned: set[str] = set()  # in-flight keys invalidated by a write
+        # Which peer served a key last: warm reads skip the index round trip. A wrong
+        # hint costs one "missing" answer, never wrong bytes (peers serve only what
+        # they hold now, verified).
+        self._owner_hints: dict[str, str] = {}
         self._accessed: set[str] = set()
         self._dropped: dict[str, Item] = {}
         self._flush_lock = asyncio.Lock()
@@ -155,8 +167,8 @@ class WorkerCache:
 
     # -- the read path (zarr's loop) -----------------------------------------------------
     async def get(
-        self, key: str, read_source: Callable[[], Awaitable[bytes | None]]
-    ) -> bytes | None:
+        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
         """Return the bytes of cache key ``key``, reading the source at most once cluster-wide.
 
         Parameters
@@ -192,7 +204,7 @@ class WorkerCache:
                 self._inflight.pop(key, None)
                 self._poisoned.discard(key)
 
-    async def _read_local(self, key: str) -> bytes | None:
+    async def _read_local(self, key: str) -> Payload | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -212,10 +224,18 @@ class WorkerCache:
         return data
 
     async def _load(
-        self, key: str, read_source: Callable[[], Awaitable[bytes | None]]
-    ) -> bytes | None:
+        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
         with self._lock:
             self.counters.misses += 1
+        owner = self._owner_hints.get(key)
+        if owner is not None:  # warm path: straight to the peer that served it last time
+            data = await self._from_peer(owner, key)
+            if data is _ABSENT:
+                return None
+            if data is not None:
+                return data
+            self._owner_hints.pop(key, None)
         unreachable = ""
         # Second round only after a peer failed: the index then drops that peer's entry,
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
@@ -227,22 +247,38 @@ class WorkerCache:
                 break
             if decision == FETCH:
                 return await self._fetch_and_cache(key, read_source)
-            with context_meter.meter("zarr-cache-peer-fetch"):
-                status, data = await self.on_worker_loop(self._peer_get(address, key))
-            if status == _PEER_OK:
-                context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
-                with self._lock:
-                    self.counters.peer_reads += 1
-                    self.counters.peer_bytes += len(data)
-                return data
-            if status == _PEER_ABSENT:
+            data = await self._from_peer(address, key)
+            if data is _ABSENT:
                 return None
+            if data is not None:
+                return data
             unreachable = address
         return await self._read_source_uncached(read_source)
 
+    async def _from_peer(self, address: str, key: str) -> Payload | None:
+        """Bytes of ``key`` from peer ``address``; ``None`` if it has not got them.
+
+        Returns the :data:`_ABSENT` sentinel if the peer's fetch found the key missing at
+        the source.
+        """
+        with context_meter.meter("zarr-cache-peer-fetch"):
+            status, data = await self.on_worker_loop(self._peer_get(address, key))
+        if status == _PEER_ABSENT:
+            return _ABSENT
+        if status != _PEER_OK:
+            return None
+        context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
+        with self._lock:
+            self.counters.peer_reads += 1
+            self.counters.peer_bytes += len(data)
+            if len(self._owner_hints) >= _MAX_OWNER_HINTS:
+                self._owner_hints.pop(next(iter(self._owner_hints)))
+            self._owner_hints[key] = address
+        return data
+
     async def _read_source_uncached(
-        self, read_source: Callable[[], Awaitable[bytes | None]]
-    ) -> bytes | None:
+        self, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
         with context_meter.meter("zarr-cache-source-fetch"):
             data = await read_source()
         with self._lock:
@@ -253,8 +289,8 @@ class WorkerCache:
         return data
 
     async def _fetch_and_cache(
-        self, key: str, read_source: Callable[[], Awaitable[bytes | None]]
-    ) -> bytes | None:
+        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
         try:
             with context_meter.meter("zarr-cache-source-fetch"):
                 data = await read_source()
@@ -322,7 +358,7 @@ class WorkerCache:
         await asyncio.to_thread(self._drop, split_keys(evicted), evicted=True)
         await asyncio.to_thread(self._drop, split_keys(rejected))
 
-    async def _peer_get(self, address: str, key: str) -> tuple[str, bytes | None]:
+    async def _peer_get(self, address: str, key: str) -> tuple[str, Payload | None]:
         try:
             reply = await asyncio.wait_for(
                 self.worker.rpc(address).zarr_cache_get(key=key), self._timeout
@@ -333,7 +369,7 @@ class WorkerCache:
         status = reply.get("status")
         if status != _PEER_OK:
             return (_PEER_ABSENT if status == _PEER_ABSENT else _PEER_MISSING), None
-        data = bytes(reply["data"])
+        data = reply["data"]
         if checksum(data) != reply["checksum"]:
             logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
             return _PEER_MISSING, None
@@ -368,7 +404,7 @@ class WorkerCache:
             self._accessed.add(key)
         return self._peer_reply(key, data, entry.checksum)
 
-    def _peer_reply(self, key: str, data: bytes, crc: int) -> dict[str, Any]:
+    def _peer_reply(self, key: str, data: Payload, crc: int) -> dict[str, Any]:
         with self._lock:
             self.counters.peer_served += 1
             self.counters.peer_served_bytes += len(data)

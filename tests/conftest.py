@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -112,3 +113,37 @@ def cluster() -> Iterator[tuple[LocalCluster, Client]]:
 @pytest.fixture
 def client(cluster) -> Client:
     return cluster[1]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dask_processes(
+    scheduler_cmd: list[str], worker_cmds: list[list[str]], env: dict[str, str]
+) -> Iterator[None]:
+    """Run a ``dask scheduler`` and ``dask worker`` commands as processes; stop them after."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **env}
+    procs = [subprocess.Popen(scheduler_cmd, env=full_env, stdout=subprocess.DEVNULL)]
+    try:
+        time.sleep(1.0)  # let the scheduler bind before workers dial it
+        for cmd in worker_cmds:
+            procs.append(subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL))
+        yield
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

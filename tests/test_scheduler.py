@@ -116,3 +116,16 @@ def test_workers_that_join_later_get_the_cache(s3, s3_path):
         for _ in range(2):
             np.testing.assert_array_equal(read_all(store, client), data)
         assert set(chunk_gets(s3, s3_path).values()) == {1}
+
+
+def test_cluster_stats_without_the_plugin_is_a_clear_error():
+    from distributed import Client, LocalCluster
+
+    from dask_zarr_cache import ZarrCacheError
+
+    with (
+        LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+        pytest.raises(ZarrCacheError, match="not registered"),
+    ):
+        cluster_stats(client)

@@ -1,0 +1,1 @@
+"""Benchmarks of dask-zarr-cache against the alternatives (``python -m benchmarks.run``)."""

@@ -1,0 +1,171 @@
+"""Micro-benchmarks: index throughput and memory, peer transfer vs a raw RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import tracemalloc
+
+from distributed import Client, LocalCluster
+
+from dask_zarr_cache import ZarrCachePlugin
+from dask_zarr_cache._index import IndexActor, join_items, join_keys
+
+BATCH = 1000
+
+
+def _keys(n: int) -> list[str]:
+    return [f"ns-0123456789abcdef0123/c/{i // 1000}/{i % 1000}" for i in range(n)]
+
+
+def index_throughput(n: int) -> dict[str, float]:
+    """Key operations per second of batched acquire and commit through the actor's methods.
+
+    Batches go through the same string wire format as the actor calls (not the network).
+    """
+    actor = IndexActor()
+    keys = _keys(n)
+    loop = asyncio.new_event_loop()
+    capacity = 10**15
+    try:
+        start = time.perf_counter()
+        for i in range(0, n, BATCH):
+            loop.run_until_complete(actor.acquire("tcp://w:1", join_keys(keys[i : i + BATCH])))
+        acquire = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, n, BATCH):
+            items = join_items((k, 4096, 12345, 1) for k in keys[i : i + BATCH])
+            loop.run_until_complete(actor.commit("tcp://w:1", capacity, items))
+        commit = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, n, BATCH):
+            loop.run_until_complete(actor.touch("tcp://w:1", join_keys(keys[i : i + BATCH]), ""))
+        touch = time.perf_counter() - start
+    finally:
+        loop.close()
+    return {"acquire": n / acquire, "commit": n / commit, "touch": n / touch}
+
+
+def index_memory_per_key(n: int) -> float:
+    """Bytes the index holds per ready entry (key strings included), measured by tracemalloc."""
+    gc.collect()
+    tracemalloc.start()
+    index = IndexActor().index
+    keys = _keys(n)
+    for i in range(0, n, BATCH):
+        batch = keys[i : i + BATCH]
+        index.acquire("tcp://w:1", batch)
+        index.commit(
+            "tcp://w:1", 10**15, [(k, 4096, 3_000_000_000 + j, j) for j, k in enumerate(batch)]
+        )
+    del keys
+    gc.collect()
+    current, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(index) == n
+    return current / n
+
+
+def index_markdown(sizes: list[int]) -> str:
+    """Index throughput and memory per key as a markdown table."""
+    lines = [
+        "| keys | acquire ops/s | commit ops/s | touch ops/s | bytes per key |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        ops = index_throughput(n)
+        mem = index_memory_per_key(n)
+        lines.append(
+            f"| {n:,} | {ops['acquire']:,.0f} | {ops['commit']:,.0f} | "
+            f"{ops['touch']:,.0f} | {mem:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+# -- peer transfer ----------------------------------------------------------------------
+def _fill_cache(n: int, size: int, dask_worker=None) -> list[str]:
+    import os
+    import time as _time
+
+    from dask_zarr_cache._worker import _LocalEntry
+
+    cache = dask_worker.extensions["zarr_cache"]
+    payload = os.urandom(size)
+    keys = []
+    for i in range(n):
+        key = f"ns-bench/peer/{size}/{i}"
+        crc = cache.disk.write(key, payload)
+        cache._add_entry(key, _LocalEntry(size, crc, _time.time()))
+        keys.append(key)
+    dask_worker._bench_payload = payload
+    return keys
+
+
+def _install_raw_handler(dask_worker) -> None:
+    from distributed.protocol import to_serialize
+
+    async def raw_get(key: str) -> dict:
+        return {"status": "ok", "data": to_serialize(dask_worker._bench_payload)}
+
+    dask_worker.handlers["bench_raw_get"] = raw_get
+
+
+async def _timed_gets(source: str, keys: list[str], in_flight: int, raw: bool, dask_worker=None):
+    cache = dask_worker.extensions["zarr_cache"]
+    queue = list(keys)
+    total = 0
+
+    async def one() -> None:
+        nonlocal total
+        while queue:
+            key = queue.pop()
+            if raw:
+                reply = await dask_worker.rpc(source).bench_raw_get(key=key)
+                total += len(reply["data"])
+            else:
+                status, data = await cache._peer_get(source, key)
+                assert status == "ok"
+                total += len(data)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(in_flight)))
+    return total / (time.perf_counter() - start) / 2**20
+
+
+def peer_markdown(n: int = 100) -> str:
+    """Peer transfer MiB/s for 1 and 4 MiB objects vs a raw distributed RPC."""
+    lines = [
+        "| object | in flight | peer get MiB/s | raw RPC MiB/s | peer / raw |",
+        "|---|---|---|---|---|",
+    ]
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(ZarrCachePlugin(max_size="4GiB"))
+        source, reader = sorted(client.scheduler_info()["workers"])
+        client.run(_install_raw_handler, workers=[source])
+        for size_mib in (1, 4):
+            keys = client.run(_fill_cache, n, size_mib * 2**20, workers=[source])[source]
+            for in_flight in (1, 4):
+                rates = {}
+                for raw in (False, True, False, True):  # interleaved, best of two each
+                    rate = client.run(_timed_gets, source, keys, in_flight, raw, workers=[reader])[
+                        reader
+                    ]
+                    rates[raw] = max(rates.get(raw, 0.0), rate)
+                lines.append(
+                    f"| {size_mib} MiB | {in_flight} | {rates[False]:,.0f} | "
+                    f"{rates[True]:,.0f} | {rates[False] / rates[True]:.2f} |"
+                )
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
