@@ -7,10 +7,11 @@ import gc
 import time
 import tracemalloc
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
 from dask_zarr_cache._index import IndexActor, join_items, join_keys
+from dask_zarr_cache.testing import loopback_cluster
 
 BATCH = 1000
 
@@ -141,14 +142,7 @@ def peer_markdown(n: int = 100) -> str:
         "|---|---|---|---|---|",
     ]
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            worker_dashboard_address="127.0.0.1:0",
-        ) as cluster,
+        loopback_cluster(2, 1) as cluster,
         Client(cluster) as client,
     ):
         client.register_plugin(ZarrCachePlugin(max_size="4GiB"))

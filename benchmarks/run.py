@@ -22,12 +22,12 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 from zarr.storage import FsspecStore
 
 from benchmarks import _micro, _stores
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
-from dask_zarr_cache.testing import LocalS3Server
+from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
 
 RESULTS = Path(__file__).parent / "results"
 BUCKET, PATH = "bench", "bench/data.zarr"
@@ -104,14 +104,7 @@ def run_paths(args: argparse.Namespace, scratch: str) -> tuple[list[PathResult],
         }
         s3.latency = args.latency_ms / 1000
         with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=args.threads,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                worker_dashboard_address="127.0.0.1:0",
-            ) as cluster,
+            loopback_cluster(args.workers, args.threads) as cluster,
             Client(cluster) as client,
         ):
             client.register_plugin(ZarrCachePlugin(max_size="4GiB"))

@@ -89,11 +89,11 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> list[
     import dask.array as da
     import numpy as np
     import zarr
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from zarr.storage import FsspecStore
 
     from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
-    from dask_zarr_cache.testing import LocalS3Server
+    from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
 
     with LocalS3Server() as s3:
         s3.create_bucket("demo")
@@ -112,14 +112,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> list[
         )
         s3.latency = options.latency_ms / 1000
         with (
-            LocalCluster(
-                n_workers=options.workers,
-                threads_per_worker=options.threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                worker_dashboard_address="127.0.0.1:0",
-            ) as cluster,
+            loopback_cluster(options.workers, options.threads_per_worker) as cluster,
             Client(cluster) as client,
         ):
             client.register_plugin(ZarrCachePlugin(max_size=options.max_size))

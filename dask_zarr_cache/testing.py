@@ -16,7 +16,25 @@ from urllib.parse import unquote
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-__all__ = ["LocalS3Server"]
+__all__ = ["LocalS3Server", "loopback_cluster"]
+
+
+def loopback_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any) -> Any:
+    """A ``LocalCluster`` of worker processes whose every server binds 127.0.0.1.
+
+    Scheduler, workers and both dashboards listen on loopback only, on free ports.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+        **kwargs,
+    )
 
 
 class _CountingMiddleware:

@@ -17,7 +17,7 @@ from distributed import Client, LocalCluster
 from zarr.storage import FsspecStore
 
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
-from dask_zarr_cache.testing import LocalS3Server
+from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -90,14 +90,7 @@ def chunk_gets(s3: LocalS3Server, path: str) -> dict[str, int]:
 def cache_cluster(n_workers: int = 3, **plugin_kwargs) -> Iterator[tuple[LocalCluster, Client]]:
     """A multi-process cluster on 127.0.0.1 with the cache plugin registered."""
     with dask.config.set({"zarr-cache.flush-interval": "100ms"}):
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=2,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            worker_dashboard_address="127.0.0.1:0",
-        )
+        cluster = loopback_cluster(n_workers, 2)
     with cluster, Client(cluster) as client:
         client.register_plugin(ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs}))
         yield cluster, client
