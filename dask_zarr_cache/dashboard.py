@@ -373,12 +373,12 @@ class PrometheusCollector:
             cache = worker_cache_of(worker)
             if cache is not None:
                 per_worker[worker.address] = cache.counters.as_dict()
-        totals = []
+        totals = {}  # by scheduler address: a process may host several (tests, notebooks)
         for scheduler in list(Scheduler._instances):
-            if _history(scheduler) is not None:
+            if scheduler.status.name == "running" and _history(scheduler) is not None:
                 counters = worker_counters(scheduler)
                 per_worker.update(counters)
-                totals.append(total_of(counters))
+                totals[scheduler.address] = total_of(counters)
 
         for name in COUNTER_NAMES:
             gauge = name in GAUGES
@@ -389,29 +389,36 @@ class PrometheusCollector:
             for addr, counters in per_worker.items():
                 family.add_metric([addr], counters.get(name, 0))
             yield family
-        for total in totals:
-            yield GaugeMetricFamily(
-                "dask_zarr_cache_cluster_hit_ratio",
-                "share of cluster reads not sent to the source",
-                value=hit_ratio(total),
+        if not totals:
+            return
+        ratio = GaugeMetricFamily(
+            "dask_zarr_cache_cluster_hit_ratio",
+            "share of cluster reads not sent to the source",
+            labels=["scheduler"],
+        )
+        cluster = {
+            name: CounterMetricFamily(
+                f"dask_zarr_cache_cluster_{name}",
+                f"zarr cache {name.replace('_', ' ')}, cluster total",
+                labels=["scheduler"],
             )
-            saving = cost_saving(total)
-            yield CounterMetricFamily(
-                "dask_zarr_cache_cluster_gets_avoided",
-                "source GETs the cluster cache avoided",
-                value=saving["gets_avoided"],
+            for name in (
+                "gets_avoided",
+                "bytes_avoided",
+                "hits",
+                "misses",
+                "remote_reads",
+                "remote_bytes",
+                "peer_reads",
             )
-            yield CounterMetricFamily(
-                "dask_zarr_cache_cluster_bytes_avoided",
-                "source bytes the cluster cache avoided",
-                value=saving["bytes_avoided"],
-            )
-            for name in ("hits", "misses", "remote_reads", "remote_bytes", "peer_reads"):
-                yield CounterMetricFamily(
-                    f"dask_zarr_cache_cluster_{name}",
-                    f"zarr cache {name.replace('_', ' ')}, cluster total",
-                    value=total[name],
-                )
+        }
+        for address, total in totals.items():
+            ratio.add_metric([address], hit_ratio(total))
+            values = {**total, **cost_saving(total)}
+            for name, family in cluster.items():
+                family.add_metric([address], values[name])
+        yield ratio
+        yield from cluster.values()
 
 
 _collector_registered = False

@@ -82,9 +82,9 @@ def test_page_json_and_prometheus_agree_with_cluster_stats(busy_cluster):
     for addr, counters in stats["workers"].items():
         assert metrics[f'dask_zarr_cache_hits_total{{worker="{addr}"}}'] == counters["hits"]
         assert metrics[f'dask_zarr_cache_bytes{{worker="{addr}"}}'] == counters["bytes"]
-    total = stats["total"]
-    assert metrics["dask_zarr_cache_cluster_remote_reads_total"] == total["remote_reads"]
-    assert metrics["dask_zarr_cache_cluster_gets_avoided_total"] == (
+    total, label = stats["total"], f'{{scheduler="{client.scheduler.address}"}}'
+    assert metrics[f"dask_zarr_cache_cluster_remote_reads_total{label}"] == total["remote_reads"]
+    assert metrics[f"dask_zarr_cache_cluster_gets_avoided_total{label}"] == (
         total["hits"] + total["peer_reads"]
     )
 

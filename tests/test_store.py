@@ -6,6 +6,7 @@ import pickle
 from typing import TYPE_CHECKING
 
 import pytest
+from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import Buffer
 from zarr.storage import LocalStore, MemoryStore
@@ -142,3 +143,16 @@ class TestClusterCacheStoreOnWorker(TestClusterCacheStore):
         (store._store.root / "c/0").unlink()  # the source no longer has it ...
         assert (await store.get("c/0", proto)).to_bytes() == b"abcdef"  # ... the cache has
         assert worker_cache.counters.hits == 1 and worker_cache.counters.remote_reads == 1
+
+
+def test_no_inherited_read_path_bypasses_the_cache():
+    # zarr may grow sync fast paths (``get_sync``, as LocalStore has) or new bulk reads on
+    # WrapperStore that delegate straight to the source. Every read entry point the
+    # wrapper has must be ClusterCacheStore's own, so an upgrade cannot silently skip the
+    # cache; this test fails first if one appears.
+    from zarr.storage import WrapperStore
+
+    reads = [n for n in dir(WrapperStore) if n.startswith(("get", "_get")) and "size" not in n]
+    for name in reads:
+        owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
+        assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"
