@@ -283,22 +283,18 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
         height=260,
         sizing_mode="stretch_width",
     )
-    fill.hbar(
-        y="worker",
-        right="capacity",
-        height=0.8,
-        source=fill_source,
-        color="#dddddd",
-        legend_label="max_size",
-    )
-    fill.hbar(
-        y="worker",
-        right="bytes",
-        height=0.8,
-        source=fill_source,
-        color="#1f77b4",
-        legend_label="cached bytes",
-    )
+    for field_name, color, label in (
+        ("capacity", "#dddddd", "max_size"),
+        ("bytes", "#1f77b4", "cached bytes"),
+    ):
+        fill.hbar(
+            y="worker",
+            right=field_name,
+            height=0.8,
+            source=fill_source,
+            color=color,
+            legend_label=label,
+        )
     fill.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
 
     def update() -> None:
