@@ -158,13 +158,17 @@ class ZarrCacheScheduler:
             return
         logger.info("zarr cache index host %s is retiring; moving the index", worker)
         key, client = self.location["key"], self._client
-        self.location = None
-        self.index.reset()
-        self._index_future = None
         if client is not None and client.id in self.scheduler.clients:
             self.scheduler.client_releases_keys(
                 keys=[key], client=client.id, stimulus_id=f"zarr-cache-move-index-{key}"
             )
+        self._recreate_index()
+
+    def _recreate_index(self) -> None:
+        """Forget the current index actor and start a new one on another worker."""
+        self.location = None
+        self.index.reset()
+        self._index_future = None
         self.ensure_index()
 
     def remove_worker(self, worker: str) -> None:
@@ -173,10 +177,7 @@ class ZarrCacheScheduler:
             return
         if worker == self.location["address"]:
             logger.info("zarr cache index host %s left; re-creating the index", worker)
-            self.location = None
-            self.index.reset()
-            self._index_future = None
-            self.ensure_index()
+            self._recreate_index()
         else:
             self._spawn(self._call_index("remove_worker", worker))
 

@@ -80,11 +80,11 @@ def cost_saving(total: dict[str, int]) -> dict[str, float]:
     }
 
 
-def hit_ratio(total: dict[str, int]) -> float:
-    """Share of reads that did not go to the source."""
+def hit_ratio(total: dict[str, int], no_reads: float = 0.0) -> float:
+    """Share of reads that did not go to the source (``no_reads`` if there were none)."""
     served = total.get("hits", 0) + total.get("peer_reads", 0)
     reads = served + total.get("remote_reads", 0)
-    return served / reads if reads else 0.0
+    return served / reads if reads else no_reads
 
 
 class CacheHistory:
@@ -307,10 +307,8 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
         for prev, cur in itertools.pairwise(samples):
             dt = max(cur["time"] - prev["time"], 1e-3)
             d = {k: cur["total"][k] - prev["total"][k] for k in cur["total"]}
-            served = d["hits"] + d["peer_reads"]
-            reads = served + d["remote_reads"]
             data["time"].append(cur["time"] * 1000)
-            data["ratio"].append(served / reads if reads else float("nan"))
+            data["ratio"].append(hit_ratio(d, no_reads=float("nan")))  # a gap, not 0%
             data["local"].append(d["hit_bytes"] / dt)
             data["peer"].append(d["peer_bytes"] / dt)
             data["remote"].append(d["remote_bytes"] / dt)
