@@ -56,20 +56,13 @@ class DiskCache:
     Parameters
     ----------
     root : str or Path
-        Directory of this worker's cache; created if missing.
+        Directory of this worker's cache. The first write creates it, so a directory that
+        cannot be created shows up as that write's ``OSError``.
 
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def unchecked(cls, root: str | os.PathLike[str]) -> DiskCache:
-        """A ``DiskCache`` for a directory that could not be created (all writes fail)."""
-        disk = cls.__new__(cls)
-        disk.root = Path(root).absolute()
-        return disk
 
     def path_of(self, key: str) -> Path:
         """Return the file of a cache key, refusing any path outside :attr:`root`.
@@ -129,11 +122,12 @@ class DiskCache:
             return None
         except OSError:  # unreadable (EIO, permissions, a directory): not usable, drop it
             raw = b""
-        data = _verified_payload(raw, expected_checksum)
-        if data is None:
+        verified = _verified_payload(raw, expected_checksum)
+        if verified is None:
             with contextlib.suppress(OSError):
                 self.delete(key)
-        return data
+            return None
+        return verified[0]
 
     def delete(self, key: str) -> int:
         """Delete the file of ``key``; return the bytes freed (0 if it was not there)."""
@@ -163,19 +157,17 @@ class DiskCache:
                     mtime = path.stat().st_mtime
                 except OSError:
                     continue
-                data = _verified_payload(raw, None)
-                if data is None:
+                verified = _verified_payload(raw, None)
+                if verified is None:
                     with contextlib.suppress(OSError):
                         path.unlink()
                     continue
-                yield CacheFile(key, len(data), _trailer_checksum(raw), mtime)
+                payload, crc = verified
+                yield CacheFile(key, len(payload), crc, mtime)
 
 
-def _trailer_checksum(raw: bytes) -> int:
-    return _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)[2]
-
-
-def _verified_payload(raw: bytes, expected_checksum: int | None) -> memoryview | None:
+def _verified_payload(raw: bytes, expected_checksum: int | None) -> tuple[memoryview, int] | None:
+    """The payload of a file's bytes and its checksum, or ``None`` if anything is off."""
     if len(raw) < _TRAILER.size:
         return None
     magic, size, crc = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
@@ -184,4 +176,4 @@ def _verified_payload(raw: bytes, expected_checksum: int | None) -> memoryview |
     if expected_checksum is not None and crc != expected_checksum:
         return None
     payload = memoryview(raw)[:size]  # no copy
-    return payload if checksum(payload) == crc else None
+    return (payload, crc) if checksum(payload) == crc else None

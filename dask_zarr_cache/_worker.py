@@ -104,11 +104,7 @@ class WorkerCache:
         self.settings = settings
         self.counters = CacheCounters(capacity=settings.max_size)
         self._caching_enabled = True
-        try:
-            self.disk = DiskCache(cache_directory(worker, settings))
-        except OSError as err:  # keep a DiskCache object; every write will fail cleanly
-            self.disk = DiskCache.unchecked(cache_directory(worker, settings))
-            self._disable_caching(err)
+        self.disk = DiskCache(cache_directory(worker, settings))
         self.index = IndexClient(worker.scheduler, worker.rpc, self._register)
         self._timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
         self._lock = threading.Lock()
@@ -129,11 +125,7 @@ class WorkerCache:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Adopt verified files already on disk and start the periodic flush."""
-        try:
-            files = await asyncio.to_thread(lambda: list(self.disk.scan()))
-        except OSError as err:
-            self._disable_caching(err)
-            files = []
+        files = await asyncio.to_thread(lambda: list(self.disk.scan()))
         with self._lock:
             for f in sorted(files, key=lambda f: f.mtime):
                 self._add_entry(f.key, _LocalEntry(f.size, f.checksum, f.mtime))
