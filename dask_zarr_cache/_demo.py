@@ -97,7 +97,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> list[
 
     with LocalS3Server() as s3:
         s3.create_bucket("demo")
-        opts = {**s3.storage_options, "skip_instance_cache": True}
+        opts = s3.storage_options  # fsspec defaults, as users have them
         source = FsspecStore.from_url("s3://demo/data.zarr", storage_options=opts)
         data = np.random.default_rng(0).random((options.side, options.side), dtype="f4")
         arr = zarr.create_array(
