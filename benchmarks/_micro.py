@@ -10,20 +10,23 @@ import tracemalloc
 from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
-from dask_zarr_cache._index import IndexActor, join_items, join_keys
+from dask_zarr_cache._index import IndexActor
+from dask_zarr_cache._protocol import Item, pack
 from dask_zarr_cache.testing import loopback_cluster
 
 BATCH = 1000
 
 
 def _keys(n: int) -> list[str]:
-    return [f"ns-0123456789abcdef0123/c/{i // 1000}/{i % 1000}" for i in range(n)]
+    return [
+        f"ns-0123456789abcdef0123\x00bucket/data.zarr/c/{i // 1000}/{i % 1000}" for i in range(n)
+    ]
 
 
 def index_throughput(n: int) -> dict[str, float]:
     """Key operations per second of batched acquire and commit through the actor's methods.
 
-    Batches go through the same string wire format as the actor calls (not the network).
+    Batches go through the same wire format as the actor calls (not the network).
     """
     actor = IndexActor()
     keys = _keys(n)
@@ -32,16 +35,17 @@ def index_throughput(n: int) -> dict[str, float]:
     try:
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            loop.run_until_complete(actor.acquire("tcp://w:1", join_keys(keys[i : i + BATCH])))
+            loop.run_until_complete(actor.acquire("tcp://w:1", pack(keys[i : i + BATCH])))
         acquire = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            items = join_items((k, 4096, 12345, 1) for k in keys[i : i + BATCH])
+            items = pack([Item(k, 4096, 1) for k in keys[i : i + BATCH]])
             loop.run_until_complete(actor.commit("tcp://w:1", capacity, items))
         commit = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            loop.run_until_complete(actor.touch("tcp://w:1", join_keys(keys[i : i + BATCH]), ""))
+            batch = pack(keys[i : i + BATCH])
+            loop.run_until_complete(actor.touch("tcp://w:1", batch, pack([])))
         touch = time.perf_counter() - start
     finally:
         loop.close()
@@ -57,9 +61,7 @@ def index_memory_per_key(n: int) -> float:
     for i in range(0, n, BATCH):
         batch = keys[i : i + BATCH]
         index.acquire("tcp://w:1", batch)
-        index.commit(
-            "tcp://w:1", 10**15, [(k, 4096, 3_000_000_000 + j, j) for j, k in enumerate(batch)]
-        )
+        index.commit("tcp://w:1", 10**15, [Item(k, 4096, j) for j, k in enumerate(batch)])
     del keys
     gc.collect()
     current, _peak = tracemalloc.get_traced_memory()
@@ -90,15 +92,17 @@ def _fill_cache(n: int, size: int, dask_worker=None) -> list[str]:
     import os
     import time as _time
 
-    from dask_zarr_cache._worker import _LocalEntry
+    from dask_zarr_cache._local import LocalEntry
 
     cache = dask_worker.extensions["zarr_cache"]
     payload = os.urandom(size)
     keys = []
     for i in range(n):
-        key = f"ns-bench/peer/{size}/{i}"
-        crc = cache.disk.write(key, payload)
-        cache._add_entry(key, _LocalEntry(size, crc, _time.time()))
+        key = f"ns-bench\x00peer/{size}/{i}"
+        crc = cache.disk.write(key, payload, cache.state.epoch, cache.state.applied_seq)
+        fetch, _ = cache.state.begin_fetch(key)
+        cache.state.admit(key, LocalEntry(size, crc, _time.time()), fetch)
+        cache.state.end_fetch(key, fetch)
         keys.append(key)
     dask_worker._bench_payload = payload
     return keys
@@ -126,9 +130,9 @@ async def _timed_gets(source: str, keys: list[str], in_flight: int, raw: bool, d
                 reply = await dask_worker.rpc(source).bench_raw_get(key=key)
                 total += len(reply["data"])
             else:
-                status, data = await cache._peer_get(source, key)
-                assert status == "ok"
-                total += len(data)
+                reply = await cache._peer_get(source, key)
+                assert reply["status"] == "ok"
+                total += len(reply["data"])
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(in_flight)))

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from dask_zarr_cache._exceptions import CacheConfigError, InvalidCacheKeyError, ZarrCacheError
+from dask_zarr_cache._client import cluster_stats
+from dask_zarr_cache._exceptions import (
+    CacheConfigError,
+    CacheDirectoryError,
+    InvalidationError,
+    InvalidCacheKeyError,
+    ZarrCacheError,
+)
 from dask_zarr_cache._plugin import ZarrCachePlugin
-from dask_zarr_cache._stats import cluster_stats
 from dask_zarr_cache._store import ClusterCacheStore
 
 __all__ = [
     "CacheConfigError",
+    "CacheDirectoryError",
     "ClusterCacheStore",
     "InvalidCacheKeyError",
+    "InvalidationError",
     "ZarrCacheError",
     "ZarrCachePlugin",
     "cluster_stats",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

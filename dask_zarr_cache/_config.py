@@ -7,16 +7,18 @@ environment).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import dask.config
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 
 from dask_zarr_cache._exceptions import CacheConfigError
 
-__all__ = ["CacheSettings"]
+__all__ = ["CacheSettings", "worker_directory"]
 
 dask.config.update_defaults(
     {
@@ -24,8 +26,13 @@ dask.config.update_defaults(
             "max-size": "10GiB",
             "max-age-seconds": None,
             "directory": None,
-            # How often a worker flushes its batched access records to the index.
+            # How often a worker flushes its batched access records to the index and
+            # catches up with the scheduler's write history.
             "flush-interval": "1s",
+            # A worker serves its files only while it caught up with the write history
+            # within this time; a write waits at most this long for a worker it cannot
+            # reach (that worker serves nothing until it catches up).
+            "write-lease": "10s",
         }
     }
 )
@@ -92,6 +99,7 @@ class CacheSettings:
     max_size: int
     max_age_seconds: float | None = None
     directory: str | None = None
+    write_lease: float = 10.0
 
     @classmethod
     def from_arguments(
@@ -114,8 +122,28 @@ class CacheSettings:
             max_age_seconds = dask.config.get("zarr-cache.max-age-seconds")
         if directory is None:
             directory = dask.config.get("zarr-cache.directory")
+        lease = parse_timedelta(dask.config.get("zarr-cache.write-lease"))
+        if not lease or lease <= 0:
+            raise CacheConfigError(f"zarr-cache.write-lease must be positive, got {lease!r}")
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_max_age(max_age_seconds),
             directory=_parse_directory(directory),
+            write_lease=float(lease),
         )
+
+
+def worker_directory(settings: CacheSettings, worker_name: object, local_directory: str) -> str:
+    """The cache directory of one worker.
+
+    Without ``settings.directory``: ``<local_directory>/zarr-cache``.  With it, a
+    subdirectory per worker name: readable part + a hash of the exact name, so no name
+    (``..``, ``a b`` vs ``a_b``, very long ones) leaves ``directory`` or shares another
+    worker's subdirectory, and a restarted worker with the same name finds its files.
+    """
+    if settings.directory is None:
+        return os.path.join(local_directory, "zarr-cache")
+    name = str(worker_name)
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "worker"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return os.path.join(settings.directory, f"{readable}-{digest}")

@@ -1,13 +1,27 @@
-"""A worker's cache files: atomic writes, a checksum trailer, verified reads.
+"""A worker's cache files: hashed names, atomic writes, self-describing verified files.
 
-Each cached object is one file at ``<root>/<cache key>``.  The file holds the object's
-bytes followed by a 16-byte trailer (magic, size, CRC32C) so that every file can be
-verified on its own, by a read or after a worker restart, without a side index.
+Layout of a cache directory::
+
+    <root>/DASK-ZARR-CACHE     marker: this directory belongs to the cache (JSON)
+    <root>/.lock               held (flock) by the one process using the directory
+    <root>/objects/ab/cdef...  one file per object, named by the SHA-256 of its cache key
+    <root>/tmp/<uuid>          files being written (renamed into objects/ when complete)
+
+File names are hashes, so no key can collide with another (``a`` vs ``a/b``), exceed a
+name limit or leave the directory, whatever its characters.  Each file ends with its own
+key and a footer (sizes, CRC32C of the payload, the write's epoch and sequence number, and a
+CRC of the footer), so a file is verified on its own: a file moved, swapped or damaged on
+disk is never served, and never as another key.  The cache only ever deletes files inside
+``objects/`` and ``tmp/`` of a directory that carries its marker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
+import json
 import os
 import struct
 import uuid
@@ -17,16 +31,22 @@ from typing import TYPE_CHECKING
 
 import crc32c
 
-from dask_zarr_cache._exceptions import InvalidCacheKeyError
+from dask_zarr_cache._exceptions import CacheDirectoryError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["CacheFile", "DiskCache", "checksum"]
+__all__ = ["CacheFile", "DiskCache", "checksum", "is_disk_failure"]
 
-_TRAILER = struct.Struct("<4sQI")
-_MAGIC = b"DZC1"
-_TMP_PREFIX = ".tmp-"
+MARKER = "DASK-ZARR-CACHE"
+_FORMAT = 2
+#: magic, key length, payload size, write sequence, payload CRC32C, epoch, footer CRC32C
+_FOOTER = struct.Struct("<4sIQQI16sI")
+_MAGIC = b"DZC2"
+#: errno values that say the disk itself is in trouble, not this one object.
+_DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT}
+)
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -38,13 +58,24 @@ def checksum(data: bytes | memoryview) -> int:
     return crc32c.crc32c(data)
 
 
+def is_disk_failure(err: OSError) -> bool:
+    """Whether a failed write says the disk is unusable (full, read-only, gone, ...)."""
+    return err.errno in _DISK_ERRNOS
+
+
+def _encode_key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheFile:
-    """What a valid cache file holds: its key, payload size, checksum and write time."""
+    """What a valid cache file holds besides its payload."""
 
     key: str
     size: int
     checksum: int
+    epoch: bytes  #: 16 bytes: which scheduler's write history ``seq`` counts in
+    seq: int  #: writes of that history known when the object was read from the source
     mtime: float
 
 
@@ -56,50 +87,81 @@ class DiskCache:
     Parameters
     ----------
     root : str or Path
-        Directory of this worker's cache. The first write creates it, so a directory that
-        cannot be created shows up as that write's ``OSError``.
+        Directory of this worker's cache.
 
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).resolve()
+        self.root = Path(root).absolute()
+        self._objects = self.root / "objects"
+        self._tmp = self.root / "tmp"
+        self._lock_file: int | None = None
 
-    def path_of(self, key: str) -> Path:
-        """Return the file of a cache key, refusing any path outside :attr:`root`.
+    # -- ownership ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Claim the directory: create or recognise it, and lock it against other processes.
 
         Raises
         ------
-        InvalidCacheKeyError
-            If the key is absolute, has ``..``/empty components or a NUL byte.
+        CacheDirectoryError
+            If the directory holds files but no cache marker (it is somebody's data: the
+            cache will not adopt or delete anything there), or another process uses it.
+        OSError
+            If it cannot be created or locked (the disk is unusable).
 
         """
-        parts = key.split("/")
-        if (
-            not key
-            or "\x00" in key
-            or key.startswith("/")
-            or any(p in ("", ".", "..") or p.startswith(_TMP_PREFIX) for p in parts)
-        ):
-            raise InvalidCacheKeyError(f"cache key {key!r} would leave the cache directory")
-        return self.root.joinpath(*parts)
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if not marker.exists():
+            if any(self.root.iterdir()):
+                raise CacheDirectoryError(
+                    f"{self.root} is not empty and is not a dask-zarr-cache directory; "
+                    "refusing to use it (nothing there was touched)"
+                )
+            marker.write_text(json.dumps({"format": _FORMAT}))
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheDirectoryError(
+                f"{self.root} is in use by another worker; each worker needs its own"
+            ) from None
+        self._lock_file = fd
+        self._objects.mkdir(exist_ok=True)
+        self._tmp.mkdir(exist_ok=True)
 
-    def write(self, key: str, data: bytes | memoryview) -> int:
+    def close(self) -> None:
+        """Release the directory lock (files stay)."""
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # closing the descriptor drops the flock
+            self._lock_file = None
+
+    # -- objects -------------------------------------------------------------------------
+    def path_of(self, key: str) -> Path:
+        """The file of a cache key (a hash of it: inside :attr:`root` by construction)."""
+        digest = hashlib.sha256(_encode_key(key)).hexdigest()
+        return self._objects / digest[:2] / digest[2:]
+
+    def write(self, key: str, data: bytes | memoryview, epoch: bytes, seq: int) -> int:
         """Write ``data`` under ``key`` atomically (temp file + rename); return its checksum.
 
         Raises
         ------
         OSError
-            If the disk is full, read-only, or the path is taken by a directory.
+            If the disk is full or unusable; see :func:`is_disk_failure`.
 
         """
         path = self.path_of(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         crc = checksum(data)
-        tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        key_bytes = _encode_key(key)
+        tmp = self._tmp / uuid.uuid4().hex
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.write(_TRAILER.pack(_MAGIC, len(data), crc))
+                f.write(key_bytes)
+                f.write(_footer(key_bytes, len(data), seq, crc, epoch))
+            path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -108,72 +170,78 @@ class DiskCache:
         return crc
 
     def read(self, key: str, expected_checksum: int | None = None) -> memoryview | None:
-        """Return the verified bytes of ``key``, or ``None`` if missing or corrupt.
+        """Return the verified bytes of ``key``, or ``None`` if missing or not valid.
 
         The bytes come back as a read-only memoryview of the file's contents (no copy).
-
-        A corrupt file (bad trailer, wrong size, checksum mismatch with the trailer or with
-        ``expected_checksum``) is deleted, so the caller fetches the object again.
+        A file that fails verification (damaged, another key's, or not ``expected_checksum``)
+        is deleted, so the caller fetches the object again.
         """
         path = self.path_of(key)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        except OSError:  # unreadable (EIO, permissions, a directory): not usable, drop it
+        except OSError:  # unreadable (EIO, permissions, a directory): not usable
             raw = b""
-        verified = _verified_payload(raw, expected_checksum)
-        if verified is None:
-            with contextlib.suppress(OSError):
-                self.delete(key)
+        parsed = _parse(raw)
+        if (
+            parsed is None
+            or parsed[1].key != key
+            or (expected_checksum is not None and parsed[1].checksum != expected_checksum)
+        ):
+            self._unlink(path)
             return None
-        return verified[0]
+        return parsed[0]
 
-    def delete(self, key: str) -> int:
-        """Delete the file of ``key``; return the bytes freed (0 if it was not there)."""
-        path = self.path_of(key)
-        try:
-            size = path.stat().st_size - _TRAILER.size
-            path.unlink()
-        except (FileNotFoundError, NotADirectoryError):
-            return 0
-        return max(size, 0)
+    def delete(self, key: str) -> None:
+        """Delete the file of ``key`` (no error if it is not there)."""
+        self._unlink(self.path_of(key))
 
     def scan(self) -> Iterator[CacheFile]:
-        """Yield every valid cache file below :attr:`root`; delete invalid and temp files.
+        """Yield every valid cache file; delete damaged files and left-over temp files.
 
-        Each file is read in full and its checksum verified before it is trusted.
+        Each file is read in full and verified before it is trusted.
         """
-        for dirpath, _dirnames, filenames in os.walk(self.root):
-            for name in filenames:
-                path = Path(dirpath, name)
-                if name.startswith(_TMP_PREFIX):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                    continue
-                key = path.relative_to(self.root).as_posix()
-                try:
-                    raw = path.read_bytes()
-                    mtime = path.stat().st_mtime
-                except OSError:
-                    continue
-                verified = _verified_payload(raw, None)
-                if verified is None:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                    continue
-                payload, crc = verified
-                yield CacheFile(key, len(payload), crc, mtime)
+        for tmp in self._tmp.glob("*"):
+            self._unlink(tmp)
+        for path in self._objects.glob("??/*"):
+            try:
+                raw = path.read_bytes()
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            parsed = _parse(raw)
+            if parsed is None or path != self.path_of(parsed[1].key):
+                self._unlink(path)
+                continue
+            info = parsed[1]
+            yield CacheFile(info.key, info.size, info.checksum, info.epoch, info.seq, mtime)
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
-def _verified_payload(raw: bytes, expected_checksum: int | None) -> tuple[memoryview, int] | None:
-    """The payload of a file's bytes and its checksum, or ``None`` if anything is off."""
-    if len(raw) < _TRAILER.size:
+def _footer(key_bytes: bytes, size: int, seq: int, crc: int, epoch: bytes) -> bytes:
+    head = _FOOTER.pack(_MAGIC, len(key_bytes), size, seq, crc, epoch, 0)[:-4]
+    return head + struct.pack("<I", checksum(key_bytes + head))
+
+
+def _parse(raw: bytes) -> tuple[memoryview, CacheFile] | None:
+    """The payload and description of a file's bytes, or ``None`` if anything is off."""
+    if len(raw) < _FOOTER.size:
         return None
-    magic, size, crc = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
-    if magic != _MAGIC or size != len(raw) - _TRAILER.size:
+    footer_at = len(raw) - _FOOTER.size
+    magic, key_len, size, seq, crc, epoch, meta_crc = _FOOTER.unpack_from(raw, footer_at)
+    if magic != _MAGIC or size + key_len != footer_at:
         return None
-    if expected_checksum is not None and crc != expected_checksum:
+    view = memoryview(raw)
+    key_bytes = bytes(view[size:footer_at])
+    if checksum(key_bytes + bytes(view[footer_at : len(raw) - 4])) != meta_crc:
         return None
-    payload = memoryview(raw)[:size]  # no copy
-    return (payload, crc) if checksum(payload) == crc else None
+    payload = view[:size]  # no copy
+    if checksum(payload) != crc:
+        return None
+    key = key_bytes.decode("utf-8", "surrogatepass")
+    return payload, CacheFile(key, size, crc, epoch, seq, 0.0)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CacheConfigError", "InvalidCacheKeyError", "ZarrCacheError"]
+__all__ = [
+    "CacheConfigError",
+    "CacheDirectoryError",
+    "InvalidCacheKeyError",
+    "InvalidationError",
+    "ZarrCacheError",
+]
 
 
 class ZarrCacheError(Exception):
@@ -10,8 +16,16 @@ class ZarrCacheError(Exception):
 
 
 class CacheConfigError(ZarrCacheError, ValueError):
-    """A plugin or store setting is invalid (bad size, negative TTL, ...)."""
+    """A plugin or store setting is invalid (bad size, negative TTL, namespace, ...)."""
 
 
 class InvalidCacheKeyError(ZarrCacheError, ValueError):
-    """A store key could escape the cache directory or is not a valid zarr key."""
+    """A store key is not a zarr key (absolute, NUL, empty, ``.`` or ``..`` components)."""
+
+
+class CacheDirectoryError(ZarrCacheError):
+    """A cache directory cannot be used: somebody else's data, or in use by another worker."""
+
+
+class InvalidationError(ZarrCacheError):
+    """A write reached the source, but the cluster could not be told about it in time."""

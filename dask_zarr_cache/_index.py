@@ -1,9 +1,8 @@
 """The global index: which worker owns which cached object, LRU, TTL and evictions.
 
 :class:`CacheIndex` is the pure policy (no I/O, testable without a cluster);
-:class:`IndexActor` is the thin Dask Actor shell around it.  Batches cross the wire as
-one newline-joined string, not as lists: distributed serializes list elements one by
-one, which costs ~40 ms per 1000 keys against ~2 ms for one string.
+:class:`IndexActor` is the thin Dask Actor shell around it, taking and returning batches
+in the wire format of :mod:`dask_zarr_cache._protocol`.
 """
 
 from __future__ import annotations
@@ -13,38 +12,26 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dask_zarr_cache._keys import RANGE_SEPARATOR, base_key
+from dask_zarr_cache._keys import base_key
+from dask_zarr_cache._protocol import (
+    FETCH,
+    PEER,
+    PENDING,
+    CommitReply,
+    Decision,
+    Item,
+    TouchReply,
+    pack,
+    unpack,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = [
-    "FETCH",
-    "PEER",
-    "PENDING",
-    "CacheIndex",
-    "IndexActor",
-    "join_items",
-    "join_keys",
-    "split_items",
-    "split_keys",
-]
-
-#: Decision of :meth:`CacheIndex.acquire`: nobody holds the key; the asker fetches it.
-FETCH = "fetch"
-#: Decision: a peer holds the key; read it from that peer.
-PEER = "peer"
-#: Decision: a peer is fetching the key right now; ask it, it answers when done.
-PENDING = "pending"
+__all__ = ["PENDING_TIMEOUT", "CacheIndex", "IndexActor"]
 
 #: A pending fetch older than this (seconds) may be taken over by another worker.
 PENDING_TIMEOUT = 60.0
-
-
-#: ``(key, size, checksum, tag)``: one object as workers report it. ``tag`` is a serial
-#: the owner gives each local copy, so a late "dropped" report about an older copy never
-#: removes a newer one.
-Item = tuple[str, int, int, int]
 
 
 class _Entry:
@@ -134,12 +121,16 @@ class CacheIndex:
             self._remove(key)
         to_delete = []
         now = self._clock()
-        for key, size, _crc, tag in files:
+        for key, size, tag in files:
             entry = self._entries.get(key)
             if entry is not None and entry.owner == worker:
                 entry.tag = tag
                 continue
-            if entry is not None or key in self._pending:
+            pending = self._pending.get(key)
+            if pending is not None and pending[0] == worker:  # its own fetch: now on disk
+                self._drop_pending(key)
+                pending = None
+            if entry is not None or pending is not None:
                 to_delete.append(key)
                 continue
             self._insert(key, _Entry(worker, size, tag, now), state)
@@ -159,12 +150,11 @@ class CacheIndex:
         return len(state.lru)
 
     # -- the read path -------------------------------------------------------------
-    def acquire(
-        self, worker: str, keys: Iterable[str], unreachable: str = ""
-    ) -> list[tuple[str, str]]:
+    def acquire(self, worker: str, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
         """Decide for each key how ``worker`` gets it.
 
-        Each answer is ``(FETCH, worker)``, ``(PEER, owner)`` or ``(PENDING, fetcher)``.
+        Each answer is a :class:`Decision`: ``(FETCH, worker)``, ``(PEER, owner)`` or
+        ``(PENDING, fetcher)``.
         ``FETCH`` makes ``worker`` the pending owner: it must :meth:`commit` or
         :meth:`abandon` the key.
 
@@ -190,23 +180,21 @@ class CacheIndex:
                 entry = None
             if entry is not None:
                 if entry.owner != worker:
-                    decisions.append((PEER, entry.owner))
+                    decisions.append(Decision(PEER, entry.owner))
                     continue
                 # The owner itself missed: its file is gone. Fetch again.
                 self._remove(key)
             pending = self._pending.get(key)
             if pending is not None and pending[0] != worker and now - pending[1] < PENDING_TIMEOUT:
-                decisions.append((PENDING, pending[0]))
+                decisions.append(Decision(PENDING, pending[0]))
                 continue
             self._pending[key] = (worker, now)
             self._link_range(key)
-            decisions.append((FETCH, worker))
+            decisions.append(Decision(FETCH, worker))
         return decisions
 
-    def commit(
-        self, worker: str, capacity: int, items: Iterable[Item]
-    ) -> tuple[list[str], list[str]]:
-        """Record that ``worker`` now holds these ``(key, size, checksum, tag)`` objects.
+    def commit(self, worker: str, capacity: int, items: Iterable[Item]) -> CommitReply:
+        """Record that ``worker`` now holds these objects.
 
         Returns
         -------
@@ -221,14 +209,14 @@ class CacheIndex:
         state = self._state(worker, capacity)
         now = self._clock()
         rejected = []
-        for key, size, _crc, tag in items:
+        for key, size, tag in items:
             pending = self._pending.get(key)
             if pending is None or pending[0] != worker or key in self._entries:
                 rejected.append(key)
                 continue
             del self._pending[key]
             self._insert(key, _Entry(worker, size, tag, now), state)
-        return self._evict_over_budget(worker, state), rejected
+        return CommitReply(self._evict_over_budget(worker, state), rejected)
 
     def abandon(self, worker: str, keys: Iterable[str]) -> None:
         """Give up pending claims of ``worker`` (its fetch failed or was not cacheable)."""
@@ -239,7 +227,7 @@ class CacheIndex:
 
     def touch(
         self, worker: str, accessed: Iterable[str], dropped: Iterable[Item] = ()
-    ) -> tuple[list[str], bool]:
+    ) -> TouchReply:
         """Apply a worker's batched access records and the copies it deleted on its own.
 
         ``accessed`` keys are moved to the most recently used end of their owner's LRU.
@@ -251,10 +239,11 @@ class CacheIndex:
         expired : list of str
             Keys of ``worker`` the index found expired; the worker deletes them.
         known : bool
-            Whether the index knows ``worker``; if not, the worker must :meth:`register`.
+            Whether the index knows ``worker`` and every accessed key as its own; if not,
+            the worker must :meth:`register` (its files are the truth).
 
         """
-        for key, _size, _crc, tag in dropped:
+        for key, _size, tag in dropped:
             entry = self._entries.get(key)
             if entry is not None and entry.owner == worker and entry.tag == tag:
                 self._remove(key)
@@ -263,11 +252,13 @@ class CacheIndex:
             entry = self._entries.get(key)
             if entry is not None:
                 self._workers[entry.owner].lru.move_to_end(key)
+            if entry is None or entry.owner != worker:
+                known = False  # it holds a file the index lost track of: re-register
         if not known:
-            return [], False
+            return TouchReply([], False)
         state = self._workers[worker]
         expired, state.expired = state.expired, []
-        return expired, True
+        return TouchReply(expired, True)
 
     def invalidate(
         self, keys: Iterable[str], prefixes: Iterable[str] = ()
@@ -361,12 +352,12 @@ class CacheIndex:
         return evicted
 
     def _link_range(self, key: str) -> None:
-        if RANGE_SEPARATOR in key:
+        if base_key(key) != key:
             self._ranges.setdefault(base_key(key), set()).add(key)
 
     def _unlink_range(self, key: str) -> None:
-        if RANGE_SEPARATOR in key:
-            base = base_key(key)
+        base = base_key(key)
+        if base != key:
             ranges = self._ranges.get(base)
             if ranges is not None:
                 ranges.discard(key)
@@ -374,36 +365,13 @@ class CacheIndex:
                     del self._ranges[base]
 
 
-# -- wire format ---------------------------------------------------------------------
-def join_keys(keys: Iterable[str]) -> str:
-    """Pack keys into one string (keys never hold control characters)."""
-    return "\n".join(keys)
-
-
-def split_keys(packed: str) -> list[str]:
-    """Inverse of :func:`join_keys`."""
-    return packed.split("\n") if packed else []
-
-
-def join_items(items: Iterable[Item]) -> str:
-    """Pack ``(key, size, checksum, tag)`` items into one string."""
-    return "\n".join(f"{k}\t{s}\t{c}\t{t}" for k, s, c, t in items)
-
-
-def split_items(packed: str) -> list[Item]:
-    """Inverse of :func:`join_items`."""
-    out = []
-    for line in split_keys(packed):
-        key, size, crc, tag = line.split("\t")
-        out.append((key, int(size), int(crc), int(tag)))
-    return out
-
-
 class IndexActor:
     """The Dask Actor hosting the :class:`CacheIndex` of a cluster.
 
     Every method is ``async`` so it runs on the hosting worker's event loop (sync actor
-    methods would share one thread) and takes batches packed as strings.
+    methods would share one thread).  Batches arrive and leave packed with
+    :func:`~dask_zarr_cache._protocol.pack`; :class:`~dask_zarr_cache._index_client.IndexClient`
+    is the only caller.
 
     Parameters
     ----------
@@ -419,36 +387,33 @@ class IndexActor:
         """Apply new settings (plugin registered again)."""
         self.index.max_age_seconds = max_age_seconds
 
-    async def register(self, worker: str, capacity: int, files: str) -> str:
-        """See :meth:`CacheIndex.register`; ``files`` packed with :func:`join_items`."""
-        return join_keys(self.index.register(worker, capacity, split_items(files)))
+    async def register(self, worker: str, capacity: int, files: bytes) -> bytes:
+        """See :meth:`CacheIndex.register`."""
+        return pack(self.index.register(worker, capacity, unpack(files)))
 
     async def remove_worker(self, worker: str) -> int:
         """See :meth:`CacheIndex.remove_worker`."""
         return self.index.remove_worker(worker)
 
-    async def acquire(self, worker: str, keys: str, unreachable: str = "") -> str:
-        """See :meth:`CacheIndex.acquire`; answers one ``"<decision> <address>"`` per line."""
-        decisions = self.index.acquire(worker, split_keys(keys), unreachable)
-        return "\n".join(f"{d} {addr}" for d, addr in decisions)
+    async def acquire(self, worker: str, keys: bytes, unreachable: str = "") -> bytes:
+        """See :meth:`CacheIndex.acquire`."""
+        return pack(self.index.acquire(worker, unpack(keys), unreachable))
 
-    async def commit(self, worker: str, capacity: int, items: str) -> tuple[str, str]:
-        """See :meth:`CacheIndex.commit`; both key lists packed with :func:`join_keys`."""
-        evicted, rejected = self.index.commit(worker, capacity, split_items(items))
-        return join_keys(evicted), join_keys(rejected)
+    async def commit(self, worker: str, capacity: int, items: bytes) -> bytes:
+        """See :meth:`CacheIndex.commit`."""
+        return pack(self.index.commit(worker, capacity, unpack(items)))
 
-    async def abandon(self, worker: str, keys: str) -> None:
+    async def abandon(self, worker: str, keys: bytes) -> None:
         """See :meth:`CacheIndex.abandon`."""
-        self.index.abandon(worker, split_keys(keys))
+        self.index.abandon(worker, unpack(keys))
 
-    async def touch(self, worker: str, accessed: str, dropped: str) -> tuple[str, bool]:
+    async def touch(self, worker: str, accessed: bytes, dropped: bytes) -> bytes:
         """See :meth:`CacheIndex.touch`."""
-        expired, known = self.index.touch(worker, split_keys(accessed), split_items(dropped))
-        return join_keys(expired), known
+        return pack(self.index.touch(worker, unpack(accessed), unpack(dropped)))
 
-    async def invalidate(self, keys: str, prefixes: str = "") -> int:
+    async def invalidate(self, keys: bytes, prefixes: bytes) -> int:
         """See :meth:`CacheIndex.invalidate`; returns the number of entries dropped."""
-        return len(self.index.invalidate(split_keys(keys), split_keys(prefixes)))
+        return len(self.index.invalidate(unpack(keys), unpack(prefixes)))
 
     async def summary(self) -> dict[str, object]:
         """Entries, pending fetches and per-worker budgets, for stats and tests."""

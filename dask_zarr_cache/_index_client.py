@@ -1,11 +1,11 @@
-"""How workers and the scheduler reach the index actor.
+"""How workers and the scheduler reach the index actor: one typed method per operation.
 
 The scheduler knows where the index actor lives (``zarr_cache_index`` handler); callers
 ask it once, then call the actor's methods directly on its host worker with the
 ``actor_execute`` handler, the same call a ``distributed.Actor`` handle makes.  When a
 call fails the location is forgotten and asked again, which is how callers find an index
-that was re-created elsewhere.  Keeping every index call behind :meth:`IndexClient.call`
-is what would let the index be sharded later (hash of key -> actor).
+that was re-created elsewhere.  Every index call goes through :meth:`IndexClient._call`,
+the one place where sharding by key hash would go.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import dask.config
 from dask.utils import parse_timedelta
 
 from dask_zarr_cache._exceptions import ZarrCacheError
+from dask_zarr_cache._protocol import CommitReply, Decision, Item, TouchReply, pack, unpack
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
 
 __all__ = ["IndexClient", "IndexUnavailableError"]
 
@@ -29,18 +30,20 @@ class IndexUnavailableError(ZarrCacheError):
 
 
 class IndexClient:
-    """Calls methods of the cluster's index actor.
+    """Calls the cluster's index actor, on behalf of one worker (or of the scheduler).
 
     Parameters
     ----------
+    worker : str
+        Address of the worker calling (``""`` for the scheduler).
     scheduler : rpc
         An rpc to the scheduler (``worker.scheduler``), or ``None`` when ``locate`` is
         given.
     rpc : callable
         Connection pool: ``rpc(address)`` returns an rpc to a worker.
     on_connect : callable, optional
-        Coroutine function ``on_connect(call)`` run once per newly found index (e.g. to
-        register a worker's files); ``call(function, *args)`` calls that index.
+        Coroutine function ``on_connect(client)`` run once per newly found index, before
+        any other call reaches it (a worker registers its files there).
     locate : callable, optional
         Coroutine function returning ``{"address", "key"}`` or ``None``; defaults to
         asking the scheduler.
@@ -49,17 +52,20 @@ class IndexClient:
 
     def __init__(
         self,
+        worker: str,
         scheduler: Any,
         rpc: Callable[[str], Any],
-        on_connect: Callable[[Callable[..., Awaitable[Any]]], Awaitable[None]] | None = None,
+        on_connect: Callable[[IndexClient], Awaitable[None]] | None = None,
         locate: Callable[[], Awaitable[dict[str, str] | None]] | None = None,
     ) -> None:
+        self.worker = worker
         self._scheduler = scheduler
         self._rpc = rpc
         self._on_connect = on_connect
         self._locate = locate or self._ask_scheduler
         self._location: dict[str, str] | None = None
         self._lock: asyncio.Lock | None = None
+        self._connecting: dict[str, str] | None = None
         self.timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
     @property
@@ -76,7 +82,48 @@ class IndexClient:
         """Forget the index location; the next call looks it up (and registers) again."""
         self._location = None
 
-    async def call(self, function: str, *args: Any) -> Any:
+    # -- operations ----------------------------------------------------------------------
+    async def acquire(self, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
+        """Decide how this worker gets each of ``keys`` (see ``CacheIndex.acquire``)."""
+        reply = await self._call("acquire", self.worker, pack(list(keys)), unreachable)
+        return [Decision(*d) for d in unpack(reply)]
+
+    async def commit(self, capacity: int, items: Iterable[Item]) -> CommitReply:
+        """Record objects this worker now holds (see ``CacheIndex.commit``)."""
+        reply = await self._call("commit", self.worker, capacity, pack(list(items)))
+        return CommitReply(*unpack(reply))
+
+    async def abandon(self, keys: Iterable[str]) -> None:
+        """Give up this worker's pending claims of ``keys``."""
+        await self._call("abandon", self.worker, pack(list(keys)))
+
+    async def touch(self, accessed: Iterable[str], dropped: Iterable[Item]) -> TouchReply:
+        """Report batched accesses and copies this worker deleted (see ``CacheIndex.touch``)."""
+        reply = await self._call("touch", self.worker, pack(list(accessed)), pack(list(dropped)))
+        return TouchReply(*unpack(reply))
+
+    async def register(self, capacity: int, files: Iterable[Item]) -> list[str]:
+        """Tell the index this worker's budget and files; returns keys to delete."""
+        return unpack(await self._call("register", self.worker, capacity, pack(list(files))))
+
+    async def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> int:
+        """Forget written keys (with their ranges) and every key under ``prefixes``."""
+        return await self._call("invalidate", pack(list(keys)), pack(list(prefixes)))
+
+    async def remove_worker(self, worker: str) -> int:
+        """Forget a departed worker's entries and claims."""
+        return await self._call("remove_worker", worker)
+
+    async def configure(self, max_age_seconds: float | None) -> None:
+        """Apply a new TTL."""
+        await self._call("configure", max_age_seconds)
+
+    async def summary(self) -> dict[str, Any]:
+        """Entries, pending fetches and per-worker budgets."""
+        return await self._call("summary")
+
+    # -- plumbing --------------------------------------------------------------------------
+    async def _call(self, function: str, *args: Any) -> Any:
         """Call ``IndexActor.<function>(*args)`` and return its result.
 
         Raises
@@ -85,6 +132,8 @@ class IndexClient:
             If there is no index, it was lost, or it did not answer within the timeout.
 
         """
+        if self._connecting is not None:  # calls of on_connect reach the new index
+            return await self._execute(self._connecting, function, args)
         location = await self._ensure_location()
         try:
             return await self._execute(location, function, args)
@@ -108,11 +157,11 @@ class IndexClient:
                 if not location:
                     raise IndexUnavailableError("the zarr cache index does not exist (yet)")
                 if self._on_connect is not None:
-
-                    async def call(function: str, *args: Any) -> Any:
-                        return await self._execute(location, function, args)
-
-                    await self._on_connect(call)
+                    self._connecting = location
+                    try:
+                        await self._on_connect(self)
+                    finally:
+                        self._connecting = None
                 self._location = location
             return self._location
 

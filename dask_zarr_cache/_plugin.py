@@ -6,19 +6,29 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
-from dask_zarr_cache._config import CacheSettings
-from dask_zarr_cache._scheduler import EXTENSION_NAME, ZarrCacheScheduler
-from dask_zarr_cache._worker import EXTENSION_NAME as WORKER_EXTENSION_NAME
+from dask_zarr_cache._config import CacheSettings, worker_directory
+from dask_zarr_cache._names import (
+    EXTENSION_NAME,
+    METRIC_PREFIX,
+    SCHEDULER_PLUGIN_NAME,
+    WORKER_HANDLERS,
+    WORKER_PLUGIN_NAME,
+)
+from dask_zarr_cache._scheduler import ZarrCacheScheduler, scheduler_state
 from dask_zarr_cache._worker import WorkerCache
+from dask_zarr_cache.dashboard import register_prometheus_collector
 
 if TYPE_CHECKING:
     import os
 
     from distributed import Scheduler, Worker
 
-__all__ = ["WorkerCachePlugin", "ZarrCachePlugin"]
+__all__ = ["WorkerCachePlugin", "ZarrCachePlugin", "worker_cache", "worker_cache_of"]
 
 #: Seconds registration waits for the index actor before returning anyway.
 _INDEX_WAIT = 30
@@ -27,9 +37,9 @@ _INDEX_WAIT = 30
 class ZarrCachePlugin(SchedulerPlugin):
     """Install the cluster-wide Zarr chunk cache with ``client.register_plugin``.
 
-    Registering it sets up the scheduler side (the index actor's lifecycle) and installs
-    a :class:`WorkerCachePlugin` on every current and future worker.  Registering again
-    with other settings applies them.
+    Registering it sets up the scheduler side (write history, the index actor's lifecycle)
+    and installs a :class:`WorkerCachePlugin` on every current and future worker.
+    Registering again with other settings applies them.
 
     Parameters
     ----------
@@ -39,8 +49,8 @@ class ZarrCachePlugin(SchedulerPlugin):
     max_age_seconds : float, optional
         Time to live of cached objects; ``None`` (default) means they never expire.
     directory : str, optional
-        Parent directory of the worker caches (each worker uses a subdirectory named after
-        it); default ``<worker.local_directory>/zarr-cache``.
+        Parent directory of the worker caches (each worker uses a subdirectory derived from
+        its name); default ``<worker.local_directory>/zarr-cache``.
 
     Raises
     ------
@@ -49,7 +59,7 @@ class ZarrCachePlugin(SchedulerPlugin):
 
     """
 
-    name = "dask-zarr-cache"
+    name = SCHEDULER_PLUGIN_NAME
 
     def __init__(
         self,
@@ -76,20 +86,20 @@ class ZarrCachePlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Scheduler) -> None:
         """Create (or update) the scheduler-side state and install the worker plugin."""
-        state = scheduler.extensions.get(EXTENSION_NAME)
+        state = scheduler_state(scheduler)
         if state is None:
             state = scheduler.extensions[EXTENSION_NAME] = ZarrCacheScheduler(
                 scheduler, self.settings
             )
         self._scheduler_state = state
-        await state.apply(self.settings)
+        await state.apply(self.settings, WorkerCachePlugin(self.settings))
         if scheduler.workers:  # have the index ready before the first read, if we can
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(state.ensure_index()), _INDEX_WAIT)
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         """Create the index as soon as there is a worker to host it."""
-        state = scheduler.extensions.get(EXTENSION_NAME)
+        state = scheduler_state(scheduler)
         if state is not None:
             state.ensure_index()
 
@@ -105,7 +115,7 @@ class ZarrCachePlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget the departed worker's entries (re-create the index if it hosted it)."""
-        state = scheduler.extensions.get(EXTENSION_NAME)
+        state = scheduler_state(scheduler)
         if state is not None:
             state.remove_worker(worker)
 
@@ -119,29 +129,102 @@ class ZarrCachePlugin(SchedulerPlugin):
 class WorkerCachePlugin(WorkerPlugin):
     """Worker half of the cache, installed by :class:`ZarrCachePlugin` on every worker.
 
+    Installs the :class:`~dask_zarr_cache._worker.WorkerCache` as ``worker.extensions
+    ["zarr_cache"]``, its handlers, its Workers-table metrics and its periodic flush.
+    Installed again with the same directory (plugin registered again), it applies the new
+    settings to the running cache, so reads in flight keep their files tracked.
+
     Parameters
     ----------
     settings : CacheSettings
-        Budget, TTL and directory.
+        Budget, TTL, lease and directory.
 
     """
 
-    name = "dask-zarr-cache-worker"
+    name = WORKER_PLUGIN_NAME
 
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
 
     async def setup(self, worker: Worker) -> None:
-        """Start this worker's :class:`WorkerCache` (adopting files already on disk)."""
-        old = worker.extensions.pop(WORKER_EXTENSION_NAME, None)
-        if isinstance(old, WorkerCache):
-            await old.close()
-        cache = WorkerCache(worker, self.settings)
+        """Start this worker's cache, or reconfigure the one running on the same directory."""
+        directory = worker_directory(self.settings, worker.name, worker.local_directory)
+        old = worker_cache_of(worker)
+        if old is not None and str(old.disk.root) == str(_absolute(directory)):
+            await old.configure(self.settings)
+            return
+        if old is not None:
+            await _uninstall(worker)
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+        cache = WorkerCache(
+            worker.address,
+            worker.scheduler,
+            worker.rpc,
+            worker.loop.asyncio_loop,
+            self.settings,
+            directory,
+            timeout=timeout,
+        )
         await cache.start()
-        worker.extensions[WORKER_EXTENSION_NAME] = cache
+        worker.extensions[EXTENSION_NAME] = cache
+        for op in WORKER_HANDLERS:
+            worker.handlers[op] = getattr(cache, "handle_" + op.removeprefix("zarr_cache_"))
+        for name in cache.counters.as_dict():  # columns of the dashboard's Workers table
+            worker.metrics[METRIC_PREFIX + name] = _counter_reader(cache, name)
+        register_prometheus_collector()
+        interval = parse_timedelta(dask.config.get("zarr-cache.flush-interval"))
+        flusher = PeriodicCallback(cache.flush, interval * 1000)
+        worker.periodic_callbacks["zarr-cache-flush"] = flusher
+        flusher.start()
 
     async def teardown(self, worker: Worker) -> None:
         """Stop the cache; its files stay for the next setup on this directory."""
-        cache = worker.extensions.pop(WORKER_EXTENSION_NAME, None)
-        if isinstance(cache, WorkerCache):
-            await cache.close()
+        await _uninstall(worker)
+
+
+async def _uninstall(worker: Worker) -> None:
+    flusher = worker.periodic_callbacks.pop("zarr-cache-flush", None)
+    if flusher is not None:
+        flusher.stop()
+    cache = worker.extensions.pop(EXTENSION_NAME, None)
+    for name in list(worker.metrics):
+        if name.startswith(METRIC_PREFIX):
+            del worker.metrics[name]
+    if isinstance(cache, WorkerCache):
+        await cache.close()
+
+
+def _absolute(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).absolute())
+
+
+def _counter_reader(cache: WorkerCache, name: str) -> Any:
+    def read(worker: Worker) -> int:
+        return getattr(cache.counters, name)
+
+    return read
+
+
+def worker_cache_of(worker: Worker) -> WorkerCache | None:
+    """The cache installed on ``worker``, if any."""
+    cache = worker.extensions.get(EXTENSION_NAME)
+    return cache if isinstance(cache, WorkerCache) else None
+
+
+def worker_cache() -> WorkerCache | None:
+    """The cache of the worker this code runs in, or ``None`` (client, no plugin).
+
+    Inside a task (and the store coroutines it starts) ``get_worker()`` names the worker.
+    Threads a task starts do not inherit that context; there the process's workers with a
+    cache are used if there is exactly one.
+    """
+    from distributed import Worker, get_worker
+
+    try:
+        return worker_cache_of(get_worker())
+    except ValueError:
+        pass
+    caches = [c for w in list(Worker._instances) if (c := worker_cache_of(w)) is not None]
+    return caches[0] if len(caches) == 1 else None

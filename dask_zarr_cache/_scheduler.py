@@ -1,8 +1,17 @@
-"""Scheduler side: settings, the index actor's lifecycle, and cluster-wide calls.
+"""Scheduler side: settings, the write history, the index actor's lifecycle, handlers.
+
+Handlers (``scheduler.handlers``), each a named operation with a typed reply:
+
+- ``zarr_cache_index()`` -> ``{"address", "key"}`` of the index actor, or ``None``.
+- ``zarr_cache_sync(worker, epoch, seq)`` -> packed :class:`~._protocol.SyncReply`: the
+  writes a worker has not applied yet; renews its lease.
+- ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
+  drop it from the index and every worker, return once no worker can serve the old bytes.
+- ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
 
 The index is a Dask Actor created by an internal client of the scheduler on one worker.
 When that worker leaves, a new (empty) actor is created on another worker and workers
-re-register the files on their disks as they next call it.
+re-register the files on their disks.
 """
 
 from __future__ import annotations
@@ -10,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
-from distributed.protocol.serialize import Serialized, deserialize
 
-from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._index import IndexActor
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
+from dask_zarr_cache._invalidation import InvalidationLog
+from dask_zarr_cache._names import EXTENSION_NAME, WORKER_PLUGIN_NAME
+from dask_zarr_cache._protocol import SyncReply, pack, unpack
 from dask_zarr_cache._stats import total_of
 from dask_zarr_cache.dashboard import (
     CacheHistory,
@@ -28,17 +39,13 @@ from dask_zarr_cache.dashboard import (
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
+    from distributed.diagnostics.plugin import WorkerPlugin
 
     from dask_zarr_cache._config import CacheSettings
 
-__all__ = ["EXTENSION_NAME", "WORKER_PLUGIN_NAME", "ZarrCacheScheduler", "run_on_scheduler"]
+__all__ = ["ZarrCacheScheduler"]
 
 logger = logging.getLogger(__name__)
-
-#: Key of the :class:`ZarrCacheScheduler` in ``scheduler.extensions``.
-EXTENSION_NAME = "zarr_cache"
-#: Name of the worker plugin installed on every worker.
-WORKER_PLUGIN_NAME = "dask-zarr-cache-worker"
 
 
 class ZarrCacheScheduler:
@@ -56,32 +63,136 @@ class ZarrCacheScheduler:
     def __init__(self, scheduler: Scheduler, settings: CacheSettings) -> None:
         self.scheduler = scheduler
         self.settings = settings
+        self.log = InvalidationLog()
         self.location: dict[str, str] | None = None
-        self.index = IndexClient(None, scheduler.rpc, locate=self.locate_index)
+        self.index = IndexClient("", None, scheduler.rpc, locate=self.locate_index)
+        #: Workers with a cache, and the highest write each has confirmed.
+        self.workers: dict[str, int] = {}
+        self._changed = asyncio.Condition()
         self._index_future: Any = None
         self._client: Client | None = None
         self._creating: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        scheduler.handlers["zarr_cache_index"] = self.locate_index
+        scheduler.handlers.update(
+            {
+                "zarr_cache_index": self.locate_index,
+                "zarr_cache_sync": self.handle_sync,
+                "zarr_cache_invalidate": self.handle_invalidate,
+                "zarr_cache_stats": self.handle_stats,
+            }
+        )
         self.history = CacheHistory(scheduler)
         self.history.start()
         add_http_routes(scheduler)
         register_prometheus_collector()
 
-    async def apply(self, settings: CacheSettings) -> None:
+    async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
-        from dask_zarr_cache._plugin import WorkerCachePlugin
-
         self.settings = settings
         await self.scheduler.register_worker_plugin(
-            comm=None,
-            plugin=dumps(WorkerCachePlugin(settings)),
-            name=WORKER_PLUGIN_NAME,
-            idempotent=False,
+            comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
         )
         if self.location is not None:
             with contextlib.suppress(IndexUnavailableError):
-                await self.index.call("configure", settings.max_age_seconds)
+                await self.index.configure(settings.max_age_seconds)
+
+    # -- the write history -----------------------------------------------------------------
+    async def handle_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
+        """A worker catches up: the writes after ``seq`` (of ``epoch``), and renews its lease.
+
+        ``seq`` is also what the worker has applied: it counts as its acknowledgement.
+        """
+        applied = 0
+        if epoch == self.log.epoch:
+            history = self.log.since(seq)
+            invalidations = None if history is None else [e.as_message() for e in history]
+            applied = seq
+        elif epoch is None and seq == 0:  # a new worker without files: nothing to drop
+            invalidations, applied = [], self.log.seq
+        else:  # files from another scheduler's history: nothing of theirs is provable
+            invalidations = None
+        if worker in self.scheduler.workers:
+            await self._acked(worker, applied)
+        return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
+
+    async def handle_invalidate(
+        self, keys: bytes, prefixes: bytes, origin: str | None = None
+    ) -> dict[str, Any]:
+        """Record a write and make sure no worker serves the bytes it replaced.
+
+        Order: the write history first (workers that are away learn it when they catch
+        up), then the index (drops entries and pending claims, so no new reader joins a
+        fetch that started before the write), then every worker (drops files, poisons
+        fetches in flight).  Returns when every worker has applied it, or, for a worker it
+        cannot reach, once that worker's lease has run out (it then serves nothing until
+        it catches up).  ``origin``, a worker that already applied the write itself (its
+        loop is blocked waiting for it), is not asked.
+        """
+        key_list, prefix_list = unpack(keys), unpack(prefixes)
+        started = time.monotonic()
+        entry = self.log.append(key_list, prefix_list)
+        timeout = min(self.settings.write_lease, 10.0)
+        # Bounded: the index may live on the very worker whose loop waits for this write.
+        # Correctness does not rest on it (workers drop their files and fetches below).
+        with contextlib.suppress(IndexUnavailableError, TimeoutError):
+            await asyncio.wait_for(self.index.invalidate(key_list, prefix_list), timeout / 4)
+        targets = [w for w in self.workers if w in self.scheduler.workers and w != origin]
+        pushed = await asyncio.gather(
+            *(self._push(w, entry.seq, keys, prefixes, timeout) for w in targets)
+        )
+        reached = {w for w, ok in zip(targets, pushed, strict=True) if ok} | {origin}
+        deadline = started + self.settings.write_lease * 1.1 + 0.5
+        unreached = await self._wait_for_acks(entry.seq, reached, deadline)
+        if unreached:
+            logger.warning(
+                "zarr cache: workers %s did not confirm write %d; their leases ran out, so "
+                "they serve nothing until they catch up",
+                unreached,
+                entry.seq,
+            )
+        return {"seq": entry.seq, "unreached": unreached}
+
+    async def _push(
+        self, worker: str, seq: int, keys: bytes, prefixes: bytes, timeout: float
+    ) -> bool:
+        try:
+            applied = await asyncio.wait_for(
+                self.scheduler.rpc(worker).zarr_cache_invalidate(
+                    seq=seq, keys=keys, prefixes=prefixes
+                ),
+                timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            logger.info("zarr cache invalidation did not reach %s: %s", worker, err)
+            return False
+        if not isinstance(applied, int):
+            return False
+        await self._acked(worker, applied)
+        return True
+
+    async def _acked(self, worker: str, seq: int) -> None:
+        """``worker`` confirmed every write up to ``seq``."""
+        async with self._changed:
+            self.workers[worker] = max(seq, self.workers.get(worker, 0))
+            self._changed.notify_all()
+
+    async def _wait_for_acks(self, seq: int, reached: set[str], deadline: float) -> list[str]:
+        """Wait until every worker with a cache applied write ``seq`` (or the deadline)."""
+
+        def pending() -> list[str]:
+            return [
+                w
+                for w, applied in self.workers.items()
+                if applied < seq and w not in reached and w in self.scheduler.workers
+            ]
+
+        async with self._changed:
+            while pending() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait(), max(0.0, deadline - time.monotonic())
+                    )
+            return pending()
 
     # -- the index actor -----------------------------------------------------------------
     async def locate_index(self) -> dict[str, str] | None:
@@ -137,7 +248,7 @@ class ZarrCacheScheduler:
         logger.info("zarr cache index created on %s", actor._address)
         # Workers re-register the files on their disks now, not at their next miss: until
         # then the new index would send other workers to the source for those keys.
-        await self.broadcast("handle_index_moved")
+        await self.broadcast("zarr_cache_index_moved")
 
     def _choose_host(self) -> str | None:
         workers = [
@@ -172,21 +283,23 @@ class ZarrCacheScheduler:
         self.ensure_index()
 
     def remove_worker(self, worker: str) -> None:
-        """Drop a departed worker's entries, or re-create the index if it hosted it."""
+        """A worker left: forget it, tell the others, drop its index entries.
+
+        If it hosted the index, a new index is created elsewhere.
+        """
+        self.workers.pop(worker, None)
+        self._spawn(self.broadcast("zarr_cache_worker_left", address=worker))
         if self.location is None:
             return
         if worker == self.location["address"]:
             logger.info("zarr cache index host %s left; re-creating the index", worker)
             self._recreate_index()
         else:
-            self._spawn(self._call_index("remove_worker", worker))
+            self._spawn(self._remove_from_index(worker))
 
-    async def _call_index(self, function: str, *args: Any) -> Any:
-        try:
-            return await self.index.call(function, *args)
-        except IndexUnavailableError as err:
-            logger.debug("zarr cache index call %s failed: %s", function, err)
-            return None
+    async def _remove_from_index(self, worker: str) -> None:
+        with contextlib.suppress(IndexUnavailableError):
+            await self.index.remove_worker(worker)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -204,55 +317,38 @@ class ZarrCacheScheduler:
             self._client = None
 
     # -- cluster-wide operations ---------------------------------------------------------
-    async def broadcast(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        """Call ``WorkerCache.<method>(**kwargs)`` on every worker; results by address.
+    async def broadcast(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        """Call worker handler ``op`` on every worker with a cache; replies by address.
 
-        Goes through the workers' built-in ``run`` handler, so workers without a cache
-        (still setting up, or without the plugin) answer ``None`` instead of logging a
-        missing-handler error. Unreachable workers are left out.
+        Only workers that caught up with the write history at least once (so have the
+        handlers) are asked.  Unreachable workers are left out.
         """
-        replies = await self.scheduler.broadcast(
-            msg={
-                "op": "run",
-                "function": dumps(_call_worker_cache),
-                "args": dumps((method,)),
-                "kwargs": dumps(kwargs),
-                "wait": True,
-            },
-            on_error="ignore",
-        )
-        return {
-            addr: _deserialized(reply.get("result"))
-            for addr, reply in replies.items()
-            if isinstance(reply, dict) and reply.get("status") == "OK"
-        }
+        targets = [w for w in self.workers if w in self.scheduler.workers]
 
-    async def invalidate(self, keys: str, prefixes: str) -> int:
-        """Drop cache keys and key prefixes on every worker, then from the index."""
-        replies = await self.broadcast("handle_invalidate", keys=keys, prefixes=prefixes)
-        await self._call_index("invalidate", keys, prefixes)
-        return sum(r for r in replies.values() if isinstance(r, int))
+        async def one(worker: str) -> Any:
+            try:
+                return await asyncio.wait_for(
+                    getattr(self.scheduler.rpc(worker), op)(**kwargs), self.settings.write_lease
+                )
+            except (OSError, TimeoutError) as err:
+                logger.debug("zarr cache %s did not reach %s: %s", op, worker, err)
+                return _UNREACHED
 
-    async def stats(self) -> dict[str, Any]:
+        replies = await asyncio.gather(*(one(w) for w in targets))
+        return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
+
+    async def handle_stats(self) -> dict[str, Any]:
         """Counters of every worker, their totals, and the index's own summary."""
-        replies = await self.broadcast("handle_stats")
+        replies = await self.broadcast("zarr_cache_stats")
         workers = {addr: r for addr, r in replies.items() if isinstance(r, dict)}
-        index = await self._call_index("summary")
+        try:
+            index = await self.index.summary()
+        except IndexUnavailableError:
+            index = None
         return {"total": total_of(workers), "workers": workers, "index": index}
 
 
-def _deserialized(value: Any) -> Any:
-    # The scheduler relays a worker's ``run`` result still serialized.
-    if isinstance(value, Serialized):
-        return deserialize(value.header, value.frames)
-    return value
-
-
-async def _call_worker_cache(method: str, dask_worker: Any = None, **kwargs: Any) -> Any:
-    from dask_zarr_cache._worker import worker_cache_of
-
-    cache = worker_cache_of(dask_worker)
-    return None if cache is None else await getattr(cache, method)(**kwargs)
+_UNREACHED = object()
 
 
 def _done() -> asyncio.Future[None]:
@@ -261,40 +357,7 @@ def _done() -> asyncio.Future[None]:
     return future
 
 
-def _extension(dask_scheduler: Scheduler) -> ZarrCacheScheduler:
-    state = dask_scheduler.extensions.get(EXTENSION_NAME)
-    if state is None:
-        raise ZarrCacheError(
-            "ZarrCachePlugin is not registered on this cluster; call "
-            "client.register_plugin(ZarrCachePlugin(...)) first"
-        )
-    return state
-
-
-async def _invalidate(dask_scheduler: Scheduler, keys: str, prefixes: str) -> int:
-    if EXTENSION_NAME not in dask_scheduler.extensions:
-        return 0  # no cluster cache: nothing to invalidate
-    return await _extension(dask_scheduler).invalidate(keys, prefixes)
-
-
-async def _stats(dask_scheduler: Scheduler) -> dict[str, Any]:
-    return await _extension(dask_scheduler).stats()
-
-
-async def run_on_scheduler(scheduler_rpc: Any, function: str, **kwargs: Any) -> Any:
-    """Run a scheduler-side operation (``"invalidate"`` or ``"stats"``) and return its result.
-
-    Goes through the always-present ``run_function`` handler, so it answers (with a clear
-    error or a no-op) even when the plugin is not registered, where a call to a missing
-    handler would hang.
-    """
-    func = {"invalidate": _invalidate, "stats": _stats}[function]
-    response = await scheduler_rpc.run_function(
-        function=dumps(func), args=dumps(()), kwargs=dumps(kwargs), wait=True
-    )
-    if response["status"] == "error":
-        from distributed.core import clean_exception
-
-        _, exc, tb = clean_exception(**response)
-        raise exc.with_traceback(tb)
-    return response["result"]
+def scheduler_state(scheduler: Scheduler) -> ZarrCacheScheduler | None:
+    """The cache's state on ``scheduler``, if the plugin is registered."""
+    state = scheduler.extensions.get(EXTENSION_NAME)
+    return state if isinstance(state, ZarrCacheScheduler) else None

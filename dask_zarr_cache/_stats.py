@@ -1,14 +1,10 @@
-"""Cache counters of a worker, their cluster-wide aggregation and ``cluster_stats``."""
+"""Cache counters of a worker and their cluster-wide aggregation."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from distributed import Client
-
-__all__ = ["CacheCounters", "cluster_stats", "total_of"]
+__all__ = ["CacheCounters", "total_of"]
 
 
 @dataclass
@@ -49,25 +45,3 @@ def total_of(per_worker: dict[str, dict[str, int]]) -> dict[str, int]:
         for name in total:
             total[name] += int(counters.get(name, 0))
     return total
-
-
-def cluster_stats(client: Client) -> dict[str, Any]:
-    """Return the cache counters of every worker and their totals.
-
-    Parameters
-    ----------
-    client : distributed.Client
-        A client of a cluster where :class:`~dask_zarr_cache.ZarrCachePlugin` is
-        registered.
-
-    Returns
-    -------
-    dict
-        ``{"total": {...}, "workers": {address: {...}}}`` with the fields of
-        :class:`CacheCounters` (hits, misses, remote_reads, remote_bytes, peer_reads,
-        peer_bytes, entries, bytes, evictions, expired, ...).
-
-    """
-    from dask_zarr_cache._scheduler import run_on_scheduler
-
-    return client.sync(run_on_scheduler, client.scheduler, "stats")

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from distributed import Worker, default_client, get_worker
+from distributed.core import rpc
 from zarr.abc.store import Store
 from zarr.storage import WrapperStore
 
-from dask_zarr_cache._exceptions import ZarrCacheError
-from dask_zarr_cache._keys import cache_key, namespace_of, validate_key
-from dask_zarr_cache._scheduler import run_on_scheduler
-from dask_zarr_cache._worker import worker_cache
+from dask_zarr_cache._exceptions import InvalidationError
+from dask_zarr_cache._keys import (
+    SourceLocation,
+    cache_key,
+    cache_prefix,
+    source_location,
+    validate_key,
+    validate_namespace,
+)
+from dask_zarr_cache._loops import LoopBlockedError, run_on
+from dask_zarr_cache._plugin import worker_cache, worker_cache_of
+from dask_zarr_cache._protocol import pack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable
@@ -33,15 +44,25 @@ class ClusterCacheStore(WrapperStore[Store]):
     installed, each object is read from the source at most once cluster-wide (while it
     stays cached) and otherwise served from a worker's disk.  Anywhere else (the client
     process, a worker without the plugin) reads go straight to the source.  Writes go to
-    the source first and then invalidate the key on every worker.
+    the source first and return once no worker can serve the bytes they replaced.
+
+    Objects are cached under their canonical location (storage endpoint + full path), so
+    every store opened on the same data shares cache entries and invalidations, whatever
+    its credentials, ``read_only`` flag or root.
 
     Parameters
     ----------
     store : zarr.abc.store.Store
-        The source store (``FsspecStore``, ``LocalStore``, ``MemoryStore``, ...).
+        The source store (``FsspecStore``, ``LocalStore``, ``ZipStore``, ``MemoryStore``,
+        ...).
     namespace : str, optional
-        Cache namespace of the source; by default a stable token of the source's
-        identity, so different sources never share entries.
+        Name of the source's data in the cache.  Needed only for stores whose location the
+        cache cannot know (it says so); stores given the same namespace share entries.
+
+    Raises
+    ------
+    CacheConfigError
+        If ``namespace`` is invalid, or needed and not given.
 
     Examples
     --------
@@ -54,15 +75,33 @@ class ClusterCacheStore(WrapperStore[Store]):
         if not isinstance(store, Store):
             raise TypeError(f"ClusterCacheStore wraps a zarr Store, got {type(store).__name__}")
         super().__init__(store)
-        self.namespace = namespace if namespace is not None else namespace_of(store)
+        if namespace is not None:
+            self.location = SourceLocation(validate_namespace(namespace))
+        else:
+            self.location = source_location(store)
+
+    @property
+    def namespace(self) -> str:
+        """The cache namespace of the source (its storage system, or the given name)."""
+        return self.location.namespace
 
     def _with_store(self, store: Store) -> ClusterCacheStore:
-        return type(self)(store, namespace=self.namespace)
+        new = type(self).__new__(type(self))
+        WrapperStore.__init__(new, store)
+        new.location = self.location
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self._store, "location": self.location}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        WrapperStore.__init__(self, state["store"])
+        self.location = state["location"]
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, ClusterCacheStore)
-            and self.namespace == other.namespace
+            and self.location == other.location
             and self._store == other._store
         )
 
@@ -83,10 +122,12 @@ class ClusterCacheStore(WrapperStore[Store]):
         Raises
         ------
         InvalidCacheKeyError
-            If ``key`` is absolute or has ``..``, empty components or control characters.
+            If ``key`` is absolute, holds NUL or has empty, ``.`` or ``..`` components.
 
         """
-        ckey = cache_key(self.namespace, key, byte_range)
+        if key == "":  # the root itself: not an object the cache names
+            return await self._store.get(key, prototype, byte_range)
+        ckey = cache_key(self.location, key, byte_range)
         cache = worker_cache() if ckey is not None else None
         if cache is None:
             return await self._store.get(key, prototype, byte_range)
@@ -125,75 +166,119 @@ class ClusterCacheStore(WrapperStore[Store]):
     # -- writes: source first, then invalidate cluster-wide --------------------------------------
     async def set(self, key: str, value: Buffer) -> None:
         """Write ``key`` to the source, then drop every cached copy of it."""
-        validate_key(key)
-        await self._store.set(key, value)
-        await self._invalidate(keys=[key])
+        await self._write([key], [], self._store.set(key, value))
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``key`` to the source unless it exists; drop cached copies."""
-        validate_key(key)
-        await self._store.set_if_not_exists(key, value)
-        await self._invalidate(keys=[key])
+        await self._write([key], [], self._store.set_if_not_exists(key, value))
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         values = list(values)
-        for key, _ in values:
-            validate_key(key)
-        await self._store._set_many(values)
-        await self._invalidate(keys=[key for key, _ in values])
+        await self._write([k for k, _ in values], [], self._store._set_many(values))
 
     async def delete(self, key: str) -> None:
-        """Delete ``key`` from the source, then drop every cached copy of it."""
-        validate_key(key)
-        await self._store.delete(key)
-        await self._invalidate(keys=[key])
+        """Delete ``key`` from the source, then drop cached copies of it (and below it)."""
+        # Some stores delete a whole directory for a key (LocalStore): drop below it too.
+        await self._write([key], [key], self._store.delete(key))
 
     async def delete_dir(self, prefix: str) -> None:
         """Delete everything below ``prefix`` from the source and the cache."""
-        await self._store.delete_dir(prefix)
-        prefix = prefix.strip("/")
-        await self._invalidate(prefixes=[f"{prefix}/" if prefix else ""])
+        await self._write([], [prefix], self._store.delete_dir(prefix))
 
     async def clear(self) -> None:
-        """Clear the source and drop this namespace from the cache."""
-        await self._store.clear()
-        await self._invalidate(prefixes=[""])
+        """Clear the source and drop its objects from the cache."""
+        await self._write([], [""], self._store.clear())
 
-    async def _invalidate(self, keys: Iterable[str] = (), prefixes: Iterable[str] = ()) -> None:
-        """Drop cached copies of ``keys`` and of everything under ``prefixes`` cluster-wide."""
-        context = _cluster_context()
-        if context is None:
-            return  # no cluster reachable from here: nothing can hold cached copies we know of
-        loop, scheduler = context
-        ckeys = "\n".join(f"{self.namespace}/{k}" for k in keys)
-        cprefixes = "\n".join(f"{self.namespace}/{p}" for p in prefixes)
-        future = asyncio.run_coroutine_threadsafe(
-            run_on_scheduler(scheduler, "invalidate", keys=ckeys, prefixes=cprefixes), loop
-        )
+    async def _write(self, keys: list[str], prefixes: list[str], write: Any) -> None:
+        """Run the source ``write`` (a coroutine), then invalidate cluster-wide.
+
+        Raises
+        ------
+        InvalidCacheKeyError
+            Before anything is written, for a key that is not a zarr key.
+        InvalidationError
+            After the source was written, if the cluster could not be told.
+
+        """
         try:
-            await asyncio.wrap_future(future)
-        except Exception as err:
-            raise ZarrCacheError(_INVALIDATION_FAILED.format(err=err)) from err
+            for key in keys:
+                if key:
+                    validate_key(key)
+        except BaseException:
+            write.close()
+            raise
+        await write
+        clusters = _clusters()
+        if not clusters:
+            return  # no cluster reachable from here: writes behind the cache (TTL applies)
+        ckeys = [ckey for k in keys if k and (ckey := cache_key(self.location, k))]
+        cprefixes = [cache_prefix(self.location, p) for p in prefixes]
+        if "" in keys:
+            cprefixes.append(cache_prefix(self.location, ""))
+        for cluster in clusters:
+            try:
+                await cluster.announce(ckeys, cprefixes)
+            except Exception as err:
+                raise InvalidationError(_INVALIDATION_FAILED.format(err=err)) from err
 
 
 _INVALIDATION_FAILED = (
-    "the write reached the source store, but invalidating cached copies on the cluster "
-    "failed ({err}); workers may serve the old bytes until they expire"
+    "the write reached the source store, but the cluster's cache could not be told ({err}); "
+    "workers may serve the old bytes until they expire"
 )
 
 
-def _cluster_context() -> tuple[asyncio.AbstractEventLoop, Any] | None:
-    """The event loop and scheduler rpc of the worker or client this code runs under."""
-    from distributed import default_client, get_worker
+@dataclass(frozen=True)
+class _Cluster:
+    """How this code reaches one cluster's scheduler: through a worker's or a client's loop."""
 
+    loop: asyncio.AbstractEventLoop
+    scheduler: Any
+    worker: Worker | None = None
+
+    async def announce(self, keys: list[str], prefixes: list[str]) -> None:
+        """Tell the scheduler about a write; returns once no worker serves the old bytes."""
+        packed = {"keys": pack(keys), "prefixes": pack(prefixes)}
+        try:
+            await run_on(self.loop, self.scheduler.zarr_cache_invalidate(**packed))
+            return
+        except LoopBlockedError:
+            if self.worker is None:
+                raise
+        # This worker's loop thread waits for this very write (zarr's sync API in an
+        # ``async def`` task): apply it to this worker's cache here, and tell the
+        # scheduler over a connection of this loop's own.
+        cache = worker_cache_of(self.worker)
+        if cache is not None:
+            await cache.drop_written(keys, prefixes)
+        args = self.worker.connection_args
+        async with rpc(self.scheduler.address, connection_args=args) as scheduler:
+            await scheduler.zarr_cache_invalidate(**packed, origin=self.worker.address)
+
+
+def _clusters() -> list[_Cluster]:
+    """Every cluster reachable from this code, once each.
+
+    A task's worker, else this process's client, else the workers in this process (a
+    thread started by a task has no task context).
+    """
     try:
         worker = get_worker()
     except ValueError:
         pass
     else:
-        return worker.loop.asyncio_loop, worker.scheduler
+        return [_Cluster(worker.loop.asyncio_loop, worker.scheduler, worker)]
     try:
         client = default_client()
     except ValueError:
-        return None
-    return client.loop.asyncio_loop, client.scheduler
+        pass
+    else:
+        return [_Cluster(client.loop.asyncio_loop, client.scheduler)]
+    found: dict[str, _Cluster] = {}
+    for worker in list(Worker._instances):
+        if worker.status.name in ("running", "paused") and worker.scheduler is not None:
+            found.setdefault(
+                worker.scheduler.address,
+                _Cluster(worker.loop.asyncio_loop, worker.scheduler, worker),
+            )
+    return list(found.values())

@@ -1,90 +1,49 @@
-"""``WorkerCache``: one worker's share of the cluster cache.
+"""``WorkerCache``: the I/O shell of one worker's share of the cluster cache.
 
-One instance per worker process, shared by all its task threads.  Store reads arrive on
-zarr's own event loop; everything that talks to other processes (index actor, peers,
-scheduler) runs on the worker's loop, reached with :meth:`WorkerCache.on_worker_loop`.
+One instance per worker process, shared by all its task threads.  The bookkeeping lives in
+:class:`~dask_zarr_cache._local.LocalState` (pure); this class does the disk I/O (in
+threads), the index and peer calls and the catch-up with the scheduler's write history.
+Store reads arrive on zarr's own event loop; everything that talks to other processes runs
+on the worker's loop, reached with :func:`~dask_zarr_cache._loops.run_on`.  It takes what
+it needs (address, rpcs, loop, directory) as arguments, so tests can drive it with fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
+import contextlib
 import logging
-import os
-import re
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dask.config
-from dask.utils import parse_timedelta
 from distributed.metrics import context_meter
 from distributed.protocol import to_serialize
-from tornado.ioloop import PeriodicCallback
 
-from dask_zarr_cache._disk import DiskCache, checksum
-from dask_zarr_cache._exceptions import InvalidCacheKeyError
-from dask_zarr_cache._index import FETCH, Item, join_items, join_keys, split_keys
+from dask_zarr_cache._disk import DiskCache, checksum, is_disk_failure
+from dask_zarr_cache._exceptions import CacheDirectoryError
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
-from dask_zarr_cache._keys import base_key
-from dask_zarr_cache._stats import CacheCounters
-from dask_zarr_cache.dashboard import METRIC_PREFIX, register_prometheus_collector
+from dask_zarr_cache._invalidation import matcher
+from dask_zarr_cache._local import LocalEntry, LocalState, Payload
+from dask_zarr_cache._loops import LoopBlockedError, run_on, spawn_on
+from dask_zarr_cache._protocol import FETCH, SyncReply, unpack
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
-
-    from distributed import Worker
+    from collections.abc import Awaitable, Callable, Iterable
 
     from dask_zarr_cache._config import CacheSettings
+    from dask_zarr_cache._protocol import Item
 
-__all__ = ["EXTENSION_NAME", "WorkerCache"]
+__all__ = ["WorkerCache"]
 
 logger = logging.getLogger(__name__)
 
-#: Key of the :class:`WorkerCache` in ``worker.extensions``.
-EXTENSION_NAME = "zarr_cache"
-
-_PEER_OK, _PEER_ABSENT, _PEER_MISSING = "ok", "absent", "missing"
-
-#: Object bytes as the cache hands them around: file reads are zero-copy memoryviews.
-Payload = bytes | memoryview
-
-#: Returned by a peer read when the source itself has no such key.
-_ABSENT = memoryview(b"")
-#: How many "which peer served this key" hints a worker keeps (oldest dropped first).
-_MAX_OWNER_HINTS = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class _LocalEntry:
-    size: int
-    checksum: int
-    created: float
-    tag: int = field(default_factory=itertools.count(1).__next__)  # see ``_index.Item``
-
-    def item(self, key: str) -> Item:
-        return key, self.size, self.checksum, self.tag
-
-
-def _counter_reader(cache: WorkerCache, name: str) -> Callable[[Worker], int]:
-    def read(worker: Worker) -> int:
-        return getattr(cache.counters, name)
-
-    return read
-
-
-def cache_directory(worker: Worker, settings: CacheSettings) -> str:
-    """Where ``worker`` keeps its cache files.
-
-    With ``settings.directory`` set, each worker gets a subdirectory named after its
-    (stable) worker name so several workers on one host never share files.
-    """
-    if settings.directory is None:
-        return os.path.join(worker.local_directory, "zarr-cache")
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(worker.name)) or "worker"
-    return os.path.join(settings.directory, name)
+OK, ABSENT, MISSING = "ok", "absent", "missing"
+#: Seconds caching stays paused after the disk failed a write (then a write tries again).
+DISK_RETRY = 5.0
+#: What makes the cache give up on the index or a peer and read the source instead.
+_UNAVAILABLE = (IndexUnavailableError, LoopBlockedError, OSError, TimeoutError)
 
 
 class WorkerCache:
@@ -92,72 +51,98 @@ class WorkerCache:
 
     Parameters
     ----------
-    worker : distributed.Worker
-        The worker this cache lives in.
+    address : str
+        This worker's address (how the index and peers name it).
+    scheduler : rpc
+        An rpc to the scheduler (``worker.scheduler``).
+    rpc : callable
+        Connection pool: ``rpc(address)`` returns an rpc to a peer (``worker.rpc``).
+    loop : asyncio.AbstractEventLoop
+        The worker's event loop, where ``scheduler`` and ``rpc`` may be used.
     settings : CacheSettings
-        Budget, TTL and directory.
+        Budget, TTL, lease.
+    directory : str
+        This worker's cache directory.
+    timeout : float
+        Seconds to wait for the scheduler, the index or a peer.
+    clock : callable
+        Seconds (wall clock); tests inject their own.
 
     """
 
-    def __init__(self, worker: Worker, settings: CacheSettings) -> None:
-        self.worker = worker
+    def __init__(
+        self,
+        address: str,
+        scheduler: Any,
+        rpc: Callable[[str], Any],
+        loop: asyncio.AbstractEventLoop,
+        settings: CacheSettings,
+        directory: str,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.address = address
+        self.scheduler = scheduler
+        self.rpc = rpc
+        self.loop = loop
         self.settings = settings
-        self.counters = CacheCounters(capacity=settings.max_size)
-        self._caching_enabled = True
-        self.disk = DiskCache(cache_directory(worker, settings))
-        self.index = IndexClient(worker.scheduler, worker.rpc, self._register)
-        self._timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
-        self._lock = threading.Lock()
-        # Insertion order is creation order: the TTL sweep walks it from the front.
-        self._entries: dict[str, _LocalEntry] = {}
-        self._inflight: dict[str, concurrent.futures.Future[Payload | None]] = {}
-        self._poisoned: set[str] = set()  # in-flight keys invalidated by a write
-        # Which peer served a key last: warm reads skip the index round trip. A wrong
-        # hint costs one "missing" answer, never wrong bytes (peers serve only what
-        # they hold now, verified).
-        self._owner_hints: dict[str, str] = {}
-        self._accessed: set[str] = set()
-        self._dropped: dict[str, Item] = {}
+        self.timeout = timeout
+        self.clock = clock
+        self.state = LocalState(
+            settings.max_age_seconds, settings.write_lease, clock, settings.max_size
+        )
+        self.counters = self.state.counters
+        self.disk = DiskCache(directory)
+        self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
+        self.index.timeout = timeout
+        self._disk_open = False  # until the directory is claimed (start, or a later write)
+        self._disk_refused = False  # the directory is not ours: never write there
+        self._disk_paused_until: float | None = None
+        self._disk_lock = threading.Lock()
         self._flush_lock = asyncio.Lock()
-        interval = parse_timedelta(dask.config.get("zarr-cache.flush-interval"))
-        self._flusher = PeriodicCallback(self.flush, interval * 1000)
+        self._closed = False
+        self._background: set[concurrent.futures.Future[Any]] = set()
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle (worker loop) ---------------------------------------------------------
     async def start(self) -> None:
-        """Adopt verified files already on disk and start the periodic flush."""
-        files = await asyncio.to_thread(lambda: list(self.disk.scan()))
-        with self._lock:
-            for f in sorted(files, key=lambda f: f.mtime):
-                self._add_entry(f.key, _LocalEntry(f.size, f.checksum, f.mtime))
-        self.worker.handlers["zarr_cache_get"] = self.handle_get
-        for name in self.counters.as_dict():  # columns of the dashboard's Workers table
-            self.worker.metrics[METRIC_PREFIX + name] = _counter_reader(self, name)
-        register_prometheus_collector()
-        self._flusher.start()
-        # Register the adopted files now (in the background: the index may not exist yet).
-        self.worker.loop.add_callback(self.flush)
+        """Claim the directory, find the files on it, and catch up with the write history.
 
-    async def close(self) -> None:
-        """Stop flushing; files stay on disk for the next cache on this directory."""
-        self._flusher.stop()
-        for name in self.counters.as_dict():
-            self.worker.metrics.pop(METRIC_PREFIX + name, None)
+        Files found on disk are served only once the scheduler's write history shows no
+        write replaced them since they were read (see :meth:`sync`).
+        """
+        if await asyncio.to_thread(self._ensure_disk):
+            files = await asyncio.to_thread(lambda: list(self.disk.scan()))
+            with self.state.lock:
+                self.state.unverified = {f.key: f for f in files}
+        with contextlib.suppress(*_UNAVAILABLE):
+            await self.sync()
         await self.flush()
 
-    async def _register(self, call: Callable[..., Awaitable[Any]]) -> None:
-        """Tell a newly found index this worker's budget and the files on its disk."""
-        with self._lock:
-            items = join_items(e.item(k) for k, e in self._entries.items())
-        to_delete = await call("register", self.worker.address, self.settings.max_size, items)
-        await asyncio.to_thread(self._drop, split_keys(to_delete), evicted=True)
+    async def close(self) -> None:
+        """Stop caching: let loads in flight finish, flush, release the directory.
 
-    # -- event-loop hop --------------------------------------------------------------
-    async def on_worker_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the worker's event loop and await its result from any loop."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.worker.loop.asyncio_loop)
-        return await asyncio.wrap_future(future)
+        Files stay for the next start, and every one of them is complete and known to the
+        next cache on this directory (it scans after this returns).
+        """
+        self._closed = True  # loads still running read on, but write no more files
+        pending = self.state.pending_fetches() + list(self._background)
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=self.timeout)
+        with contextlib.suppress(*_UNAVAILABLE):
+            await self.flush()
+        await asyncio.to_thread(self.disk.close)
 
-    # -- the read path (zarr's loop) -----------------------------------------------------
+    async def configure(self, settings: CacheSettings) -> None:
+        """Apply new budget and TTL in place (same directory): re-register with the index."""
+        self.settings = settings
+        self.state.max_age_seconds = settings.max_age_seconds
+        self.state.lease = settings.write_lease
+        self.counters.capacity = settings.max_size
+        self.index.reset()
+        with contextlib.suppress(*_UNAVAILABLE):
+            await self.flush()
+
+    # -- the read path (zarr's loop or the worker's) ---------------------------------------
     async def get(
         self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
@@ -172,346 +157,363 @@ class WorkerCache:
             Its exceptions propagate to the caller unchanged.
 
         """
+        if not self.state.can_serve():  # may have missed a write: do not trust the files
+            return await self._read_source_uncached(read_source)
         data = await self._read_local(key)
         if data is not None:
             return data
-        with self._lock:
-            future = self._inflight.get(key)
-            leader = future is None
-            if leader:
-                future = self._inflight[key] = concurrent.futures.Future()
-                self._poisoned.discard(key)
+        fetch, leader = self.state.begin_fetch(key)
         if not leader:
-            return await asyncio.wrap_future(future)
+            try:
+                return await asyncio.wrap_future(fetch.future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                return await self._read_source_uncached(read_source)  # the leader was cancelled
         try:
-            data = await self._load(key, read_source)
+            data = await self._load(key, fetch, read_source)
         except BaseException as err:
-            future.set_exception(err)
+            fetch.future.set_exception(err)
             raise
         else:
-            future.set_result(data)
+            fetch.future.set_result(data)
             return data
         finally:
-            with self._lock:
-                self._inflight.pop(key, None)
-                self._poisoned.discard(key)
+            self.state.end_fetch(key, fetch)
 
     async def _read_local(self, key: str) -> Payload | None:
-        entry = self._entries.get(key)
+        entry, expired = self.state.lookup(key)
+        if expired:
+            await self._delete([key])
         if entry is None:
-            return None
-        if self._is_expired(entry):
-            await asyncio.to_thread(self._drop, [key], expired=True)
             return None
         with context_meter.meter("zarr-cache-local-read"):
             data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
-        if data is None:  # deleted or corrupt on disk: forget it, fetch again
-            await asyncio.to_thread(self._drop, [key])
+        if data is None:  # deleted or damaged on disk: forget it, fetch again
+            self.state.remove_copy(key, entry.tag)
             return None
-        with self._lock:
-            self.counters.hits += 1
-            self.counters.hit_bytes += len(data)
-            self._accessed.add(key)
+        self.state.record_hit(key, len(data))
         context_meter.digest_metric("zarr-cache-hit", 1, "count")
         return data
 
     async def _load(
-        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+        self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
-        with self._lock:
-            self.counters.misses += 1
-        owner = self._owner_hints.get(key)
+        owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
-            data = await self._from_peer(owner, key)
-            if data is _ABSENT:
-                return None
-            if data is not None:
+            status, data = await self._from_peer(owner, key)
+            if status != MISSING:
                 return data
-            self._owner_hints.pop(key, None)
+            self.state.drop_hint(key)
         unreachable = ""
-        # Second round only after a peer failed: the index then drops that peer's entry,
+        # A second round only after a peer failed: the index then drops that peer's entry,
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
         for _ in range(2):
             try:
-                decision, address = await self.on_worker_loop(self._acquire(key, unreachable))
-            except (IndexUnavailableError, OSError, TimeoutError) as err:
+                (decision,) = await run_on(self.loop, self.index.acquire([key], unreachable))
+            except _UNAVAILABLE as err:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
-            if decision == FETCH:
-                return await self._fetch_and_cache(key, read_source)
-            data = await self._from_peer(address, key)
-            if data is _ABSENT:
-                return None
-            if data is not None:
+            if decision.kind == FETCH:
+                return await self._fetch_and_cache(key, fetch, read_source)
+            unreachable = decision.address
+            if self.state.peer_failed_lately(decision.address):
+                continue
+            status, data = await self._from_peer(decision.address, key)
+            if status != MISSING:
                 return data
-            unreachable = address
         return await self._read_source_uncached(read_source)
 
-    async def _from_peer(self, address: str, key: str) -> Payload | None:
-        """Bytes of ``key`` from peer ``address``; ``None`` if it has not got them.
+    async def _from_peer(self, address: str, key: str) -> tuple[str, Payload | None]:
+        """Ask peer ``address`` for ``key``.
 
-        Returns the :data:`_ABSENT` sentinel if the peer's fetch found the key missing at
-        the source.
+        Returns ``(OK, bytes)``, ``(ABSENT, None)`` if the source has no such key, or
+        ``(MISSING, None)`` if the peer could not serve it.
         """
         with context_meter.meter("zarr-cache-peer-fetch"):
-            status, data = await self.on_worker_loop(self._peer_get(address, key))
-        if status == _PEER_ABSENT:
-            return _ABSENT
-        if status != _PEER_OK:
-            return None
+            try:
+                reply = await run_on(self.loop, self._peer_get(address, key))
+            except _UNAVAILABLE as err:
+                logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
+                if not isinstance(err, LoopBlockedError):
+                    self.state.peer_failed(address)
+                return MISSING, None
+        status = reply.get("status")
+        if status != OK:
+            return (ABSENT if status == ABSENT else MISSING), None
+        data = reply["data"]
+        if checksum(data) != reply["checksum"]:
+            logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
+            return MISSING, None
         context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
-        with self._lock:
-            self.counters.peer_reads += 1
-            self.counters.peer_bytes += len(data)
-            if len(self._owner_hints) >= _MAX_OWNER_HINTS:
-                self._owner_hints.pop(next(iter(self._owner_hints)))
-            self._owner_hints[key] = address
-        return data
+        self.state.served_by(key, address, len(data))
+        return OK, data
+
+    async def _peer_get(self, address: str, key: str) -> dict[str, Any]:
+        return await asyncio.wait_for(self.rpc(address).zarr_cache_get(key=key), self.timeout)
 
     async def _read_source_uncached(
         self, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
         with context_meter.meter("zarr-cache-source-fetch"):
             data = await read_source()
-        with self._lock:
-            self.counters.fallbacks += 1
-            if data is not None:
-                self.counters.remote_reads += 1
-                self.counters.remote_bytes += len(data)
+        self.state.count(fallbacks=1)
+        if data is not None:
+            self.state.count(remote_reads=1, remote_bytes=len(data))
         return data
 
     async def _fetch_and_cache(
-        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+        self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
+        """Read the source as the cluster's one fetcher of ``key``; keep the bytes if we may.
+
+        Every way out releases the cluster-wide claim at once, except a successful commit,
+        which happens in the background after the reader has its bytes.
+        """
+        claimed = True
         try:
+            created = self.clock()
             with context_meter.meter("zarr-cache-source-fetch"):
                 data = await read_source()
-        except BaseException:
-            await self._abandon(key)
-            raise
-        if data is None:
-            await self._abandon(key)
+            if data is None:
+                return None
+            self.state.count(remote_reads=1, remote_bytes=len(data))
+            if len(data) > self.settings.max_size or fetch.poisoned:
+                return data
+            crc = await asyncio.to_thread(self._write, key, data, fetch.seq)
+            if crc is None:
+                return data
+            entry = LocalEntry(len(data), crc, created)
+            if not self.state.admit(key, entry, fetch):  # a write came in meanwhile
+                await self._delete([key])
+                return data
+            claimed = False
+            self._in_background(self._commit(entry.item(key)))
+            return data
+        finally:
+            if claimed:
+                self._in_background(self._abandon(key))
+
+    def _in_background(self, coro: Any) -> None:
+        """Run an index call on the worker's loop without making the reader wait for it."""
+        future = spawn_on(self.loop, coro)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    def _write(self, key: str, data: Payload, seq: int) -> int | None:
+        """Write a cache file (in a thread); ``None`` if the disk would not take it."""
+        epoch = self.state.epoch
+        if epoch is None or self._closed or not self._ensure_disk():
             return None
-        with self._lock:
-            self.counters.remote_reads += 1
-            self.counters.remote_bytes += len(data)
-        if len(data) > self.settings.max_size or not self._caching_enabled:
-            await self._abandon(key)
-            return data
         try:
-            crc = await asyncio.to_thread(self.disk.write, key, data)
+            crc = self.disk.write(key, data, epoch, seq)
         except OSError as err:
-            self._disable_caching(err)
-            await self._abandon(key)
-            return data
-        entry = _LocalEntry(len(data), crc, time.time())
-        with self._lock:
-            poisoned = key in self._poisoned
-            if not poisoned:
-                self._add_entry(key, entry)
-        if poisoned:  # a write invalidated the key while we read it: do not keep old bytes
-            await asyncio.to_thread(self.disk.delete, key)
-            await self._abandon(key)
-            return data
+            self.state.count(disk_errors=1)
+            if is_disk_failure(err):
+                self._report_disk_trouble(err)
+            else:  # this object only (e.g. a name the filesystem refuses)
+                logger.debug("could not cache %r: %s", key, err)
+            return None
+        if self._disk_paused_until is not None:
+            self._disk_paused_until = None
+            self.counters.caching_disabled = 0
+            logger.warning("zarr cache directory %s takes writes again", self.disk.root)
+        return crc
+
+    def _ensure_disk(self) -> bool:
+        """Whether a write may be tried now: the directory is ours and not paused (thread)."""
+        with self._disk_lock:
+            if self._disk_refused:
+                return False
+            paused = self._disk_paused_until
+            if paused is not None and self.clock() < paused:
+                return False
+            if not self._disk_open:
+                try:
+                    self.disk.open()
+                except CacheDirectoryError as err:
+                    self._report_disk_trouble(err, permanent=True)
+                    return False
+                except OSError as err:
+                    self._report_disk_trouble(err)
+                    return False
+                self._disk_open = True
+            return True
+
+    def _report_disk_trouble(self, err: Exception, permanent: bool = False) -> None:
+        first = self.counters.caching_disabled == 0
+        self.counters.caching_disabled = 1
+        if permanent:
+            self._disk_refused = True
+        else:
+            self._disk_paused_until = self.clock() + DISK_RETRY
+        if first:
+            logger.warning(
+                "zarr cache on %s cannot write %s (%s); reading through to the source%s",
+                self.address,
+                self.disk.root,
+                err,
+                "" if permanent else f", trying again every {DISK_RETRY:g} s",
+            )
+
+    async def _delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys:
+            await asyncio.to_thread(lambda: [self.disk.delete(k) for k in keys])
+
+    # -- index calls (worker loop) -------------------------------------------------------
+    async def _commit(self, item: Item) -> None:
         try:
-            await self.on_worker_loop(self._commit(entry.item(key)))
-        except (TimeoutError, IndexUnavailableError, OSError) as err:
-            logger.debug("zarr cache commit of %s failed: %s", key, err)
-        return data
+            reply = await self.index.commit(self.settings.max_size, [item])
+        except _UNAVAILABLE as err:
+            logger.debug("zarr cache commit of %s failed: %s", item.key, err)
+            return
+        await self._delete(self.state.remove(reply.evicted, evicted=True))
+        for key in reply.rejected:  # the claim was lost (index rebuilt, taken over)
+            await self._delete(self.state.remove_copy(key, item.tag))
 
     async def _abandon(self, key: str) -> None:
         try:
-            await self.on_worker_loop(self.index.call("abandon", self.worker.address, key))
-        except (TimeoutError, IndexUnavailableError, OSError) as err:
+            await self.index.abandon([key])
+        except _UNAVAILABLE as err:
             logger.debug("zarr cache abandon of %s failed: %s", key, err)
 
-    def _disable_caching(self, err: OSError) -> None:
-        self.counters.disk_errors += 1
-        if self._caching_enabled:
-            self._caching_enabled = False
-            self.counters.caching_disabled = 1
-            logger.warning(
-                "zarr cache directory %s is not writable (%s); this worker now reads "
-                "through to the source without caching",
-                self.disk.root,
-                err,
-            )
+    async def _register(self, index: IndexClient) -> None:
+        """Tell a newly found index this worker's budget and the files on its disk."""
+        to_delete = await index.register(self.settings.max_size, self.state.items())
+        await self._delete(self.state.remove(to_delete, evicted=True))
 
-    # -- index and peer calls (worker loop) ---------------------------------------------
-    async def _acquire(self, key: str, unreachable: str = "") -> tuple[str, str]:
-        reply = await self.index.call("acquire", self.worker.address, key, unreachable)
-        decision, _, address = reply.partition(" ")
-        return decision, address
+    # -- the write history (worker loop) ---------------------------------------------------
+    async def sync(self) -> None:
+        """Catch up with the scheduler's write history, and renew this worker's lease.
 
-    async def _commit(self, item: Item) -> None:
-        evicted, rejected = await self.index.call(
-            "commit", self.worker.address, self.settings.max_size, join_items([item])
+        The first call also decides which files found on disk at start may be served.
+        """
+        epoch, seq = self._sync_position()
+        sent_at = self.clock()
+        raw = await asyncio.wait_for(
+            self.scheduler.zarr_cache_sync(worker=self.address, epoch=epoch, seq=seq),
+            self.timeout,
         )
-        await asyncio.to_thread(self._drop, split_keys(evicted), evicted=True)
-        await asyncio.to_thread(self._drop, split_keys(rejected))
+        if raw is None:  # a scheduler without the plugin
+            return
+        reply = SyncReply(*unpack(raw))
+        doomed = []
+        if reply.invalidations is None:
+            doomed += self.state.forget_all()
+        elif reply.epoch == self.state.epoch or self.state.epoch is None:
+            for _seq, keys, prefixes in reply.invalidations:
+                doomed += self.state.invalidate(keys, prefixes)
+        doomed += self._verify_unverified(reply)
+        doomed += self.state.synced(reply.epoch, reply.seq, sent_at)
+        await self._delete(doomed)
 
-    async def _peer_get(self, address: str, key: str) -> tuple[str, Payload | None]:
-        try:
-            reply = await asyncio.wait_for(
-                self.worker.rpc(address).zarr_cache_get(key=key), self._timeout
-            )
-        except (TimeoutError, OSError) as err:
-            logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
-            return _PEER_MISSING, None
-        status = reply.get("status")
-        if status != _PEER_OK:
-            return (_PEER_ABSENT if status == _PEER_ABSENT else _PEER_MISSING), None
-        data = reply["data"]
-        if checksum(data) != reply["checksum"]:
-            logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
-            return _PEER_MISSING, None
-        return _PEER_OK, data
+    def _sync_position(self) -> tuple[bytes | None, int]:
+        """Where this worker's history stands; before the first sync, its oldest file's."""
+        with self.state.lock:
+            if self.state.epoch is not None or not self.state.unverified:
+                return self.state.epoch, self.state.applied_seq
+            oldest = min(self.state.unverified.values(), key=lambda f: f.seq)
+            return oldest.epoch, oldest.seq
 
-    # -- handlers for peers and the scheduler (worker loop) ---------------------------------
+    def _verify_unverified(self, reply: SyncReply) -> list[str]:
+        """Adopt the files found at start that no later write replaced; the rest go."""
+        with self.state.lock:
+            files, self.state.unverified = list(self.state.unverified.values()), {}
+        if not files:
+            return []
+        history = reply.invalidations
+        good = [
+            f
+            for f in files
+            if f.epoch == reply.epoch
+            and history is not None
+            and not any(s > f.seq and matcher(k, p)(f.key) for s, k, p in history)
+        ]
+        self.state.adopt(good)
+        kept = {f.key for f in good}
+        return [f.key for f in files if f.key not in kept]
+
+    # -- handlers for peers and the scheduler (worker loop) --------------------------------
     async def handle_get(self, key: str) -> dict[str, Any]:
         """Serve a cached object, or the result of its in-flight fetch, to a peer.
 
         Only keys in this cache are served; anything else gets ``{"status": "missing"}``.
         """
-        future = self._inflight.get(key)
-        if future is not None:
+        if not self.state.can_serve():
+            return {"status": MISSING}
+        fetch = self.state.inflight(key)
+        if fetch is not None:
             try:
-                data = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout * 10)
+                data = await asyncio.wait_for(asyncio.wrap_future(fetch.future), self.timeout * 10)
             except Exception:
-                return {"status": _PEER_MISSING}
+                return {"status": MISSING}
             if data is None:
-                return {"status": _PEER_ABSENT}
-            return self._peer_reply(key, data, checksum(data))
-        entry = self._entries.get(key)
-        if entry is None or self._is_expired(entry):
-            return {"status": _PEER_MISSING}
-        try:
-            data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
-        except InvalidCacheKeyError:
-            return {"status": _PEER_MISSING}
+                return {"status": ABSENT}
+            return self._peer_reply(None, data, checksum(data))
+        entry, expired = self.state.lookup(key)
+        if expired:
+            await self._delete([key])
+        if entry is None:
+            return {"status": MISSING}
+        data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
         if data is None:
-            await asyncio.to_thread(self._drop, [key])
-            return {"status": _PEER_MISSING}
-        with self._lock:
-            self._accessed.add(key)
+            self.state.remove_copy(key, entry.tag)
+            return {"status": MISSING}
         return self._peer_reply(key, data, entry.checksum)
 
-    def _peer_reply(self, key: str, data: Payload, crc: int) -> dict[str, Any]:
-        with self._lock:
-            self.counters.peer_served += 1
-            self.counters.peer_served_bytes += len(data)
-        return {"status": _PEER_OK, "data": to_serialize(data), "checksum": crc}
+    def _peer_reply(self, key: str | None, data: Payload, crc: int) -> dict[str, Any]:
+        self.state.record_served(key, len(data))
+        return {"status": OK, "data": to_serialize(data), "checksum": crc}
 
-    async def handle_invalidate(self, keys: str, prefixes: str) -> int:
-        """Drop local entries of written keys (and their byte ranges) and key prefixes.
+    async def handle_invalidate(self, seq: int, keys: bytes, prefixes: bytes) -> int:
+        """Apply write ``seq``: drop matching files, poison matching fetches in flight.
 
-        In-flight fetches of those keys are poisoned so their (possibly old) bytes are not
-        cached.  Returns the number of entries dropped.
+        Returns the highest write sequence this worker has applied without a gap.
         """
-        bases = set(split_keys(keys))
-        starts = tuple(split_keys(prefixes))
+        await self.drop_written(unpack(keys), unpack(prefixes))
+        self.state.applied(seq)
+        return self.state.applied_seq
 
-        def matches(k: str) -> bool:
-            return base_key(k) in bases or (bool(starts) and k.startswith(starts))
-
-        with self._lock:
-            self._poisoned.update(k for k in self._inflight if matches(k))
-            doomed = [k for k in self._entries if matches(k)]
-        await asyncio.to_thread(self._drop, doomed)
-        return len(doomed)
+    async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
+        """Drop what a write replaced: files, entries, and fetches in flight (any loop)."""
+        await self._delete(self.state.invalidate(keys, prefixes))
 
     async def handle_index_moved(self) -> None:
         """A new index actor exists: register this worker's files with it right away."""
         self.index.reset()
         await self.flush()
 
+    async def handle_worker_left(self, address: str) -> None:
+        """A peer left the cluster: stop sending readers to it."""
+        self.state.peer_left(address)
+
     async def handle_stats(self) -> dict[str, int]:
         """Return the counters of this worker."""
-        with self._lock:
+        with self.state.lock:
             return self.counters.as_dict()
 
-    # -- periodic flush (worker loop) ---------------------------------------------------
+    # -- periodic flush (worker loop) ------------------------------------------------------
     async def flush(self) -> None:
-        """Expire old local files and send batched access records to the index."""
+        """Catch up on writes, expire old files, send batched access records to the index."""
         if self._flush_lock.locked():
             return
         async with self._flush_lock:
-            await asyncio.to_thread(self._sweep_expired)
-            with self._lock:
-                accessed, self._accessed = self._accessed, set()
-                dropped, self._dropped = self._dropped, {}
+            try:
+                await self.sync()
+            except _UNAVAILABLE as err:
+                logger.debug("zarr cache could not reach the scheduler: %s", err)
+            await self._delete(self.state.expired_keys())
+            accessed, dropped = self.state.take_reports()
             if not accessed and not dropped and self.index.connected:
                 return
+            if self.state.epoch is None:
+                return  # nothing verified to register yet
             try:
-                expired, known = await self.index.call(
-                    "touch", self.worker.address, join_keys(accessed), join_items(dropped.values())
-                )
-            except (TimeoutError, IndexUnavailableError, OSError):
+                reply = await self.index.touch(accessed, dropped)
+            except _UNAVAILABLE:
                 return
-            if not known:
+            if not reply.known:
                 self.index.reset()
-            await asyncio.to_thread(self._drop, split_keys(expired), expired=True)
-
-    def _sweep_expired(self) -> None:
-        if self.settings.max_age_seconds is None:
-            return
-        expired = []
-        with self._lock:
-            for key, entry in self._entries.items():
-                if not self._is_expired(entry):
-                    break
-                expired.append(key)
-        self._drop(expired, expired=True)
-
-    # -- local bookkeeping -----------------------------------------------------------
-    def _is_expired(self, entry: _LocalEntry) -> bool:
-        ttl = self.settings.max_age_seconds
-        return ttl is not None and time.time() - entry.created > ttl
-
-    def _add_entry(self, key: str, entry: _LocalEntry) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.counters.bytes -= old.size
-        self._entries[key] = entry
-        self.counters.bytes += entry.size
-        self.counters.entries = len(self._entries)
-
-    def _drop(self, keys: list[str], *, evicted: bool = False, expired: bool = False) -> None:
-        """Delete files and entries of ``keys`` (runs in a thread)."""
-        for key in keys:
-            with self._lock:
-                entry = self._entries.pop(key, None)
-                if entry is None:
-                    continue
-                self.counters.bytes -= entry.size
-                self.counters.entries = len(self._entries)
-                self.counters.evictions += evicted
-                self.counters.expired += expired
-                if not evicted:
-                    self._dropped[key] = entry.item(key)
-            try:
-                self.disk.delete(key)
-            except (OSError, InvalidCacheKeyError) as err:
-                logger.debug("could not delete cache file %s: %s", key, err)
-
-
-def worker_cache_of(worker: Worker) -> WorkerCache | None:
-    """The cache installed on ``worker``, if any."""
-    cache = worker.extensions.get(EXTENSION_NAME)
-    return cache if isinstance(cache, WorkerCache) else None
-
-
-def worker_cache() -> WorkerCache | None:
-    """The cache of the worker this code runs in, or ``None`` (client, no plugin).
-
-    Inside a task ``get_worker()`` names the worker. Threads a task starts do not inherit
-    that context, so otherwise the process's only worker is used, if it has just one.
-    """
-    from distributed import Worker, get_worker
-
-    try:
-        return worker_cache_of(get_worker())
-    except ValueError:
-        pass
-    workers = list(Worker._instances)
-    return worker_cache_of(workers[0]) if len(workers) == 1 else None
+            await self._delete(self.state.remove(reply.expired, expired=True))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask.config
 
+from dask_zarr_cache._names import EXTENSION_NAME, METRIC_PREFIX
 from dask_zarr_cache._stats import CacheCounters, total_of
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ __all__ = [
 #: Where the page is served; ``individual-`` puts it in the "More..." menu when it is
 #: registered before the dashboard starts (preload).
 PAGE_ROUTE = "/individual-zarr-cache"
-METRIC_PREFIX = "zarr_cache_"
 COUNTER_NAMES = [f.name for f in fields(CacheCounters)]
 GAUGES = {"entries", "bytes", "capacity", "caching_disabled"}
 
@@ -126,8 +126,6 @@ class CacheHistory:
 
 
 def _history(scheduler: Scheduler) -> CacheHistory | None:
-    from dask_zarr_cache._scheduler import EXTENSION_NAME
-
     state = scheduler.extensions.get(EXTENSION_NAME)
     return None if state is None else state.history
 
@@ -360,11 +358,9 @@ class PrometheusCollector:
         from distributed import Scheduler, Worker
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from dask_zarr_cache._worker import worker_cache_of
-
         per_worker: dict[str, dict[str, int]] = {}
         for worker in list(Worker._instances):
-            cache = worker_cache_of(worker)
+            cache = worker.extensions.get(EXTENSION_NAME)
             if cache is not None:
                 per_worker[worker.address] = cache.counters.as_dict()
         totals = {}  # by scheduler address: a process may host several (tests, notebooks)

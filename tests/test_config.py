@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import dask.config
 import pytest
 
@@ -50,3 +52,18 @@ def test_plugin_pickles_to_its_settings_only():
     clone = pickle.loads(pickle.dumps(plugin))
     assert clone.settings == plugin.settings
     assert "max_size=1048576" in repr(clone)
+
+
+@pytest.mark.parametrize(
+    "names", [["..", "."], ["a b", "a_b"], ["x" * 300, "x" * 301], ["w/../../etc", "w"]]
+)
+def test_worker_directories_stay_inside_and_apart(tmp_path, names):
+    from dask_zarr_cache._config import worker_directory
+
+    settings = CacheSettings.from_arguments(directory=tmp_path)
+    dirs = [worker_directory(settings, name, "/unused") for name in names]
+    assert len(set(dirs)) == len(dirs)
+    for d in dirs:
+        assert os.path.dirname(d) == str(tmp_path)  # one level below, never above
+        assert len(os.path.basename(d)) < 100
+    assert dirs == [worker_directory(settings, name, "/unused") for name in names]  # stable

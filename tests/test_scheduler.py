@@ -54,7 +54,9 @@ def test_retiring_the_index_host_moves_the_index(s3, s3_path):
         s3.reset_counts()
         np.testing.assert_array_equal(read_all(store, client), data)
         host = index_location(client)
-        held = client.run(lambda dask_worker: len(dask_worker.extensions["zarr_cache"]._entries))
+        held = client.run(
+            lambda dask_worker: len(dask_worker.extensions["zarr_cache"].state.entries)
+        )
         retired = client.retire_workers([host])
         assert host in retired, "retirement of the index host was refused"
         assert host not in client.scheduler_info()["workers"]

@@ -6,7 +6,6 @@ project's own counters.
 
 from __future__ import annotations
 
-import os
 import time
 
 import dask.array as da
@@ -17,6 +16,7 @@ import zarr
 from distributed import wait
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
+from dask_zarr_cache._keys import cache_key
 from tests.conftest import cache_cluster, cached, chunk_gets, s3_store, write_array
 
 
@@ -104,16 +104,11 @@ def test_namespaces_keep_sources_apart(s3, client):
             np.testing.assert_array_equal(
                 client.compute(da.from_zarr(zarr.open_array(store, mode="r"))).result(), data
             )
-    assert cached(s3, paths[0]).namespace != cached(s3, paths[1]).namespace
+    assert cached(s3, paths[0]).location != cached(s3, paths[1]).location
 
 
 def _cache_bytes_on_disk(dask_worker) -> int:
-    cache = dask_worker.extensions["zarr_cache"]
-    total = 0
-    for dirpath, _, files in os.walk(cache.disk.root):
-        for name in files:
-            total += os.path.getsize(os.path.join(dirpath, name)) - 16  # minus trailer
-    return total
+    return sum(f.size for f in dask_worker.extensions["zarr_cache"].disk.scan())
 
 
 def _read_chunks(store, indices):
@@ -137,8 +132,8 @@ def test_eviction_keeps_disk_within_budget_and_drops_global_lru_first(s3, s3_pat
         client.submit(_read_chunks, store, [0], workers=[b], pure=False).result()
         time.sleep(0.5)  # let the owners flush their access records
         client.submit(_read_chunks, store, [4], workers=[a], pure=False).result()
-        key = f"{store.namespace}/c/{{}}/0"
-        present = [client.run(_has_file, key=key.format(i), workers=[a])[a] for i in range(5)]
+        keys = [cache_key(store.location, f"c/{i}/0") for i in range(5)]
+        present = [client.run(_has_file, key=k, workers=[a])[a] for k in keys]
         # Cluster-wide LRU: chunk 1 (untouched) goes, chunk 0 (read by B) stays.
         assert present == [True, False, True, True, True]
 

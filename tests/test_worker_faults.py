@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -19,11 +20,12 @@ from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
 from dask_zarr_cache import InvalidCacheKeyError, cluster_stats
+from dask_zarr_cache._keys import cache_prefix
 from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
 
 
 def cache_keys(dask_worker) -> list[str]:
-    return sorted(dask_worker.extensions["zarr_cache"]._entries)
+    return sorted(dask_worker.extensions["zarr_cache"].state.entries)
 
 
 def index_host(dask_scheduler) -> str | None:
@@ -62,7 +64,7 @@ def test_owner_killed_mid_computation_costs_at_most_one_more_read(s3, s3_path):
         host = client.run_on_scheduler(index_host)
         owners = client.run(cache_keys)
         victim = next(a for a in sorted(owners) if a != host and owners[a])
-        victim_chunks = {k.split("/", 1)[1] for k in owners[victim]}
+        victim_chunks = {k.split("\x00")[1][len(s3_path) + 1 :] for k in owners[victim]}
 
         x = da.from_zarr(zarr.open_array(store, mode="r")).map_blocks(slow_identity)
         future = client.compute(x.sum())
@@ -94,12 +96,12 @@ def test_restarted_worker_re_registers_verified_files(s3, s3_path, tmp_path):
         assert before[victim]["entries"] >= 2
         victim_files = client.run(cache_keys, workers=[victim])[victim]
         # Damage one file while the worker still runs: the restart must not adopt it.
-        root = client.run(
-            lambda dask_worker: str(dask_worker.extensions["zarr_cache"].disk.root),
+        damaged = victim_files[0]
+        path = client.run(
+            lambda dask_worker: str(dask_worker.extensions["zarr_cache"].disk.path_of(damaged)),
             workers=[victim],
         )[victim]
-        damaged = victim_files[0]
-        with open(os.path.join(root, damaged), "r+b") as f:
+        with open(path, "r+b") as f:
             f.write(b"garbage!")
 
         client.restart_workers([victim])
@@ -115,14 +117,14 @@ def test_restarted_worker_re_registers_verified_files(s3, s3_path, tmp_path):
 
         np.testing.assert_array_equal(read_all(store, client), data)
         gets = chunk_gets(s3, s3_path)
-        damaged_chunk = f"{s3_path}/{damaged.split('/', 1)[1]}"
+        damaged_chunk = damaged.split("\x00")[1]
         assert gets.pop(damaged_chunk) == 2  # the damaged file was re-fetched once
         assert set(gets.values()) == {1}  # everything else came from disk or peers
 
 
-def damage_one(dask_worker, namespace, mode):
+def damage_one(dask_worker, prefix, mode):
     cache = dask_worker.extensions["zarr_cache"]
-    key = next(k for k in sorted(cache._entries) if k.startswith(namespace))
+    key = next(k for k in sorted(cache.state.entries) if k.startswith(prefix))
     path = cache.disk.path_of(key)
     if mode == "truncate":
         path.write_bytes(path.read_bytes()[:-5])
@@ -145,14 +147,15 @@ def test_damaged_cache_files_are_detected_and_refetched(s3, s3_path, client, mod
     owner = next(
         addr
         for addr, keys in client.run(cache_keys).items()
-        if any(k.startswith(store.namespace) for k in keys)
+        if any(k.startswith(cache_prefix(store.location, "")) for k in keys)
     )
-    damaged = client.run(damage_one, namespace=store.namespace, mode=mode, workers=[owner])
+    prefix = cache_prefix(store.location, "")
+    damaged = client.run(damage_one, prefix=prefix, mode=mode, workers=[owner])
     damaged = damaged[owner]
     for _ in range(2):
         np.testing.assert_array_equal(read_all(store, client), data)
     gets = chunk_gets(s3, s3_path)
-    assert gets.pop(f"{s3_path}/{damaged.split('/', 1)[1]}") == 2
+    assert gets.pop(damaged.split("\x00")[1]) == 2  # the object's full path
     assert set(gets.values()) == {1}
 
 
@@ -179,21 +182,59 @@ def _limit_file_size(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
-def test_disk_full_on_one_worker_degrades_it_with_nothing_lost(s3, s3_path):
+def test_an_object_the_disk_refuses_costs_that_object_only(s3, s3_path):
+    # Half the chunks compress to a few bytes, half stay 2 KiB: a worker whose files may
+    # not exceed 1000 bytes (EFBIG) cannot cache the big ones, and keeps caching the rest.
     data = np.random.default_rng(13).random((64, 64))
-    write_array(s3, s3_path, data, chunks=(16, 16), compressors=None)
-    with cache_cluster() as (_cluster, client):
-        full = sorted(client.scheduler_info()["workers"])[0]
-        client.run(_limit_file_size, 1000, workers=[full])  # each chunk file is 2 KiB
+    data[:32] = 1.0  # constant (not the fill value, so written): compresses to bytes
+    write_array(s3, s3_path, data, chunks=(16, 16))
+    with cache_cluster(n_workers=1) as (_cluster, client):
+        [worker] = client.scheduler_info()["workers"]
+        client.run(_limit_file_size, 1000)
         store = cached(s3, s3_path)
         for _ in range(3):
             np.testing.assert_array_equal(read_all(store, client), data)
-        stats = cluster_stats(client)["workers"]
-        assert stats[full]["caching_disabled"] == 1 and stats[full]["entries"] == 0
-        assert stats[full]["disk_errors"] >= 1
-        others = [w for a, w in stats.items() if a != full]
-        assert all(w["caching_disabled"] == 0 for w in others)
-        assert sum(w["entries"] for w in others) > 0
+        stats = cluster_stats(client)["workers"][worker]
+        assert stats["caching_disabled"] == 0
+        assert stats["disk_errors"] >= 8 and stats["entries"] == 8  # the 8 constant chunks
+        gets = chunk_gets(s3, s3_path)
+        assert sorted(gets.values()) == [1] * 8 + [3] * 8, gets
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 256 KiB filesystem (tmpfs) that fills up; skipped where mounting is not allowed."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_pauses_caching_until_space_is_freed(s3, s3_path, small_filesystem):
+    data = np.random.default_rng(14).random((64, 128))  # 32 chunks of 2 KiB
+    write_array(s3, s3_path, data, chunks=(16, 16), compressors=None)
+    filler = small_filesystem / "filler"
+    filler.write_bytes(b"\0" * (256 * 1024 - 16 * 1024))  # leaves room for a few files
+    with cache_cluster(n_workers=1, directory=small_filesystem / "cache") as (_c, client):
+        store = cached(s3, s3_path)
+        for _ in range(2):
+            np.testing.assert_array_equal(read_all(store, client), data)  # nothing lost
+        stats = cluster_stats(client)["total"]
+        assert stats["caching_disabled"] == 1 and stats["disk_errors"] >= 1
+        assert 0 < stats["entries"] < 32
+        filler.unlink()  # space comes back: so does caching, by itself
+        time.sleep(6)  # the pause after a failed write
+        for _ in range(2):
+            np.testing.assert_array_equal(read_all(store, client), data)
+        stats = cluster_stats(client)["total"]
+        assert stats["caching_disabled"] == 0 and stats["entries"] == 32
 
 
 def test_missing_chunks_read_as_fill_value_and_are_not_cached(s3, s3_path, client):
@@ -313,9 +354,9 @@ def test_peer_handler_serves_only_cache_entries(s3, s3_path, client):
         replies = client.run(_ask_peer, key=key)
         assert all(r == {"status": "missing"} for r in replies.values()), (key, replies)
     # A real entry is served, with its checksum.
-    namespace = cached(s3, s3_path).namespace
+    prefix = cache_prefix(cached(s3, s3_path).location, "")
     owners = client.run(cache_keys)
-    owner, key = next((a, k) for a, keys in owners.items() for k in keys if k.startswith(namespace))
+    owner, key = next((a, k) for a, keys in owners.items() for k in keys if k.startswith(prefix))
     reply = client.run(_ask_peer, key=key, workers=[owner])[owner]
     assert reply["status"] == "ok" and isinstance(reply["checksum"], int)
 

@@ -1,0 +1,357 @@
+"""A worker's bookkeeping of its cache, without I/O: entries, fetches, writes seen, peers.
+
+:class:`LocalState` is shared by the task threads, zarr's event loop and the worker's
+event loop of one worker, so every method takes its lock and none blocks.  Whatever needs
+a disk or a network (delete a file, tell the index) is returned to the caller, the I/O
+shell in :mod:`dask_zarr_cache._worker`.  Time comes from an injected clock, so unit tests
+drive TTL, leases and peer back-off without waiting.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dask_zarr_cache._invalidation import matcher
+from dask_zarr_cache._protocol import Item
+from dask_zarr_cache._stats import CacheCounters
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from dask_zarr_cache._disk import CacheFile
+
+__all__ = ["Fetch", "LocalEntry", "LocalState", "Payload"]
+
+#: Object bytes as the cache hands them around: file reads are zero-copy memoryviews.
+Payload = bytes | memoryview
+
+#: How many "which peer served this key" hints a worker keeps (oldest dropped first).
+MAX_OWNER_HINTS = 200_000
+#: Seconds a peer that failed to answer is not asked again.
+PEER_BACKOFF = 30.0
+
+_tags = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalEntry:
+    """One object on this worker's disk."""
+
+    size: int
+    checksum: int
+    created: float  #: clock time of the source read (TTL counts from here)
+    tag: int = field(default_factory=lambda: next(_tags))
+
+    def item(self, key: str) -> Item:
+        """How the index knows this copy."""
+        return Item(key, self.size, self.tag)
+
+
+class Fetch:
+    """One in-flight load of a key on this worker; its readers wait on :attr:`future`.
+
+    A write of the key while it loads *poisons* it: the bytes still reach the readers that
+    were already waiting (they started before the write returned), but are not cached, and
+    readers that start later do not join it.
+    """
+
+    __slots__ = ("future", "poisoned", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.future: concurrent.futures.Future[Payload | None] = concurrent.futures.Future()
+        self.poisoned = False
+        #: Writes known to this worker when the load started (stamped on the file).
+        self.seq = seq
+
+
+class LocalState:
+    """Entries, single-flight, write history and peer knowledge of one worker.
+
+    Parameters
+    ----------
+    max_age_seconds : float or None
+        TTL of entries.
+    lease : float
+        Seconds after the last successful catch-up with the scheduler's write history
+        during which this worker may serve its files (see :meth:`can_serve`).
+    clock : callable
+        Seconds, wall-clock-like (file times are compared with it after a restart).
+
+    """
+
+    def __init__(
+        self,
+        max_age_seconds: float | None,
+        lease: float,
+        clock: Callable[[], float] = time.time,
+        capacity: int = 0,
+    ) -> None:
+        self.max_age_seconds = max_age_seconds
+        self.lease = lease
+        self.clock = clock
+        self.counters = CacheCounters(capacity=capacity)
+        self.lock = threading.Lock()
+        # Insertion order is creation order: the TTL sweep walks it from the front.
+        self.entries: dict[str, LocalEntry] = {}
+        self._inflight: dict[str, Fetch] = {}
+        self._accessed: set[str] = set()
+        self._dropped: dict[str, Item] = {}
+        # Which peer served a key last: warm reads skip the index round trip. A wrong
+        # hint costs one "missing" answer, never wrong bytes (peers serve only what they
+        # hold now, verified).
+        self._owner_hints: dict[str, str] = {}
+        self._failed_peers: dict[str, float] = {}
+        # Write history (see _invalidation): whose history, how far applied, when renewed.
+        self.epoch: bytes | None = None
+        self.applied_seq = 0
+        self._synced_at: float | None = None
+        # Files found on disk at start, not served until the write history clears them.
+        self.unverified: dict[str, CacheFile] = {}
+
+    # -- serving -------------------------------------------------------------------------
+    def can_serve(self) -> bool:
+        """Whether this worker's files may be served.
+
+        They may while it caught up with the write history within ``lease`` seconds: a
+        write it did not confirm waits that long before it returns.
+        """
+        with self.lock:
+            return self._synced_at is not None and self.clock() - self._synced_at < self.lease
+
+    def lookup(self, key: str) -> tuple[LocalEntry | None, bool]:
+        """The live entry of ``key``, and whether it just expired (its file must go)."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or not self._is_expired(entry):
+                return entry, False
+        return None, bool(self.remove([key], expired=True))
+
+    def record_hit(self, key: str, nbytes: int) -> None:
+        """Count a read served from this worker's disk and remember the access."""
+        with self.lock:
+            self.counters.hits += 1
+            self.counters.hit_bytes += nbytes
+            self._accessed.add(key)
+
+    def record_served(self, key: str | None, nbytes: int) -> None:
+        """Count bytes served to a peer (``key``: from disk, an access to report)."""
+        with self.lock:
+            self.counters.peer_served += 1
+            self.counters.peer_served_bytes += nbytes
+            if key is not None:
+                self._accessed.add(key)
+
+    def count(self, **increments: int) -> None:
+        """Add to counters, e.g. ``count(remote_reads=1, remote_bytes=n)``."""
+        with self.lock:
+            for name, n in increments.items():
+                setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    # -- single-flight -------------------------------------------------------------------
+    def begin_fetch(self, key: str) -> tuple[Fetch, bool]:
+        """The in-flight load of ``key`` and whether the caller leads it (must load)."""
+        with self.lock:
+            fetch = self._inflight.get(key)
+            if fetch is not None:
+                return fetch, False
+            fetch = self._inflight[key] = Fetch(self.applied_seq)
+            self.counters.misses += 1
+            return fetch, True
+
+    def inflight(self, key: str) -> Fetch | None:
+        """The load of ``key`` that new readers would join, if any."""
+        with self.lock:
+            return self._inflight.get(key)
+
+    def pending_fetches(self) -> list[concurrent.futures.Future[Payload | None]]:
+        """Futures of every load in flight."""
+        with self.lock:
+            return [f.future for f in self._inflight.values()]
+
+    def end_fetch(self, key: str, fetch: Fetch) -> None:
+        """The leader is done with ``fetch`` (however it ended)."""
+        with self.lock:
+            if self._inflight.get(key) is fetch:
+                del self._inflight[key]
+
+    def admit(self, key: str, entry: LocalEntry, fetch: Fetch) -> bool:
+        """Add the entry a fetch wrote, unless a write poisoned the fetch meanwhile."""
+        with self.lock:
+            if fetch.poisoned:
+                return False
+            self._add(key, entry)
+            return True
+
+    def adopt(self, files: Iterable[CacheFile]) -> None:
+        """Add files found on disk (oldest first), already verified against the history."""
+        with self.lock:
+            for f in sorted(files, key=lambda f: f.mtime):
+                self._add(f.key, LocalEntry(f.size, f.checksum, f.mtime))
+
+    # -- writes --------------------------------------------------------------------------
+    def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> list[str]:
+        """Apply a write: poison and detach matching loads, drop matching entries.
+
+        Returns the keys whose files must be deleted.
+        """
+        matches = matcher(keys, prefixes)
+        with self.lock:
+            for key in [k for k in self._inflight if matches(k)]:
+                self._inflight.pop(key).poisoned = True
+            unverified = [k for k in self.unverified if matches(k)]
+            for key in unverified:
+                del self.unverified[key]
+            doomed = [k for k in self.entries if matches(k)]
+        return unverified + self.remove(doomed)
+
+    def synced(self, epoch: bytes, seq: int, sent_at: float) -> list[str]:
+        """Record a catch-up with the scheduler sent at ``sent_at`` (writes applied first).
+
+        A new epoch (a new scheduler) makes every file unprovable: returns their keys.
+        """
+        with self.lock:
+            changed = self.epoch is not None and epoch != self.epoch
+            self.applied_seq = seq if changed else max(seq, self.applied_seq)
+            self.epoch = epoch
+            self._synced_at = sent_at
+            for fetch in self._inflight.values():
+                fetch.poisoned |= changed  # read under another history: do not keep
+            keys = list(self.entries) if changed else []
+        return self.remove(keys)
+
+    def applied(self, seq: int) -> None:
+        """A pushed write ``seq`` was applied; advance if it is the next one."""
+        with self.lock:
+            if seq == self.applied_seq + 1:
+                self.applied_seq = seq
+
+    def forget_all(self) -> list[str]:
+        """Distrust every file (the write history was lost); returns keys to delete."""
+        with self.lock:
+            unverified = list(self.unverified)
+            self.unverified.clear()
+            for fetch in self._inflight.values():
+                fetch.poisoned = True
+            keys = list(self.entries)
+        return unverified + self.remove(keys)
+
+    # -- removal -------------------------------------------------------------------------
+    def remove(
+        self, keys: Iterable[str], *, evicted: bool = False, expired: bool = False
+    ) -> list[str]:
+        """Forget entries; returns the keys that were entries (their files must go).
+
+        Copies removed on this worker's own initiative are reported to the index at the
+        next flush; evictions came from the index and need no report.
+        """
+        removed = []
+        with self.lock:
+            for key in keys:
+                entry = self.entries.pop(key, None)
+                if entry is None:
+                    continue
+                removed.append(key)
+                self.counters.bytes -= entry.size
+                self.counters.evictions += evicted
+                self.counters.expired += expired
+                if not evicted:
+                    self._dropped[key] = entry.item(key)
+            self.counters.entries = len(self.entries)
+        return removed
+
+    def remove_copy(self, key: str, tag: int) -> list[str]:
+        """Forget ``key`` only if the entry is still the copy with ``tag``."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or entry.tag != tag:
+                return []
+        return self.remove([key])
+
+    def expired_keys(self) -> list[str]:
+        """Entries past their TTL, removed now; their files must go."""
+        if self.max_age_seconds is None:
+            return []
+        keys = []
+        with self.lock:
+            for key, entry in self.entries.items():
+                if not self._is_expired(entry):
+                    break
+                keys.append(key)
+        return self.remove(keys, expired=True)
+
+    def take_reports(self) -> tuple[set[str], list[Item]]:
+        """Accesses and self-initiated drops since the last call (for the index).
+
+        Only accesses of files still here are reported: the index takes an access of a
+        key it does not know as this worker's as drift, and asks it to re-register.
+        """
+        with self.lock:
+            accessed = {k for k in self._accessed if k in self.entries}
+            self._accessed = set()
+            dropped, self._dropped = self._dropped, {}
+        return accessed, list(dropped.values())
+
+    def items(self) -> list[Item]:
+        """Every entry as the index knows it (for registration)."""
+        with self.lock:
+            return [e.item(k) for k, e in self.entries.items()]
+
+    # -- peers ---------------------------------------------------------------------------
+    def owner_hint(self, key: str) -> str | None:
+        """The peer that served ``key`` last, unless it failed lately."""
+        with self.lock:
+            owner = self._owner_hints.get(key)
+            return None if owner is None or self._failed(owner) else owner
+
+    def served_by(self, key: str, address: str, nbytes: int) -> None:
+        """A peer served ``key``: count it and remember the peer for next time."""
+        with self.lock:
+            self.counters.peer_reads += 1
+            self.counters.peer_bytes += nbytes
+            if len(self._owner_hints) >= MAX_OWNER_HINTS:
+                self._owner_hints.pop(next(iter(self._owner_hints)))
+            self._owner_hints[key] = address
+
+    def drop_hint(self, key: str) -> None:
+        """The hinted peer did not have ``key``."""
+        with self.lock:
+            self._owner_hints.pop(key, None)
+
+    def peer_failed(self, address: str) -> None:
+        """``address`` did not answer: do not ask it again for a while."""
+        with self.lock:
+            self._failed_peers[address] = self.clock()
+
+    def peer_failed_lately(self, address: str) -> bool:
+        """Whether ``address`` failed within the last :data:`PEER_BACKOFF` seconds."""
+        with self.lock:
+            return self._failed(address)
+
+    def peer_left(self, address: str) -> None:
+        """``address`` left the cluster: forget every hint naming it."""
+        with self.lock:
+            self._failed_peers[address] = self.clock()
+            self._owner_hints = {k: a for k, a in self._owner_hints.items() if a != address}
+
+    # -- internals (lock held) -------------------------------------------------------------
+    def _failed(self, address: str) -> bool:
+        since = self._failed_peers.get(address)
+        return since is not None and self.clock() - since < PEER_BACKOFF
+
+    def _is_expired(self, entry: LocalEntry) -> bool:
+        ttl = self.max_age_seconds
+        return ttl is not None and self.clock() - entry.created > ttl
+
+    def _add(self, key: str, entry: LocalEntry) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.counters.bytes -= old.size
+        self.entries[key] = entry
+        self.counters.bytes += entry.size
+        self.counters.entries = len(self.entries)

@@ -1,0 +1,87 @@
+"""Messages between workers, the index and the scheduler, and their wire format.
+
+Batches cross the wire as one pickled ``bytes`` object: distributed serializes list
+elements one by one (~40 ms per 1000 keys) but one bytes frame in ~2 ms, and pickle
+carries any key (tabs, newlines, unicode) unchanged.  Every sender and receiver of a
+batch uses :func:`pack` and :func:`unpack`; the typed replies below are what they carry.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+__all__ = [
+    "FETCH",
+    "PEER",
+    "PENDING",
+    "CommitReply",
+    "Decision",
+    "Item",
+    "SyncReply",
+    "TouchReply",
+    "pack",
+    "unpack",
+]
+
+#: Decision of an acquire: nobody holds the key; the asker fetches it.
+FETCH = "fetch"
+#: Decision: a peer holds the key; read it from that peer.
+PEER = "peer"
+#: Decision: a peer is fetching the key right now; ask it, it answers when done.
+PENDING = "pending"
+
+
+class Item(NamedTuple):
+    """One cached object as its owner reports it.
+
+    ``tag`` is a serial the owner gives each local copy, so a late "dropped" report about an
+    older copy never removes a newer one.
+    """
+
+    key: str
+    size: int
+    tag: int
+
+
+class Decision(NamedTuple):
+    """How a worker gets one key it missed: ``kind`` is FETCH, PEER or PENDING."""
+
+    kind: str
+    address: str
+
+
+class CommitReply(NamedTuple):
+    """Keys the committing worker must delete: evicted to fit, or refused (claim lost)."""
+
+    evicted: list[str]
+    rejected: list[str]
+
+
+class TouchReply(NamedTuple):
+    """Keys the index found expired, and whether it knows the worker (else: register)."""
+
+    expired: list[str]
+    known: bool
+
+
+class SyncReply(NamedTuple):
+    """The scheduler's answer to a worker catching up on writes.
+
+    ``invalidations`` is ``None`` when the history since the worker's sequence number is no
+    longer kept (the worker then trusts none of its files).
+    """
+
+    epoch: bytes
+    seq: int
+    invalidations: list[tuple[int, list[str], list[str]]] | None
+
+
+def pack(value: Any) -> bytes:
+    """Encode a batch (lists, tuples, strings, numbers) as one bytes frame."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(frame: bytes) -> Any:
+    """Inverse of :func:`pack` (frames come only from this library's own processes)."""
+    return pickle.loads(frame)

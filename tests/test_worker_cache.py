@@ -1,0 +1,251 @@
+"""The worker cache's logic with a fake clock and an in-process network: milliseconds each.
+
+The process-cluster tests (test_worker*.py, test_consistency.py) show the same promises on
+real parts; these pin down the logic, including orderings a cluster rarely produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+from tests.fakes import INDEX, FakeClock, FakeNetwork, Source
+
+A, B = "tcp://a:1", "tcp://b:1"
+K = "ns\x00data.zarr/c/0"
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def net():
+    return FakeNetwork()
+
+
+async def test_concurrent_readers_of_one_key_make_one_source_read(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    source = Source()
+    source.gate = asyncio.Event()
+    readers = [asyncio.ensure_future(a.get(K, source)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert await asyncio.gather(*readers) == [b"bytes"] * 10
+    assert source.reads == 1
+    assert await a.get(K, source) == b"bytes" and source.reads == 1  # now a local hit
+    assert a.counters.hits == 1
+
+
+async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    old = Source(b"old")
+    old.gate = asyncio.Event()
+    early = asyncio.ensure_future(a.get(K, old))
+    await asyncio.sleep(0.01)
+    await net.write([K])  # the write returns here
+    new = Source(b"new")
+    assert await a.get(K, new) == b"new"  # started after the write: its own fetch
+    old.gate.set()
+    assert await early == b"old"  # started before the write: may see the old bytes
+    await asyncio.sleep(0.01)
+    assert await a.get(K, Source(b"never read")) == b"new"  # the old bytes were not kept
+    assert net.index.index.owner(K) == A
+
+
+async def test_every_way_out_of_a_fetch_releases_the_claim(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    failing = Source()
+    failing.error = PermissionError("403")
+    with pytest.raises(PermissionError):
+        await a.get(K, failing)
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 0
+    absent = Source(None)
+    assert await a.get(K, absent) is None
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 0
+    slow = Source()
+    slow.gate = asyncio.Event()
+    task = asyncio.ensure_future(a.get(K, slow))
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 0
+    too_big = Source(b"x" * 20_000)  # over max_size: served, not cached
+    assert await a.get(K, too_big) == b"x" * 20_000
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 0 and K not in a.state.entries
+
+
+async def test_index_trouble_falls_back_to_the_source(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    net.down.add(INDEX)
+    a.index.reset()
+    source = Source()
+    assert await a.get(K, source) == b"bytes"
+    assert a.counters.fallbacks == 1 and source.reads == 1
+
+
+async def test_peer_reads_use_owner_hints_and_skip_a_dead_peer(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    source = Source()
+    await a.get(K, source)
+    await asyncio.sleep(0.01)  # the commit
+    assert await b.get(K, source) == b"bytes" and source.reads == 1
+    assert b.counters.peer_reads == 1
+    acquires = net.index_calls("acquire")
+    b.state.remove([K])  # b does not keep peer copies: its next read asks a again
+    assert await b.get(K, source) == b"bytes"
+    assert net.index_calls("acquire") == acquires  # straight to the hinted owner
+    # a dies: b asks it once, tells the index, fetches itself; a is not asked again.
+    net.down.add(A)
+    calls_to_a = sum(1 for addr, _ in net.calls if addr == A)
+    assert await b.get("ns\x00data.zarr/c/1", Source(b"other")) == b"other"
+    assert await b.get(K, source) == b"bytes"
+    assert source.reads == 1 or b.counters.remote_reads >= 1
+    await asyncio.sleep(0.01)
+    assert sum(1 for addr, _ in net.calls if addr == A) <= calls_to_a + 1
+    assert await b.get(K, source) == b"bytes"  # now local on b
+    assert sum(1 for addr, _ in net.calls if addr == A) <= calls_to_a + 1
+
+
+async def test_a_departed_peer_is_forgotten_without_asking_it(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    await a.get(K, Source())
+    await asyncio.sleep(0.01)
+    await b.get(K, Source())
+    b.state.remove([K])
+    await b.handle_worker_left(A)
+    await net.index.remove_worker(A)
+    before = sum(1 for addr, _ in net.calls if addr == A)
+    assert await b.get(K, Source(b"again")) == b"again"
+    assert sum(1 for addr, _ in net.calls if addr == A) == before
+
+
+async def test_ttl_with_a_fake_clock(clock, tmp_path):
+    net = FakeNetwork(max_age_seconds=60)
+    a = await net.worker(A, tmp_path / "a", clock, max_age_seconds=60)
+    source = Source()
+    await a.get(K, source)
+    clock.now += 59
+    await a.flush()
+    await a.get(K, source)
+    assert source.reads == 1
+    clock.now += 2
+    await a.flush()  # the sweep deletes the expired file
+    assert K not in a.state.entries and not a.disk.path_of(K).exists()
+    await a.get(K, source)
+    assert source.reads == 2 and a.counters.expired == 1
+
+
+async def test_a_worker_that_cannot_catch_up_serves_nothing(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, write_lease=10.0)
+    source = Source()
+    await a.get(K, source)
+    net.scheduler.reachable = False  # a partition
+    clock.now += 11
+    await a.flush()
+    assert not a.state.can_serve()
+    assert await a.get(K, source) == b"bytes" and source.reads == 2  # read through
+    assert await a.handle_get(K) == {"status": "missing"}  # nor to peers
+    net.scheduler.reachable = True
+    await a.flush()
+    b = await net.worker(B, tmp_path / "b", clock, write_lease=10.0)
+    assert await a.get(K, source) == b"bytes" and source.reads == 2  # serving again
+    assert await b.get(K, source) == b"bytes" and b.counters.peer_reads == 1
+
+
+async def test_a_restart_drops_files_a_write_replaced_while_it_was_away(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    keep, replaced = "ns\x00d/keep", "ns\x00d/replaced"
+    for key in (keep, replaced):
+        await a.get(key, Source(b"v1"))
+    await a.close()
+    del net.caches[A]
+    await net.write([replaced])  # while a is down
+    a2 = await net.worker(A, tmp_path / "a", clock)
+    assert set(a2.state.entries) == {keep}
+    assert not a2.disk.path_of(replaced).exists()
+    assert await a2.get(keep, Source(b"never")) == b"v1"
+
+
+async def test_files_from_another_scheduler_are_never_served(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.get(K, Source(b"v1"))
+    await a.close()
+    fresh = FakeNetwork()  # a new scheduler: a new, unrelated history
+    a2 = await fresh.worker(A, tmp_path / "a", clock)
+    assert not a2.state.entries and not a2.disk.path_of(K).exists()
+
+
+async def test_lost_history_drops_every_file(net, clock, tmp_path):
+    net.scheduler.log.max_keys = 2
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.get(K, Source())
+    await a.close()
+    del net.caches[A]
+    for i in range(5):
+        await net.write([f"ns\x00other/{i}"])
+    a2 = await net.worker(A, tmp_path / "a", clock)
+    assert not a2.state.entries
+
+
+async def test_a_full_disk_pauses_caching_and_it_comes_back(net, clock, tmp_path, monkeypatch):
+    a = await net.worker(A, tmp_path / "a", clock)
+    real_write = a.disk.write
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(a.disk, "write", full)
+    assert await a.get(K, Source()) == b"bytes"
+    assert a.counters.caching_disabled == 1 and a.counters.disk_errors == 1
+    monkeypatch.setattr(a.disk, "write", real_write)  # space freed
+    assert await a.get("ns\x00x", Source()) == b"bytes"
+    assert "ns\x00x" not in a.state.entries  # still paused: no write tried
+    clock.now += 6
+    assert await a.get("ns\x00y", Source()) == b"bytes"
+    assert "ns\x00y" in a.state.entries and a.counters.caching_disabled == 0
+
+
+async def test_one_unwritable_object_costs_that_object_only(net, clock, tmp_path, monkeypatch):
+    a = await net.worker(A, tmp_path / "a", clock)
+    real_write = a.disk.write
+
+    def picky(key, *args):
+        if key == K:
+            raise OSError(errno.EFBIG, "File too large")
+        return real_write(key, *args)
+
+    monkeypatch.setattr(a.disk, "write", picky)
+    assert await a.get(K, Source()) == b"bytes"
+    assert await a.get("ns\x00fine", Source()) == b"bytes"
+    assert a.counters.caching_disabled == 0 and "ns\x00fine" in a.state.entries
+
+
+async def test_commit_rejections_drop_only_that_copy(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.get(K, Source())
+    await asyncio.sleep(0.01)
+    entry = a.state.entries[K]
+    await a._commit(entry.item(K)._replace(tag=entry.tag + 1000))  # a stale report
+    assert K in a.state.entries
+
+
+async def test_register_reports_only_verified_files(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.get(K, Source())
+    await asyncio.sleep(0.01)
+    await net.index.remove_worker(A)
+    a.index.reset()
+    await a.flush()
+    assert net.index.index.owner(K) == A
