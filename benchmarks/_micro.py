@@ -10,7 +10,7 @@ import tracemalloc
 from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
-from dask_zarr_cache._index import IndexActor
+from dask_zarr_cache._index_actor import IndexActor
 from dask_zarr_cache._protocol import Item, pack
 from dask_zarr_cache.testing import loopback_cluster
 

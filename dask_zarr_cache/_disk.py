@@ -49,6 +49,21 @@ _DISK_ERRNOS = frozenset(
 )
 
 
+#: Descriptors holding directory locks. A process forked from a task closes its copies, so
+#: the lock goes with the worker that took it, not with a child that outlives it.
+_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def checksum(data: bytes | memoryview) -> int:
     """CRC32C of ``data``: hardware accelerated (~17 GB/s here), no copy of memoryviews.
 
@@ -128,12 +143,14 @@ class DiskCache:
                 f"{self.root} is in use by another worker; each worker needs its own"
             ) from None
         self._lock_file = fd
+        _LOCKS.add(fd)
         self._objects.mkdir(exist_ok=True)
         self._tmp.mkdir(exist_ok=True)
 
     def close(self) -> None:
         """Release the directory lock (files stay)."""
         if self._lock_file is not None:
+            _LOCKS.discard(self._lock_file)
             os.close(self._lock_file)  # closing the descriptor drops the flock
             self._lock_file = None
 

@@ -11,13 +11,22 @@ the one place where sharding by key hash would go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import dask.config
 from dask.utils import parse_timedelta
 
 from dask_zarr_cache._exceptions import ZarrCacheError
-from dask_zarr_cache._protocol import CommitReply, Decision, Item, TouchReply, pack, unpack
+from dask_zarr_cache._protocol import (
+    FETCH,
+    CommitReply,
+    Decision,
+    Item,
+    TouchReply,
+    pack,
+    unpack,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -66,6 +75,8 @@ class IndexClient:
         self._location: dict[str, str] | None = None
         self._lock: asyncio.Lock | None = None
         self._connecting: dict[str, str] | None = None
+        self._batches: dict[str, list[tuple[str, asyncio.Future[Decision]]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self.timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
     @property
@@ -87,6 +98,45 @@ class IndexClient:
         """Decide how this worker gets each of ``keys`` (see ``CacheIndex.acquire``)."""
         reply = await self._call("acquire", self.worker, pack(list(keys)), unreachable)
         return [Decision(*d) for d in unpack(reply)]
+
+    async def acquire_one(self, key: str, unreachable: str = "") -> Decision:
+        """Decide for one key; the calls made in one loop iteration share one round trip.
+
+        zarr reads the chunks of a selection concurrently, so their misses arrive together
+        and cost one index call, not one each.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        batch = self._batches.setdefault(unreachable, [])
+        batch.append((key, future))
+        if len(batch) == 1:
+            loop.call_soon(self._send_soon, unreachable)
+        return await future
+
+    def _send_soon(self, unreachable: str) -> None:
+        task = asyncio.ensure_future(self._send_batch(self._batches.pop(unreachable), unreachable))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_batch(
+        self, batch: list[tuple[str, asyncio.Future[Decision]]], unreachable: str
+    ) -> None:
+        try:
+            decisions = await self.acquire([key for key, _ in batch], unreachable)
+        except Exception as err:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        orphans = []  # claims of callers that were cancelled meanwhile: give them back
+        for (key, future), decision in zip(batch, decisions, strict=True):
+            if not future.done():
+                future.set_result(decision)
+            elif decision.kind == FETCH:
+                orphans.append(key)
+        if orphans:
+            with contextlib.suppress(IndexUnavailableError):
+                await self.abandon(orphans)
 
     async def commit(self, capacity: int, items: Iterable[Item]) -> CommitReply:
         """Record objects this worker now holds (see ``CacheIndex.commit``)."""

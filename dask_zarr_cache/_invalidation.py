@@ -20,7 +20,9 @@ from dask_zarr_cache._keys import base_key
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["Invalidation", "InvalidationLog", "matcher"]
+    from dask_zarr_cache._disk import CacheFile
+
+__all__ = ["Invalidation", "InvalidationLog", "matcher", "verify_files"]
 
 
 def matcher(keys: Iterable[str], prefixes: Iterable[str]):
@@ -89,3 +91,26 @@ class InvalidationLog:
         if seq >= self.seq:
             return []
         return [e for e in self._entries if e.seq > seq]
+
+
+def verify_files(
+    files: Iterable[CacheFile],
+    epoch: bytes,
+    history: list[tuple[int, list[str], list[str]]] | None,
+) -> tuple[list[CacheFile], list[str]]:
+    """Split files found on disk into those still current and the keys of the rest.
+
+    A file is current if it was written under ``epoch`` and no write in ``history`` (the
+    writes since the oldest file's sequence number; ``None`` if lost) after the file's own
+    sequence number touched its key.
+    """
+    good, bad = [], []
+    checks = [] if history is None else [(s, matcher(k, p)) for s, k, p in history]
+    for f in files:
+        current = (
+            f.epoch == epoch
+            and history is not None
+            and not any(s > f.seq and matches(f.key) for s, matches in checks)
+        )
+        (good.append(f) if current else bad.append(f.key))
+    return good, bad

@@ -225,6 +225,14 @@ class LocalState:
             keys = list(self.entries) if changed else []
         return self.remove(keys)
 
+    def sync_position(self) -> tuple[bytes | None, int]:
+        """Where this worker's history stands; before the first sync, its oldest file's."""
+        with self.lock:
+            if self.epoch is not None or not self.unverified:
+                return self.epoch, self.applied_seq
+            oldest = min(self.unverified.values(), key=lambda f: f.seq)
+            return oldest.epoch, oldest.seq
+
     def applied(self, seq: int) -> None:
         """A pushed write ``seq`` was applied; advance if it is the next one."""
         with self.lock:

@@ -39,7 +39,7 @@ def check_loop(loop: asyncio.AbstractEventLoop) -> None:
     ------
     LoopBlockedError
         If ``loop``'s thread is blocked in zarr's synchronous API (waiting for us), or
-        ``loop`` is not running.
+        ``loop`` is not running (in this process).
 
     """
     if not loop.is_running():  # stopped or closed: a hop would wait forever
@@ -47,7 +47,10 @@ def check_loop(loop: asyncio.AbstractEventLoop) -> None:
     thread = getattr(loop, "_thread_id", None)
     if thread is None or thread == threading.get_ident():
         return
-    frame = sys._current_frames().get(thread)
+    frames = sys._current_frames()
+    if thread not in frames:  # a process forked from a task: the loop stayed behind
+        raise LoopBlockedError("the worker's event loop does not run in this process")
+    frame = frames[thread]
     while frame is not None:
         if frame.f_code is _ZARR_SYNC:
             raise LoopBlockedError(

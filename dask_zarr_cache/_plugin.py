@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -19,9 +20,9 @@ from dask_zarr_cache._names import (
     WORKER_HANDLERS,
     WORKER_PLUGIN_NAME,
 )
+from dask_zarr_cache._prometheus import bind_prometheus
 from dask_zarr_cache._scheduler import ZarrCacheScheduler, scheduler_state
 from dask_zarr_cache._worker import WorkerCache
-from dask_zarr_cache.dashboard import register_prometheus_collector
 
 if TYPE_CHECKING:
     import os
@@ -171,7 +172,7 @@ class WorkerCachePlugin(WorkerPlugin):
             worker.handlers[op] = getattr(cache, "handle_" + op.removeprefix("zarr_cache_"))
         for name in cache.counters.as_dict():  # columns of the dashboard's Workers table
             worker.metrics[METRIC_PREFIX + name] = _counter_reader(cache, name)
-        register_prometheus_collector()
+        bind_prometheus(worker)
         interval = parse_timedelta(dask.config.get("zarr-cache.flush-interval"))
         flusher = PeriodicCallback(cache.flush, interval * 1000)
         worker.periodic_callbacks["zarr-cache-flush"] = flusher
@@ -208,9 +209,14 @@ def _counter_reader(cache: WorkerCache, name: str) -> Any:
 
 
 def worker_cache_of(worker: Worker) -> WorkerCache | None:
-    """The cache installed on ``worker``, if any."""
+    """The cache installed on ``worker``, if any, and if this is the worker's process.
+
+    A process forked from a task inherits the worker object but not its event loop.
+    """
     cache = worker.extensions.get(EXTENSION_NAME)
-    return cache if isinstance(cache, WorkerCache) else None
+    if isinstance(cache, WorkerCache) and cache.pid == os.getpid():
+        return cache
+    return None
 
 
 def worker_cache() -> WorkerCache | None:

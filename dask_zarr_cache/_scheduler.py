@@ -25,17 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
 
-from dask_zarr_cache._index import IndexActor
+from dask_zarr_cache._history import CacheHistory
+from dask_zarr_cache._index_actor import IndexActor
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
 from dask_zarr_cache._invalidation import InvalidationLog
 from dask_zarr_cache._names import EXTENSION_NAME, WORKER_PLUGIN_NAME
+from dask_zarr_cache._prometheus import bind_prometheus
 from dask_zarr_cache._protocol import SyncReply, pack, unpack
 from dask_zarr_cache._stats import total_of
-from dask_zarr_cache.dashboard import (
-    CacheHistory,
-    add_http_routes,
-    register_prometheus_collector,
-)
+from dask_zarr_cache.dashboard import add_http_routes
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
@@ -84,7 +82,7 @@ class ZarrCacheScheduler:
         self.history = CacheHistory(scheduler)
         self.history.start()
         add_http_routes(scheduler)
-        register_prometheus_collector()
+        bind_prometheus(scheduler)
 
     async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""

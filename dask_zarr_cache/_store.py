@@ -245,15 +245,17 @@ class _Cluster:
         except LoopBlockedError:
             if self.worker is None:
                 raise
-        # This worker's loop thread waits for this very write (zarr's sync API in an
-        # ``async def`` task): apply it to this worker's cache here, and tell the
-        # scheduler over a connection of this loop's own.
+        # The worker's loop cannot carry this: its thread waits for this very write
+        # (zarr's sync API in an ``async def`` task), or this is a process forked from a
+        # task. Apply the write to this worker's cache here (if this is its process), and
+        # tell the scheduler over a connection of this loop's own.
         cache = worker_cache_of(self.worker)
         if cache is not None:
             await cache.drop_written(keys, prefixes)
+        origin = None if cache is None else self.worker.address
         args = self.worker.connection_args
         async with rpc(self.scheduler.address, connection_args=args) as scheduler:
-            await scheduler.zarr_cache_invalidate(**packed, origin=self.worker.address)
+            await scheduler.zarr_cache_invalidate(**packed, origin=origin)
 
 
 def _clusters() -> list[_Cluster]:

@@ -14,19 +14,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import threading
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
-from distributed.protocol import to_serialize
 
-from dask_zarr_cache._disk import DiskCache, checksum, is_disk_failure
-from dask_zarr_cache._exceptions import CacheDirectoryError
-from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
-from dask_zarr_cache._invalidation import matcher
+from dask_zarr_cache._disk import DiskCache
+from dask_zarr_cache._guarded_disk import GuardedDisk
+from dask_zarr_cache._index_client import IndexClient
+from dask_zarr_cache._invalidation import verify_files
 from dask_zarr_cache._local import LocalEntry, LocalState, Payload
-from dask_zarr_cache._loops import LoopBlockedError, run_on, spawn_on
+from dask_zarr_cache._loops import run_on, spawn_on
+from dask_zarr_cache._peers import MISSING, UNAVAILABLE, Peers
 from dask_zarr_cache._protocol import FETCH, SyncReply, unpack
 
 if TYPE_CHECKING:
@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["WorkerCache"]
 
 logger = logging.getLogger(__name__)
-
-OK, ABSENT, MISSING = "ok", "absent", "missing"
-#: Seconds caching stays paused after the disk failed a write (then a write tries again).
-DISK_RETRY = 5.0
-#: What makes the cache give up on the index or a peer and read the source instead.
-_UNAVAILABLE = (IndexUnavailableError, LoopBlockedError, OSError, TimeoutError)
 
 
 class WorkerCache:
@@ -82,6 +76,7 @@ class WorkerCache:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.address = address
+        self.pid = os.getpid()  # a process forked from a task has the object, not the loop
         self.scheduler = scheduler
         self.rpc = rpc
         self.loop = loop
@@ -94,11 +89,10 @@ class WorkerCache:
         self.counters = self.state.counters
         self.disk = DiskCache(directory)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
+        self.peers = Peers(self.state, self.disk, rpc, loop, timeout)
+        self.handle_get = self.peers.serve
         self.index.timeout = timeout
-        self._disk_open = False  # until the directory is claimed (start, or a later write)
-        self._disk_refused = False  # the directory is not ours: never write there
-        self._disk_paused_until: float | None = None
-        self._disk_lock = threading.Lock()
+        self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
         self._flush_lock = asyncio.Lock()
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
@@ -110,11 +104,11 @@ class WorkerCache:
         Files found on disk are served only once the scheduler's write history shows no
         write replaced them since they were read (see :meth:`sync`).
         """
-        if await asyncio.to_thread(self._ensure_disk):
+        if await asyncio.to_thread(self.guarded_disk.usable):
             files = await asyncio.to_thread(lambda: list(self.disk.scan()))
             with self.state.lock:
                 self.state.unverified = {f.key: f for f in files}
-        with contextlib.suppress(*_UNAVAILABLE):
+        with contextlib.suppress(*UNAVAILABLE):
             await self.sync()
         await self.flush()
 
@@ -128,7 +122,7 @@ class WorkerCache:
         pending = self.state.pending_fetches() + list(self._background)
         if pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=self.timeout)
-        with contextlib.suppress(*_UNAVAILABLE):
+        with contextlib.suppress(*UNAVAILABLE):
             await self.flush()
         await asyncio.to_thread(self.disk.close)
 
@@ -139,7 +133,7 @@ class WorkerCache:
         self.state.lease = settings.write_lease
         self.counters.capacity = settings.max_size
         self.index.reset()
-        with contextlib.suppress(*_UNAVAILABLE):
+        with contextlib.suppress(*UNAVAILABLE):
             await self.flush()
 
     # -- the read path (zarr's loop or the worker's) ---------------------------------------
@@ -202,7 +196,7 @@ class WorkerCache:
     ) -> Payload | None:
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
-            status, data = await self._from_peer(owner, key)
+            status, data = await self.peers.fetch(owner, key)
             if status != MISSING:
                 return data
             self.state.drop_hint(key)
@@ -211,8 +205,8 @@ class WorkerCache:
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
         for _ in range(2):
             try:
-                (decision,) = await run_on(self.loop, self.index.acquire([key], unreachable))
-            except _UNAVAILABLE as err:
+                decision = await run_on(self.loop, self.index.acquire_one(key, unreachable))
+            except UNAVAILABLE as err:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
             if decision.kind == FETCH:
@@ -220,38 +214,10 @@ class WorkerCache:
             unreachable = decision.address
             if self.state.peer_failed_lately(decision.address):
                 continue
-            status, data = await self._from_peer(decision.address, key)
+            status, data = await self.peers.fetch(decision.address, key)
             if status != MISSING:
                 return data
         return await self._read_source_uncached(read_source)
-
-    async def _from_peer(self, address: str, key: str) -> tuple[str, Payload | None]:
-        """Ask peer ``address`` for ``key``.
-
-        Returns ``(OK, bytes)``, ``(ABSENT, None)`` if the source has no such key, or
-        ``(MISSING, None)`` if the peer could not serve it.
-        """
-        with context_meter.meter("zarr-cache-peer-fetch"):
-            try:
-                reply = await run_on(self.loop, self._peer_get(address, key))
-            except _UNAVAILABLE as err:
-                logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
-                if not isinstance(err, LoopBlockedError):
-                    self.state.peer_failed(address)
-                return MISSING, None
-        status = reply.get("status")
-        if status != OK:
-            return (ABSENT if status == ABSENT else MISSING), None
-        data = reply["data"]
-        if checksum(data) != reply["checksum"]:
-            logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
-            return MISSING, None
-        context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
-        self.state.served_by(key, address, len(data))
-        return OK, data
-
-    async def _peer_get(self, address: str, key: str) -> dict[str, Any]:
-        return await asyncio.wait_for(self.rpc(address).zarr_cache_get(key=key), self.timeout)
 
     async def _read_source_uncached(
         self, read_source: Callable[[], Awaitable[Payload | None]]
@@ -281,7 +247,10 @@ class WorkerCache:
             self.state.count(remote_reads=1, remote_bytes=len(data))
             if len(data) > self.settings.max_size or fetch.poisoned:
                 return data
-            crc = await asyncio.to_thread(self._write, key, data, fetch.seq)
+            epoch = self.state.epoch
+            if epoch is None or self._closed:
+                return data
+            crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, fetch.seq)
             if crc is None:
                 return data
             entry = LocalEntry(len(data), crc, created)
@@ -301,62 +270,6 @@ class WorkerCache:
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    def _write(self, key: str, data: Payload, seq: int) -> int | None:
-        """Write a cache file (in a thread); ``None`` if the disk would not take it."""
-        epoch = self.state.epoch
-        if epoch is None or self._closed or not self._ensure_disk():
-            return None
-        try:
-            crc = self.disk.write(key, data, epoch, seq)
-        except OSError as err:
-            self.state.count(disk_errors=1)
-            if is_disk_failure(err):
-                self._report_disk_trouble(err)
-            else:  # this object only (e.g. a name the filesystem refuses)
-                logger.debug("could not cache %r: %s", key, err)
-            return None
-        if self._disk_paused_until is not None:
-            self._disk_paused_until = None
-            self.counters.caching_disabled = 0
-            logger.warning("zarr cache directory %s takes writes again", self.disk.root)
-        return crc
-
-    def _ensure_disk(self) -> bool:
-        """Whether a write may be tried now: the directory is ours and not paused (thread)."""
-        with self._disk_lock:
-            if self._disk_refused:
-                return False
-            paused = self._disk_paused_until
-            if paused is not None and self.clock() < paused:
-                return False
-            if not self._disk_open:
-                try:
-                    self.disk.open()
-                except CacheDirectoryError as err:
-                    self._report_disk_trouble(err, permanent=True)
-                    return False
-                except OSError as err:
-                    self._report_disk_trouble(err)
-                    return False
-                self._disk_open = True
-            return True
-
-    def _report_disk_trouble(self, err: Exception, permanent: bool = False) -> None:
-        first = self.counters.caching_disabled == 0
-        self.counters.caching_disabled = 1
-        if permanent:
-            self._disk_refused = True
-        else:
-            self._disk_paused_until = self.clock() + DISK_RETRY
-        if first:
-            logger.warning(
-                "zarr cache on %s cannot write %s (%s); reading through to the source%s",
-                self.address,
-                self.disk.root,
-                err,
-                "" if permanent else f", trying again every {DISK_RETRY:g} s",
-            )
-
     async def _delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         if keys:
@@ -366,7 +279,7 @@ class WorkerCache:
     async def _commit(self, item: Item) -> None:
         try:
             reply = await self.index.commit(self.settings.max_size, [item])
-        except _UNAVAILABLE as err:
+        except UNAVAILABLE as err:
             logger.debug("zarr cache commit of %s failed: %s", item.key, err)
             return
         await self._delete(self.state.remove(reply.evicted, evicted=True))
@@ -376,7 +289,7 @@ class WorkerCache:
     async def _abandon(self, key: str) -> None:
         try:
             await self.index.abandon([key])
-        except _UNAVAILABLE as err:
+        except UNAVAILABLE as err:
             logger.debug("zarr cache abandon of %s failed: %s", key, err)
 
     async def _register(self, index: IndexClient) -> None:
@@ -390,7 +303,7 @@ class WorkerCache:
 
         The first call also decides which files found on disk at start may be served.
         """
-        epoch, seq = self._sync_position()
+        epoch, seq = self.state.sync_position()
         sent_at = self.clock()
         raw = await asyncio.wait_for(
             self.scheduler.zarr_cache_sync(worker=self.address, epoch=epoch, seq=seq),
@@ -405,68 +318,15 @@ class WorkerCache:
         elif reply.epoch == self.state.epoch or self.state.epoch is None:
             for _seq, keys, prefixes in reply.invalidations:
                 doomed += self.state.invalidate(keys, prefixes)
-        doomed += self._verify_unverified(reply)
+        with self.state.lock:
+            files, self.state.unverified = list(self.state.unverified.values()), {}
+        good, bad = verify_files(files, reply.epoch, reply.invalidations)
+        self.state.adopt(good)
+        doomed += bad
         doomed += self.state.synced(reply.epoch, reply.seq, sent_at)
         await self._delete(doomed)
 
-    def _sync_position(self) -> tuple[bytes | None, int]:
-        """Where this worker's history stands; before the first sync, its oldest file's."""
-        with self.state.lock:
-            if self.state.epoch is not None or not self.state.unverified:
-                return self.state.epoch, self.state.applied_seq
-            oldest = min(self.state.unverified.values(), key=lambda f: f.seq)
-            return oldest.epoch, oldest.seq
-
-    def _verify_unverified(self, reply: SyncReply) -> list[str]:
-        """Adopt the files found at start that no later write replaced; the rest go."""
-        with self.state.lock:
-            files, self.state.unverified = list(self.state.unverified.values()), {}
-        if not files:
-            return []
-        history = reply.invalidations
-        good = [
-            f
-            for f in files
-            if f.epoch == reply.epoch
-            and history is not None
-            and not any(s > f.seq and matcher(k, p)(f.key) for s, k, p in history)
-        ]
-        self.state.adopt(good)
-        kept = {f.key for f in good}
-        return [f.key for f in files if f.key not in kept]
-
     # -- handlers for peers and the scheduler (worker loop) --------------------------------
-    async def handle_get(self, key: str) -> dict[str, Any]:
-        """Serve a cached object, or the result of its in-flight fetch, to a peer.
-
-        Only keys in this cache are served; anything else gets ``{"status": "missing"}``.
-        """
-        if not self.state.can_serve():
-            return {"status": MISSING}
-        fetch = self.state.inflight(key)
-        if fetch is not None:
-            try:
-                data = await asyncio.wait_for(asyncio.wrap_future(fetch.future), self.timeout * 10)
-            except Exception:
-                return {"status": MISSING}
-            if data is None:
-                return {"status": ABSENT}
-            return self._peer_reply(None, data, checksum(data))
-        entry, expired = self.state.lookup(key)
-        if expired:
-            await self._delete([key])
-        if entry is None:
-            return {"status": MISSING}
-        data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
-        if data is None:
-            self.state.remove_copy(key, entry.tag)
-            return {"status": MISSING}
-        return self._peer_reply(key, data, entry.checksum)
-
-    def _peer_reply(self, key: str | None, data: Payload, crc: int) -> dict[str, Any]:
-        self.state.record_served(key, len(data))
-        return {"status": OK, "data": to_serialize(data), "checksum": crc}
-
     async def handle_invalidate(self, seq: int, keys: bytes, prefixes: bytes) -> int:
         """Apply write ``seq``: drop matching files, poison matching fetches in flight.
 
@@ -502,7 +362,7 @@ class WorkerCache:
         async with self._flush_lock:
             try:
                 await self.sync()
-            except _UNAVAILABLE as err:
+            except UNAVAILABLE as err:
                 logger.debug("zarr cache could not reach the scheduler: %s", err)
             await self._delete(self.state.expired_keys())
             accessed, dropped = self.state.take_reports()
@@ -512,7 +372,7 @@ class WorkerCache:
                 return  # nothing verified to register yet
             try:
                 reply = await self.index.touch(accessed, dropped)
-            except _UNAVAILABLE:
+            except UNAVAILABLE:
                 return
             if not reply.known:
                 self.index.reset()

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from dask_zarr_cache._config import CacheSettings
-from dask_zarr_cache._index import IndexActor
+from dask_zarr_cache._index_actor import IndexActor
 from dask_zarr_cache._invalidation import InvalidationLog
 from dask_zarr_cache._protocol import SyncReply, pack
 from dask_zarr_cache._worker import WorkerCache

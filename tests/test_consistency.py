@@ -205,7 +205,9 @@ class WorkerProcesses:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {})}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # Tasks defined in this module unpickle in the workers: they need the checkout.
+        self.env = {**os.environ, "PYTHONPATH": root, **(env or {})}
         self.workers: dict[str, subprocess.Popen] = {}
         self.scheduler = self._spawn(
             ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
@@ -391,3 +393,92 @@ def test_reregistering_while_reading_leaves_disk_and_index_in_step(s3, s3_path):
 
 def _files_on_disk(dask_worker):
     return {f.key: f.size for f in dask_worker.extensions["zarr_cache"].disk.scan()}
+
+
+# -- every legal key, and the cache's own folders ------------------------------------------
+ODD_KEYS = [
+    "",  # the root itself
+    "a",
+    "a/b",  # "a" is both an object and a prefix
+    ".hidden/.tmp-1",
+    "..a/b../...",
+    "ünïcödé/ключ/鍵",
+    "tab\there/new\nline",
+    "back\\slash#hash%percent",
+    "x" * 300,  # one component over 255 bytes
+    "/".join(["d" * 200] * 21),  # over 4 KiB in all (S3 refuses keys over 1 KiB)
+]
+
+
+def _outcome(coro_fn):
+    try:
+        value = zarr.core.sync.sync(coro_fn())
+    except Exception as err:
+        return "error", type(err).__name__
+    return "ok", None if value is None else value.to_bytes()
+
+
+def _key_outcomes(store, keys):
+    """What set, get (twice: source then cache), delete, get does for each key."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.buffer.cpu import Buffer
+
+    proto = default_buffer_prototype()
+    out = {}
+    for i, key in enumerate(keys):
+        value = Buffer.from_bytes(f"value {i} of {key[:20]!r}".encode())
+        steps = [
+            _outcome(lambda: store.set(key, value)),  # noqa: B023
+            _outcome(lambda: store.get(key, proto)),  # noqa: B023
+            _outcome(lambda: store.get(key, proto)),  # noqa: B023
+            _outcome(lambda: store.delete(key)),  # noqa: B023
+            _outcome(lambda: store.get(key, proto)),  # noqa: B023
+        ]
+        out[key] = steps
+    return out
+
+
+@pytest.mark.parametrize("source_kind", ["s3", "memory"])
+def test_every_legal_key_works_as_through_the_source(s3, s3_path, client, source_kind):
+    def source(suffix):
+        if source_kind == "memory":
+            return MemoryStore()
+        return s3_store(s3, f"{s3_path}-{suffix}")
+
+    expected = _key_outcomes(source("plain"), ODD_KEYS)
+    assert expected["a/b"][2] == ("ok", expected["a/b"][1][1])  # the keys really work
+    cached_outside = ClusterCacheStore(source("client"))
+    assert _key_outcomes(cached_outside, ODD_KEYS) == expected
+    in_task = ClusterCacheStore(source("task"))
+    worker = workers_of(client)[0]
+    got = client.submit(_key_outcomes, in_task, ODD_KEYS, workers=[worker], pure=False).result()
+    assert got == expected
+    if source_kind == "s3":
+        stats = cluster_stats(client)["workers"][worker]
+        assert stats["hits"] > 0  # the second get came from the cache
+
+
+def test_pointing_directory_at_a_data_folder_loses_nothing(s3, s3_path, tmp_path):
+    from dask_zarr_cache._config import CacheSettings, worker_directory
+
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "results.nc").write_bytes(b"precious")
+    # A folder that happens to sit where worker 0's cache would go, with someone's files.
+    settings = CacheSettings.from_arguments(directory=data)
+    taken = data / os.path.basename(worker_directory(settings, 0, ""))
+    taken.mkdir()
+    (taken / "notes.txt").write_text("also precious")
+    write_array(s3, s3_path, V1, chunks=(16, 16))
+    with cache_cluster(n_workers=2, directory=data) as (_cluster, client):
+        store = cached(s3, s3_path)
+        for _ in range(2):
+            np.testing.assert_array_equal(read_all(store, client), V1)
+        stats = cluster_stats(client)["workers"]
+        names = {a: _name_of(client, a) for a in stats}
+        refused = next(a for a, n in names.items() if n == 0)
+        assert stats[refused]["caching_disabled"] == 1 and stats[refused]["entries"] == 0
+        assert sum(s["entries"] for s in stats.values()) > 0  # the other worker caches
+    assert (data / "results.nc").read_bytes() == b"precious"
+    assert (taken / "notes.txt").read_text() == "also precious"
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]

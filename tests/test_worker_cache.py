@@ -249,3 +249,23 @@ async def test_register_reports_only_verified_files(net, clock, tmp_path):
     a.index.reset()
     await a.flush()
     assert net.index.index.owner(K) == A
+
+
+async def test_concurrent_misses_share_one_index_call(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    before = net.index_calls("acquire")
+    keys = [f"ns\x00data.zarr/c/{i}" for i in range(20)]
+    values = await asyncio.gather(*(a.get(k, Source(k.encode())) for k in keys))
+    assert values == [k.encode() for k in keys]
+    assert net.index_calls("acquire") == before + 1
+    await asyncio.sleep(0.01)
+    assert all(net.index.index.owner(k) == A for k in keys)
+
+
+async def test_a_cancelled_miss_gives_its_claim_back(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    task = asyncio.ensure_future(a.index.acquire_one(K))
+    await asyncio.sleep(0)  # queued in the batch, not yet sent
+    task.cancel()
+    await asyncio.sleep(0.01)
+    assert net.index.index.pending_count == 0

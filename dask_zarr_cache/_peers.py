@@ -1,0 +1,124 @@
+"""Peer transfer: asking another worker for an object, and answering such requests.
+
+Bytes travel as ``to_serialize(memoryview)`` (one frame, no copy) with their CRC32C,
+which the receiver verifies.  A peer serves only what it holds now, or the result of its
+fetch in flight (cluster-wide single-flight), and only while it may serve at all (see
+``LocalState.can_serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from distributed.metrics import context_meter
+from distributed.protocol import to_serialize
+
+from dask_zarr_cache._disk import checksum
+from dask_zarr_cache._index_client import IndexUnavailableError
+from dask_zarr_cache._loops import LoopBlockedError, run_on
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dask_zarr_cache._disk import DiskCache
+    from dask_zarr_cache._local import LocalState, Payload
+
+__all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers"]
+
+logger = logging.getLogger(__name__)
+
+#: Answers of ``zarr_cache_get``: bytes follow; the source has no such key; not served.
+OK, ABSENT, MISSING = "ok", "absent", "missing"
+#: What makes the cache give up on the index or a peer and read the source instead.
+UNAVAILABLE = (IndexUnavailableError, LoopBlockedError, OSError, TimeoutError)
+
+
+class Peers:
+    """One worker's side of peer transfers.
+
+    Parameters
+    ----------
+    state : LocalState
+        This worker's bookkeeping.
+    disk : DiskCache
+        This worker's files.
+    rpc : callable
+        ``rpc(address)`` to a peer, usable on ``loop``.
+    loop : asyncio.AbstractEventLoop
+        The worker's event loop.
+    timeout : float
+        Seconds to wait for a peer.
+
+    """
+
+    def __init__(
+        self,
+        state: LocalState,
+        disk: DiskCache,
+        rpc: Callable[[str], Any],
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+    ) -> None:
+        self.state, self.disk, self.rpc, self.loop, self.timeout = state, disk, rpc, loop, timeout
+
+    async def fetch(self, address: str, key: str) -> tuple[str, Payload | None]:
+        """Ask peer ``address`` for ``key`` (from any loop).
+
+        Returns ``(OK, bytes)``, ``(ABSENT, None)`` if the source has no such key, or
+        ``(MISSING, None)`` if the peer could not serve it (a peer that did not answer is
+        not asked again for a while).
+        """
+        with context_meter.meter("zarr-cache-peer-fetch"):
+            try:
+                reply = await run_on(self.loop, self._get(address, key))
+            except UNAVAILABLE as err:
+                logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
+                if not isinstance(err, LoopBlockedError):
+                    self.state.peer_failed(address)
+                return MISSING, None
+        status = reply.get("status")
+        if status != OK:
+            return (ABSENT if status == ABSENT else MISSING), None
+        data = reply["data"]
+        if checksum(data) != reply["checksum"]:
+            logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
+            return MISSING, None
+        context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
+        self.state.served_by(key, address, len(data))
+        return OK, data
+
+    async def _get(self, address: str, key: str) -> dict[str, Any]:
+        return await asyncio.wait_for(self.rpc(address).zarr_cache_get(key=key), self.timeout)
+
+    async def serve(self, key: str) -> dict[str, Any]:
+        """Handler ``zarr_cache_get``: a cached object, or its fetch in flight, to a peer.
+
+        Only keys in this cache are served; anything else gets ``{"status": "missing"}``.
+        """
+        if not self.state.can_serve():
+            return {"status": MISSING}
+        fetch = self.state.inflight(key)
+        if fetch is not None:
+            try:
+                data = await asyncio.wait_for(asyncio.wrap_future(fetch.future), self.timeout * 10)
+            except Exception:
+                return {"status": MISSING}
+            if data is None:
+                return {"status": ABSENT}
+            return self._reply(None, data, checksum(data))
+        entry, expired = self.state.lookup(key)
+        if expired:
+            await asyncio.to_thread(self.disk.delete, key)
+        if entry is None:
+            return {"status": MISSING}
+        data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
+        if data is None:
+            self.state.remove_copy(key, entry.tag)
+            return {"status": MISSING}
+        return self._reply(key, data, entry.checksum)
+
+    def _reply(self, key: str | None, data: Payload, crc: int) -> dict[str, Any]:
+        self.state.record_served(key, len(data))
+        return {"status": OK, "data": to_serialize(data), "checksum": crc}

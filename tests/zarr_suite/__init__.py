@@ -1,0 +1,1 @@
+"""Run zarr-python's own test suite through ``ClusterCacheStore`` (see ``run.py``)."""
