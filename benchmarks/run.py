@@ -26,7 +26,7 @@ from distributed import Client
 from zarr.storage import FsspecStore
 
 from benchmarks import _micro, _stores
-from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
+from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, warm
 from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,7 +139,21 @@ def run_paths(args: argparse.Namespace, scratch: str) -> tuple[list[PathResult],
                     result.correct &= ok
                 results.append(result)
                 print(f"  {name}: {[f'{s:.2f}' for s in result.seconds]} s", flush=True)
+            info["warm"] = _time_warm(s3, client, data, args)
     return results, info
+
+
+def _time_warm(s3: LocalS3Server, client: Client, data: np.ndarray, args) -> dict[str, float]:
+    """``warm()`` of a second copy of the dataset: what it costs next to a cold pass."""
+    s3.latency = 0
+    url = f"s3://{PATH}-copy"
+    options = tuple(sorted(s3.storage_options.items()))
+    target = FsspecStore.from_url(url, storage_options=dict(options))
+    zarr.create_array(target, shape=data.shape, chunks=(args.chunk,) * 2, dtype="f4")[...] = data
+    s3.latency = args.latency_ms / 1000
+    report = warm(client, ClusterCacheStore(_stores.plain(url, options)), progress=False)
+    print(f"  warm(): {report}", flush=True)
+    return {"seconds": report.seconds, "gets": report.gets, "chunks": report.chunks}
 
 
 def ratios(results: list[PathResult]) -> dict[str, float]:
@@ -227,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         paths_markdown(results, args),
         "## Ratios",
         "\n".join(f"- {k}: **{v:.2f}**" for k, v in measured.items()),
+        "## Warm-up",
+        f"`warm()` of a second copy of the dataset ({info['warm']['chunks']} objects, "
+        f"{info['warm']['gets']} GETs): **{info['warm']['seconds']:.2f} s**, against "
+        f"{next(r for r in results if r.name == 'dask-zarr-cache').seconds[0]:.2f} s for "
+        "the cold pass through the cache it replaces.",
     ]
     if not args.skip_micro:
         keys = [int(k) for k in args.micro_keys.split(",")]

@@ -12,6 +12,7 @@ from dask_zarr_cache._exceptions import (
 )
 from dask_zarr_cache._plugin import ZarrCachePlugin
 from dask_zarr_cache._store import ClusterCacheStore
+from dask_zarr_cache._warm import WarmReport, warm
 
 __all__ = [
     "CacheConfigError",
@@ -19,9 +20,11 @@ __all__ = [
     "ClusterCacheStore",
     "InvalidCacheKeyError",
     "InvalidationError",
+    "WarmReport",
     "ZarrCacheError",
     "ZarrCachePlugin",
     "cluster_stats",
+    "warm",
 ]
 
 __version__ = "0.2.0"

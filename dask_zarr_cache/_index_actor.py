@@ -62,6 +62,10 @@ class IndexActor:
         """See :meth:`CacheIndex.invalidate`; returns the number of entries dropped."""
         return len(self.index.invalidate(unpack(keys), unpack(prefixes)))
 
+    async def cached(self, keys: bytes) -> bytes:
+        """Whether each key has an entry (a ready copy on some worker)."""
+        return pack([key in self.index for key in unpack(keys)])
+
     async def summary(self) -> dict[str, object]:
         """Entries, pending fetches and per-worker budgets, for stats and tests."""
         return {

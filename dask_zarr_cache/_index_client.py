@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask.config
 from dask.utils import parse_timedelta
+from distributed.protocol.serialize import Serialized, deserialize
 
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._protocol import (
@@ -168,6 +169,10 @@ class IndexClient:
         """Apply a new TTL."""
         await self._call("configure", max_age_seconds)
 
+    async def cached(self, keys: list[str]) -> list[bool]:
+        """Whether each key is cached on some worker."""
+        return unpack(await self._call("cached", pack(keys)))
+
     async def summary(self) -> dict[str, Any]:
         """Entries, pending fetches and per-worker budgets."""
         return await self._call("summary")
@@ -230,4 +235,7 @@ class IndexClient:
             raise IndexUnavailableError(f"index at {location['address']}: {err!r}") from err
         if reply.get("status") != "OK":
             raise IndexUnavailableError(f"index call {function} failed: {reply.get('exception')!r}")
-        return reply["result"]
+        result = reply["result"]
+        if isinstance(result, Serialized):  # the scheduler's rpc does not deserialize
+            result = deserialize(result.header, result.frames)
+        return result

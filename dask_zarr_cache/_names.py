@@ -34,4 +34,5 @@ SCHEDULER_HANDLERS = (
     "zarr_cache_sync",  # a worker catches up on writes (and renews its lease)
     "zarr_cache_invalidate",  # a writer announces a write
     "zarr_cache_stats",  # counters of every worker
+    "zarr_cache_cached",  # which keys are cached (warm-up skips them)
 )

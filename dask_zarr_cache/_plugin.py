@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -93,7 +94,8 @@ class ZarrCachePlugin(SchedulerPlugin):
                 scheduler, self.settings
             )
         self._scheduler_state = state
-        await state.apply(self.settings, WorkerCachePlugin(self.settings))
+        if not state.installed or state.settings != self.settings:  # a new plugin or settings
+            await state.apply(self.settings, WorkerCachePlugin(self.settings))
         if scheduler.workers:  # have the index ready before the first read, if we can
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(state.ensure_index()), _INDEX_WAIT)
@@ -149,6 +151,10 @@ class WorkerCachePlugin(WorkerPlugin):
 
     async def setup(self, worker: Worker) -> None:
         """Start this worker's cache, or reconfigure the one running on the same directory."""
+        async with _setup_lock(worker):  # registrations may overlap; caches must not
+            await self._setup(worker)
+
+    async def _setup(self, worker: Worker) -> None:
         directory = worker_directory(self.settings, worker.name, worker.local_directory)
         old = worker_cache_of(worker)
         if old is not None and str(old.disk.root) == str(_absolute(directory)):
@@ -180,7 +186,19 @@ class WorkerCachePlugin(WorkerPlugin):
 
     async def teardown(self, worker: Worker) -> None:
         """Stop the cache; its files stay for the next setup on this directory."""
-        await _uninstall(worker)
+        async with _setup_lock(worker):
+            await _uninstall(worker)
+
+
+_setup_locks: weakref.WeakKeyDictionary[Worker, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _setup_lock(worker: Worker) -> asyncio.Lock:
+    """One lock per worker: a cache is fully set up or torn down before the next starts."""
+    lock = _setup_locks.get(worker)
+    if lock is None:
+        lock = _setup_locks[worker] = asyncio.Lock()
+    return lock
 
 
 async def _uninstall(worker: Worker) -> None:

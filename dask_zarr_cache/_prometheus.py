@@ -47,6 +47,7 @@ class PrometheusCollector:
 
     def collect(self) -> Iterator[Any]:
         """Yield metric families (called by prometheus_client on each scrape)."""
+        from distributed import Scheduler
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         per_worker: dict[str, dict[str, int]] = {}
@@ -54,7 +55,9 @@ class PrometheusCollector:
         for server in list(self.servers):
             if server.status.name not in ("running", "paused"):
                 continue
-            if history_of(server) is not None:  # a scheduler
+            if isinstance(server, Scheduler):
+                if history_of(server) is None:
+                    continue
                 counters = worker_counters(server)
                 per_worker.update(counters)
                 totals[server.address] = total_of(counters)

@@ -8,6 +8,7 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
   drop it from the index and every worker, return once no worker can serve the old bytes.
 - ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
+- ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
 The index is a Dask Actor created by an internal client of the scheduler on one worker.
 When that worker leaves, a new (empty) actor is created on another worker and workers
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -61,6 +63,7 @@ class ZarrCacheScheduler:
     def __init__(self, scheduler: Scheduler, settings: CacheSettings) -> None:
         self.scheduler = scheduler
         self.settings = settings
+        self.installed = False  # the worker plugin was registered with ``settings``
         self.log = InvalidationLog()
         self.location: dict[str, str] | None = None
         self.index = IndexClient("", None, scheduler.rpc, locate=self.locate_index)
@@ -77,6 +80,7 @@ class ZarrCacheScheduler:
                 "zarr_cache_sync": self.handle_sync,
                 "zarr_cache_invalidate": self.handle_invalidate,
                 "zarr_cache_stats": self.handle_stats,
+                "zarr_cache_cached": self.handle_cached,
             }
         )
         self.history = CacheHistory(scheduler)
@@ -87,6 +91,7 @@ class ZarrCacheScheduler:
     async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
         self.settings = settings
+        self.installed = True
         await self.scheduler.register_worker_plugin(
             comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
         )
@@ -334,6 +339,19 @@ class ZarrCacheScheduler:
 
         replies = await asyncio.gather(*(one(w) for w in targets))
         return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
+
+    async def handle_cached(self, keys: str) -> str:
+        """Whether each cache key has a ready copy on some worker: ``"0"``/``"1"`` each.
+
+        ``keys`` is a JSON list, and the reply a string: bytes between a client and the
+        scheduler arrive still serialized.  All ``"0"`` without an index.
+        """
+        key_list = json.loads(keys)
+        try:
+            cached = await self.index.cached(key_list)
+        except IndexUnavailableError:
+            cached = [False] * len(key_list)
+        return "".join("1" if c else "0" for c in cached)
 
     async def handle_stats(self) -> dict[str, Any]:
         """Counters of every worker, their totals, and the index's own summary."""

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from distributed import Worker, default_client, get_worker
-from distributed.core import rpc
 from zarr.abc.store import Store
-from zarr.storage import WrapperStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from dask_zarr_cache._exceptions import InvalidationError
+from dask_zarr_cache._announce import announce_write
+from dask_zarr_cache._exceptions import CacheConfigError, InvalidationError
 from dask_zarr_cache._keys import (
     SourceLocation,
     cache_key,
@@ -21,9 +19,7 @@ from dask_zarr_cache._keys import (
     validate_key,
     validate_namespace,
 )
-from dask_zarr_cache._loops import LoopBlockedError, run_on
-from dask_zarr_cache._plugin import worker_cache, worker_cache_of
-from dask_zarr_cache._protocol import pack
+from dask_zarr_cache._plugin import worker_cache
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable
@@ -79,6 +75,32 @@ class ClusterCacheStore(WrapperStore[Store]):
             self.location = SourceLocation(validate_namespace(namespace))
         else:
             self.location = source_location(store)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        read_only: bool = True,
+        *,
+        namespace: str | None = None,
+    ) -> ClusterCacheStore:
+        """Open the data at ``url`` (any fsspec URL zarr accepts, or a local path) cached.
+
+        Examples
+        --------
+        >>> xr.open_zarr(ClusterCacheStore.from_url("s3://bucket/data.zarr"))  # doctest: +SKIP
+
+        """
+        if "://" in url or "::" in url:
+            source: Store = FsspecStore.from_url(
+                url, storage_options=storage_options, read_only=read_only
+            )
+        elif storage_options:
+            raise CacheConfigError("storage_options are only used with fsspec URLs")
+        else:
+            source = LocalStore(url, read_only=read_only)
+        return cls(source, namespace=namespace)
 
     @property
     def namespace(self) -> str:
@@ -208,79 +230,17 @@ class ClusterCacheStore(WrapperStore[Store]):
             write.close()
             raise
         await write
-        clusters = _clusters()
-        if not clusters:
-            return  # no cluster reachable from here: writes behind the cache (TTL applies)
         ckeys = [ckey for k in keys if k and (ckey := cache_key(self.location, k))]
         cprefixes = [cache_prefix(self.location, p) for p in prefixes]
         if "" in keys:
             cprefixes.append(cache_prefix(self.location, ""))
-        for cluster in clusters:
-            try:
-                await cluster.announce(ckeys, cprefixes)
-            except Exception as err:
-                raise InvalidationError(_INVALIDATION_FAILED.format(err=err)) from err
+        try:
+            await announce_write(ckeys, cprefixes)
+        except Exception as err:
+            raise InvalidationError(_INVALIDATION_FAILED.format(err=err)) from err
 
 
 _INVALIDATION_FAILED = (
     "the write reached the source store, but the cluster's cache could not be told ({err}); "
     "workers may serve the old bytes until they expire"
 )
-
-
-@dataclass(frozen=True)
-class _Cluster:
-    """How this code reaches one cluster's scheduler: through a worker's or a client's loop."""
-
-    loop: asyncio.AbstractEventLoop
-    scheduler: Any
-    worker: Worker | None = None
-
-    async def announce(self, keys: list[str], prefixes: list[str]) -> None:
-        """Tell the scheduler about a write; returns once no worker serves the old bytes."""
-        packed = {"keys": pack(keys), "prefixes": pack(prefixes)}
-        try:
-            await run_on(self.loop, self.scheduler.zarr_cache_invalidate(**packed))
-            return
-        except LoopBlockedError:
-            if self.worker is None:
-                raise
-        # The worker's loop cannot carry this: its thread waits for this very write
-        # (zarr's sync API in an ``async def`` task), or this is a process forked from a
-        # task. Apply the write to this worker's cache here (if this is its process), and
-        # tell the scheduler over a connection of this loop's own.
-        cache = worker_cache_of(self.worker)
-        if cache is not None:
-            await cache.drop_written(keys, prefixes)
-        origin = None if cache is None else self.worker.address
-        args = self.worker.connection_args
-        async with rpc(self.scheduler.address, connection_args=args) as scheduler:
-            await scheduler.zarr_cache_invalidate(**packed, origin=origin)
-
-
-def _clusters() -> list[_Cluster]:
-    """Every cluster reachable from this code, once each.
-
-    A task's worker, else this process's client, else the workers in this process (a
-    thread started by a task has no task context).
-    """
-    try:
-        worker = get_worker()
-    except ValueError:
-        pass
-    else:
-        return [_Cluster(worker.loop.asyncio_loop, worker.scheduler, worker)]
-    try:
-        client = default_client()
-    except ValueError:
-        pass
-    else:
-        return [_Cluster(client.loop.asyncio_loop, client.scheduler)]
-    found: dict[str, _Cluster] = {}
-    for worker in list(Worker._instances):
-        if worker.status.name in ("running", "paused") and worker.scheduler is not None:
-            found.setdefault(
-                worker.scheduler.address,
-                _Cluster(worker.loop.asyncio_loop, worker.scheduler, worker),
-            )
-    return list(found.values())

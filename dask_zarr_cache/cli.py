@@ -1,4 +1,4 @@
-"""The ``dask-zarr-cache`` command: ``demo`` and ``stats``."""
+"""The ``dask-zarr-cache`` command: ``demo``, ``stats`` and ``warm``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,54 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit codes of ``warm`` besides 0 (done) and 2 (usage).
+EXIT_BAD_URL, EXIT_NO_SCHEDULER, EXIT_NO_PLUGIN = 3, 4, 5
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, true/false, null, JSON objects
+    except ValueError:
+        return key, value
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from distributed import Client
+
+    from dask_zarr_cache import ClusterCacheStore, ZarrCacheError, warm
+
+    try:
+        store = ClusterCacheStore.from_url(args.url, dict(args.storage_option) or None)
+        from dask_zarr_cache._warm import object_sizes
+
+        object_sizes(store, args.variable)  # a bad URL or variable fails here, clearly
+    except Exception as err:
+        print(f"dask-zarr-cache warm: cannot read {args.url}: {err}", file=sys.stderr)
+        return EXIT_BAD_URL
+    try:
+        client = Client(args.scheduler, timeout=args.timeout)
+    except OSError as err:
+        print(f"dask-zarr-cache warm: cannot reach {args.scheduler}: {err}", file=sys.stderr)
+        return EXIT_NO_SCHEDULER
+    with client:
+        try:
+            report = warm(
+                client,
+                store,
+                variables=args.variable,
+                concurrency=args.concurrency,
+                fit="trim" if args.trim else "refuse",
+            )
+        except ZarrCacheError as err:
+            print(f"dask-zarr-cache warm: {err}", file=sys.stderr)
+            return EXIT_NO_PLUGIN if "not registered" in str(err) else 1
+    print(report)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-zarr-cache`` command."""
     parser = argparse.ArgumentParser(
@@ -87,6 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.add_argument("--timeout", default="10s")
     stats.set_defaults(run=_stats)
+
+    warm = sub.add_parser("warm", help="fetch a dataset into the cluster cache before use")
+    warm.add_argument("url", help="fsspec URL or path of a zarr group or array")
+    warm.add_argument("--scheduler", required=True, help="scheduler address, e.g. tcp://h:8786")
+    warm.add_argument("--variable", action="append", help="array to warm (repeat); default all")
+    warm.add_argument(
+        "--storage-option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option (repeat); VALUE parsed as JSON when it can be",
+    )
+    warm.add_argument("--concurrency", type=int, default=8, help="source reads per worker")
+    warm.add_argument("--trim", action="store_true", help="warm what fits the free budget")
+    warm.add_argument("--timeout", default="10s", help="to reach the scheduler")
+    warm.set_defaults(run=_warm)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -144,3 +144,24 @@ def test_no_inherited_read_path_bypasses_the_cache():
     for name in reads:
         owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
         assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"
+
+
+def test_from_url_opens_fsspec_urls_and_local_paths(tmp_path):
+    import zarr
+
+    zarr.create_array(LocalStore(tmp_path / "a.zarr"), shape=(4,), dtype="i4")[...] = 7
+    for url in (str(tmp_path / "a.zarr"), f"file://{tmp_path}/a.zarr"):
+        store = ClusterCacheStore.from_url(url)
+        assert store.read_only
+        assert zarr.open_array(store, mode="r")[...].tolist() == [7] * 4
+    assert ClusterCacheStore.from_url(str(tmp_path / "a.zarr")).location == store.location
+    writable = ClusterCacheStore.from_url(f"file://{tmp_path}/a.zarr", read_only=False)
+    zarr.open_array(writable, mode="r+")[...] = 8
+    assert zarr.open_array(store, mode="r")[...].tolist() == [8] * 4
+
+
+def test_from_url_refuses_storage_options_for_a_local_path(tmp_path):
+    from dask_zarr_cache import CacheConfigError
+
+    with pytest.raises(CacheConfigError, match="storage_options"):
+        ClusterCacheStore.from_url(str(tmp_path), storage_options={"anon": True})

@@ -1,0 +1,256 @@
+"""``warm``: fetch a dataset (or part of it) into the cluster cache before it is read.
+
+The objects to fetch are listed on the client from the source's metadata (arrays of a
+group, or one array; optionally some variables and an index range per dimension), their
+sizes from one listing of the source. Objects the index already knows are skipped. The
+rest are spread over the workers by free budget, in tasks pinned to them; each worker
+reads at most ``concurrency`` objects at a time from the source, whatever its threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore
+
+from dask_zarr_cache._client import cluster_stats
+from dask_zarr_cache._exceptions import ZarrCacheError
+from dask_zarr_cache._keys import cache_key
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from distributed import Client
+
+    from dask_zarr_cache._store import ClusterCacheStore
+
+__all__ = ["WarmReport", "warm"]
+
+#: Objects per task: small enough for a steady progress bar, large enough to be cheap.
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class WarmReport:
+    """What :func:`warm` did."""
+
+    chunks: int  #: objects fetched into the cache now
+    bytes: int  #: their size at the source
+    gets: int  #: source reads the cluster made meanwhile (cluster-wide counter)
+    seconds: float
+    skipped: int  #: objects that were cached already
+    left_out: int  #: objects that did not fit the free budget (``fit="trim"``)
+
+    def __str__(self) -> str:
+        return (
+            f"warmed {self.chunks} objects ({self.bytes / 2**20:.1f} MiB) in "
+            f"{self.seconds:.1f} s with {self.gets} GETs; {self.skipped} already cached"
+            + (f"; {self.left_out} left out (over the free budget)" if self.left_out else "")
+        )
+
+
+def warm(
+    client: Client,
+    store: ClusterCacheStore,
+    variables: Sequence[str] | None = None,
+    selection: Mapping[str, slice] | None = None,
+    *,
+    concurrency: int = 8,
+    fit: str = "refuse",
+    progress: bool = True,
+) -> WarmReport:
+    """Fetch the objects of ``store`` (or some of them) into the cluster cache.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A client of a cluster with :class:`~dask_zarr_cache.ZarrCachePlugin`.
+    store : ClusterCacheStore
+        The data, rooted at a group or an array.
+    variables : list of str, optional
+        Names (or paths) of the arrays to warm; default all.
+    selection : dict, optional
+        Index range per dimension name, e.g. ``{"time": slice(0, 24)}``; arrays without
+        that dimension are warmed whole.
+    concurrency : int
+        Source reads in flight per worker at most.
+    fit : {"refuse", "trim"}
+        When the objects do not fit the cluster's free budget: raise, or warm what fits
+        (in order) and report the rest as ``left_out``.
+    progress : bool
+        Show a progress bar (terminal or Jupyter).
+
+    Raises
+    ------
+    ZarrCacheError
+        If the plugin is not registered, or (``fit="refuse"``) the objects do not fit.
+
+    """
+    if fit not in ("refuse", "trim") or concurrency < 1:
+        raise ValueError("fit must be 'refuse' or 'trim' and concurrency at least 1")
+    start = time.perf_counter()
+    stats = cluster_stats(client)
+    sizes = object_sizes(store, variables, selection)
+    ckeys = json.dumps([cache_key(store.location, k) for k in sizes])
+    cached = [c == "1" for c in client.sync(_cached, client, ckeys)]
+    todo = {k: n for (k, n), hit in zip(sizes.items(), cached, strict=True) if not hit}
+    free = {
+        addr: max(0, w["capacity"] - w["used"])
+        for addr, w in ((stats.get("index") or {}).get("workers") or {}).items()
+        if addr in stats["workers"]
+    }
+    plan, left_out = _spread(todo, free)
+    if left_out and fit == "refuse":
+        raise ZarrCacheError(
+            f"the selection needs {sum(todo.values()) / 2**20:.1f} MiB but the cluster's "
+            f"caches have {sum(free.values()) / 2**20:.1f} MiB free; warm fewer variables or "
+            "a smaller selection, or pass fit='trim' to warm what fits"
+        )
+    futures = [
+        client.submit(_fetch, store, batch, concurrency, workers=[addr], pure=False)
+        for addr, keys in plan.items()
+        for batch in (keys[i : i + BATCH] for i in range(0, len(keys), BATCH))
+    ]
+    try:
+        if progress and futures:
+            from distributed import progress as show_progress
+
+            show_progress(futures)
+        fetched = sum(client.gather(futures))
+    except BaseException:
+        client.cancel(futures)  # Ctrl-C: running reads finish and are kept, the rest stop
+        raise
+    after = cluster_stats(client)["total"]
+    return WarmReport(
+        chunks=fetched,
+        bytes=sum(todo[k] for keys in plan.values() for k in keys),
+        gets=after["remote_reads"] - stats["total"]["remote_reads"],
+        seconds=time.perf_counter() - start,
+        skipped=len(sizes) - len(todo),
+        left_out=len(left_out),
+    )
+
+
+async def _cached(client: Client, keys: str) -> str:
+    reply = await client.scheduler.zarr_cache_cached(keys=keys)
+    if reply is None:
+        raise ZarrCacheError("ZarrCachePlugin is not registered on this cluster")
+    return reply
+
+
+def _spread(sizes: dict[str, int], free: dict[str, int]) -> tuple[dict[str, list[str]], list[str]]:
+    """Give each object to the worker with the most free budget left; the rest are left out."""
+    plan: dict[str, list[str]] = {addr: [] for addr in free}
+    room = dict(free)
+    left_out = []
+    for key, size in sizes.items():
+        addr = max(room, key=room.__getitem__, default=None)
+        if addr is None or room[addr] < size:
+            left_out.append(key)
+            continue
+        plan[addr].append(key)
+        room[addr] -= size
+    return {a: keys for a, keys in plan.items() if keys}, left_out
+
+
+def _fetch(store: ClusterCacheStore, keys: Sequence[str], concurrency: int) -> int:
+    """Read ``keys`` through the cache on this worker (a task); returns how many exist."""
+
+    async def fetch_all() -> int:
+        limit = _worker_limit(concurrency)
+
+        async def one(key: str) -> bool:
+            async with limit:
+                return await store.get(key, default_buffer_prototype()) is not None
+
+        return sum(await asyncio.gather(*(one(k) for k in keys)))
+
+    return zarr.core.sync.sync(fetch_all())
+
+
+_limits: dict[tuple[int, int], asyncio.Semaphore] = {}
+
+
+def _worker_limit(concurrency: int) -> asyncio.Semaphore:
+    """One semaphore per process (and zarr loop): every task of the worker shares it."""
+    key = (os.getpid(), concurrency)
+    if key not in _limits:
+        _limits[key] = asyncio.Semaphore(concurrency)
+    return _limits[key]
+
+
+# -- which objects ------------------------------------------------------------------------
+def object_sizes(
+    store: ClusterCacheStore,
+    variables: Sequence[str] | None = None,
+    selection: Mapping[str, slice] | None = None,
+) -> dict[str, int]:
+    """Keys and source sizes of the stored objects (chunks or shards) to warm.
+
+    Objects that do not exist at the source (never written: fill value) are left out.
+    """
+    node = zarr.open(store._store, mode="r")
+    if isinstance(node, zarr.Array):
+        arrays = [node]
+    else:
+        arrays = [a for _, a in node.members(max_depth=None) if isinstance(a, zarr.Array)]
+    if variables is not None:
+        wanted = set(variables)
+        arrays = [a for a in arrays if a.path in wanted or a.basename in wanted]
+        missing = wanted - {a.path for a in arrays} - {a.basename for a in arrays}
+        if missing:
+            raise ZarrCacheError(f"no such variables in {store}: {sorted(missing)}")
+    keys = [k for a in arrays for k in _array_keys(a, selection or {})]
+    existing = _source_sizes(store._store)
+    return {k: existing[k] for k in keys if k in existing}
+
+
+def _array_keys(arr: zarr.Array, selection: Mapping[str, slice]) -> list[str]:
+    grid = arr.shards or arr.chunks
+    dims = _dimension_names(arr)
+    ranges = []
+    for size, step, dim in zip(arr.shape, grid, dims, strict=True):
+        window = selection.get(dim, slice(None)) if dim else slice(None)
+        lo, hi, _ = window.indices(size)
+        ranges.append(range(lo // step, math.ceil(hi / step)) if hi > lo else range(0))
+    prefix = f"{arr.path}/" if arr.path else ""
+    encode = arr.metadata.encode_chunk_key
+    return [prefix + encode(coords) for coords in itertools.product(*ranges)]
+
+
+def _dimension_names(arr: zarr.Array) -> list[str | None]:
+    names = getattr(arr.metadata, "dimension_names", None)
+    if names is None:
+        names = arr.attrs.get("_ARRAY_DIMENSIONS")  # zarr v2 written by xarray
+    return list(names) if names else [None] * arr.ndim
+
+
+def _source_sizes(source: Any) -> dict[str, int]:
+    """Every object of the source with its size, in one listing where the store allows."""
+    if isinstance(source, FsspecStore):
+        root = source.path.rstrip("/")
+        found = zarr.core.sync.sync(source.fs._find(root, detail=True))
+        return {p[len(root) + 1 :]: int(info["size"]) for p, info in found.items()}
+    if isinstance(source, LocalStore):
+        root = str(source.root)
+        return {
+            os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"): os.path.getsize(
+                os.path.join(d, f)
+            )
+            for d, _, files in os.walk(root)
+            for f in files
+        }
+
+    async def listing() -> dict[str, int]:
+        return {k: await source.getsize(k) async for k in source.list()}
+
+    return zarr.core.sync.sync(listing())

@@ -1,0 +1,135 @@
+"""Warming a dataset cluster-wide (``warm`` and ``dask-zarr-cache warm``) on real parts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import LocalCluster
+
+from dask_zarr_cache import ClusterCacheStore, ZarrCacheError, cluster_stats, warm
+from dask_zarr_cache.cli import EXIT_BAD_URL, EXIT_NO_PLUGIN, EXIT_NO_SCHEDULER
+from tests.conftest import cache_cluster, chunk_gets, read_all, s3_store, write_array
+
+
+def write_dataset(s3, path):
+    rng = np.random.default_rng(7)
+    ds = xr.Dataset(
+        {
+            "temp": (("time", "x"), rng.random((48, 64))),
+            "wind": (("time", "x"), rng.random((48, 64))),
+        },
+        coords={"time": np.arange(48), "x": np.arange(64)},
+    )
+    ds.chunk({"time": 8, "x": 32}).to_zarr(s3_store(s3, path), mode="w", consolidated=False)
+    return ds
+
+
+def from_url(s3, path) -> ClusterCacheStore:
+    return ClusterCacheStore.from_url(f"s3://{path}", storage_options=s3.storage_options)
+
+
+def test_after_warm_a_full_read_makes_no_gets(s3, s3_path, client):
+    ds = write_dataset(s3, s3_path)
+    store = from_url(s3, s3_path)
+    s3.reset_counts()
+    report = warm(client, store, progress=False)
+    gets = chunk_gets(s3, s3_path)
+    data_objects = {k: n for k, n in gets.items() if k.split("/")[2] in ("temp", "wind")}
+    assert len(data_objects) == 2 * 6 * 2
+    assert report.chunks == len(gets) == 24 + 2  # and the coordinates "time" and "x"
+    assert set(gets.values()) == {1}  # every object fetched exactly once
+    assert report.skipped == 0 and report.gets == len(gets)
+    s3.reset_counts()
+    opened = xr.open_zarr(store, consolidated=False)
+    np.testing.assert_allclose(client.compute(opened.temp.sum()).result(), ds.temp.sum())
+    np.testing.assert_allclose(client.compute(opened.wind.sum()).result(), ds.wind.sum())
+    # Every read in the cluster came from its disks; only xarray's index coordinates,
+    # loaded by open_zarr in this (client) process, went to the source.
+    assert sorted(chunk_gets(s3, s3_path)) == [f"{s3_path}/time/c/0", f"{s3_path}/x/c/0"]
+    s3.reset_counts()
+    again = warm(client, store, progress=False)
+    assert again.chunks == 0 and again.skipped == report.chunks and again.gets == 0
+    assert chunk_gets(s3, s3_path) == {}
+
+
+def test_warm_only_some_variables_and_a_time_range(s3, s3_path, client):
+    write_dataset(s3, s3_path)
+    s3.reset_counts()
+    report = warm(
+        client,
+        from_url(s3, s3_path),
+        variables=["temp"],
+        selection={"time": slice(8, 24)},
+        progress=False,
+    )
+    fetched = sorted(chunk_gets(s3, s3_path))
+    assert report.chunks == 2 * 2  # time chunks 1 and 2, both x chunks
+    assert fetched == [f"{s3_path}/temp/c/{t}/{x}" for t in (1, 2) for x in (0, 1)]
+    with pytest.raises(ZarrCacheError, match="no such variables"):
+        warm(client, from_url(s3, s3_path), variables=["pressure"], progress=False)
+
+
+def test_a_selection_bigger_than_the_budget_is_refused_or_trimmed(s3, s3_path):
+    data = np.random.default_rng(3).random((64, 64))
+    write_array(s3, s3_path, data, chunks=(16, 16), compressors=None)  # 16 x 2 KiB
+    with cache_cluster(n_workers=2, max_size=5 * 2048) as (_cluster, client):
+        store = from_url(s3, s3_path)
+        s3.reset_counts()
+        with pytest.raises(ZarrCacheError, match="fit='trim'"):
+            warm(client, store, progress=False)
+        assert chunk_gets(s3, s3_path) == {}  # refused up front: nothing fetched
+        report = warm(client, store, fit="trim", progress=False)
+        assert report.chunks == 10 and report.left_out == 6
+        stats = cluster_stats(client)
+        assert all(w["bytes"] <= 5 * 2048 for w in stats["workers"].values())
+        assert stats["total"]["entries"] == 10
+        np.testing.assert_array_equal(read_all(store, client), data)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "dask_zarr_cache.cli", "warm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def storage_options(s3) -> list[str]:
+    return [f"--storage-option={k}={v}" for k, v in s3.storage_options.items()]
+
+
+def test_cli_warms_and_reports(s3, s3_path, client):
+    write_dataset(s3, s3_path)
+    s3.reset_counts()
+    done = run_cli(
+        f"s3://{s3_path}",
+        "--scheduler",
+        client.scheduler.address,
+        "--variable",
+        "wind",
+        *storage_options(s3),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warmed 12 objects" in done.stdout
+    assert len([k for k in chunk_gets(s3, s3_path) if "/wind/c/" in k]) == 12
+
+
+def test_cli_says_what_is_wrong(s3, s3_path, client):
+    write_dataset(s3, s3_path)
+    bad_url = run_cli(f"s3://{s3_path}-nope", "--scheduler", client.scheduler.address,
+                      *storage_options(s3))  # fmt: skip
+    assert bad_url.returncode == EXIT_BAD_URL and "cannot read" in bad_url.stderr
+    unreachable = run_cli(f"s3://{s3_path}", "--scheduler", "tcp://127.0.0.1:9",
+                          "--timeout", "2s", *storage_options(s3))  # fmt: skip
+    assert unreachable.returncode == EXIT_NO_SCHEDULER and "cannot reach" in unreachable.stderr
+    with LocalCluster(
+        n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    ) as cluster:
+        plain = run_cli(f"s3://{s3_path}", "--scheduler", cluster.scheduler_address,
+                        *storage_options(s3))  # fmt: skip
+    assert plain.returncode == EXIT_NO_PLUGIN and "not registered" in plain.stderr
