@@ -130,7 +130,7 @@ async def _timed_gets(source: str, keys: list[str], in_flight: int, raw: bool, d
                 reply = await dask_worker.rpc(source).bench_raw_get(key=key)
                 total += len(reply["data"])
             else:
-                reply = await cache._peer_get(source, key)
+                reply = await cache.peers.request(source, key)
                 assert reply["status"] == "ok"
                 total += len(reply["data"])
 

@@ -72,7 +72,7 @@ class Peers:
         """
         with context_meter.meter("zarr-cache-peer-fetch"):
             try:
-                reply = await run_on(self.loop, self._get(address, key))
+                reply = await run_on(self.loop, self.request(address, key))
             except UNAVAILABLE as err:
                 logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
                 if not isinstance(err, LoopBlockedError):
@@ -89,7 +89,8 @@ class Peers:
         self.state.served_by(key, address, len(data))
         return OK, data
 
-    async def _get(self, address: str, key: str) -> dict[str, Any]:
+    async def request(self, address: str, key: str) -> dict[str, Any]:
+        """The raw ``zarr_cache_get`` reply of ``address`` (worker loop)."""
         return await asyncio.wait_for(self.rpc(address).zarr_cache_get(key=key), self.timeout)
 
     async def serve(self, key: str) -> dict[str, Any]:
