@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dask_zarr_cache._invalidation import matcher
+from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._protocol import Item
 from dask_zarr_cache._stats import CacheCounters
 
@@ -99,6 +100,7 @@ class LocalState:
         self.lock = threading.Lock()
         # Insertion order is creation order: the TTL sweep walks it from the front.
         self.entries: dict[str, LocalEntry] = {}
+        self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
         self._inflight: dict[str, Fetch] = {}
         self._accessed: set[str] = set()
         self._dropped: dict[str, Item] = {}
@@ -200,14 +202,18 @@ class LocalState:
 
         Returns the keys whose files must be deleted.
         """
+        keys, prefixes = list(keys), tuple(prefixes)
         matches = matcher(keys, prefixes)
         with self.lock:
-            for key in [k for k in self._inflight if matches(k)]:
+            for key in [k for k in self._inflight if matches(k)]:  # few: loads in flight
                 self._inflight.pop(key).poisoned = True
-            unverified = [k for k in self.unverified if matches(k)]
+            unverified = [k for k in self.unverified if matches(k)]  # only before a sync
             for key in unverified:
                 del self.unverified[key]
-            doomed = [k for k in self.entries if matches(k)]
+            # Entries can be millions: look written keys up, scan only for prefixes.
+            doomed = [k for key in keys for k in (key, *self._ranges.get(key, ()))]
+            if prefixes:
+                doomed += [k for k in self.entries if k.startswith(prefixes)]
         return unverified + self.remove(doomed)
 
     def synced(self, epoch: bytes, seq: int, sent_at: float) -> list[str]:
@@ -265,6 +271,7 @@ class LocalState:
                 if entry is None:
                     continue
                 removed.append(key)
+                self._unlink_range(key)
                 self.counters.bytes -= entry.size
                 self.counters.evictions += evicted
                 self.counters.expired += expired
@@ -348,6 +355,14 @@ class LocalState:
             self._owner_hints = {k: a for k, a in self._owner_hints.items() if a != address}
 
     # -- internals (lock held) -------------------------------------------------------------
+    def _unlink_range(self, key: str) -> None:
+        base = base_key(key)
+        ranges = self._ranges.get(base) if base != key else None
+        if ranges is not None:
+            ranges.discard(key)
+            if not ranges:
+                del self._ranges[base]
+
     def _failed(self, address: str) -> bool:
         since = self._failed_peers.get(address)
         return since is not None and self.clock() - since < PEER_BACKOFF
@@ -361,5 +376,8 @@ class LocalState:
         if old is not None:
             self.counters.bytes -= old.size
         self.entries[key] = entry
+        base = base_key(key)
+        if base != key:
+            self._ranges.setdefault(base, set()).add(key)
         self.counters.bytes += entry.size
         self.counters.entries = len(self.entries)

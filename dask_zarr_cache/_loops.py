@@ -47,17 +47,22 @@ def check_loop(loop: asyncio.AbstractEventLoop) -> None:
     thread = getattr(loop, "_thread_id", None)
     if thread is None or thread == threading.get_ident():
         return
-    frames = sys._current_frames()
-    if thread not in frames:  # a process forked from a task: the loop stayed behind
+    # Never keep the dict of all frames in a local: it holds this very frame, and the
+    # cycle would keep every thread's locals alive until a garbage collection, which then
+    # runs their finalizers (zarr's own ZipFile included) on whatever thread it hits.
+    frame = sys._current_frames().get(thread)
+    if frame is None:  # a process forked from a task: the loop stayed behind
         raise LoopBlockedError("the worker's event loop does not run in this process")
-    frame = frames[thread]
-    while frame is not None:
-        if frame.f_code is _ZARR_SYNC:
-            raise LoopBlockedError(
-                "the worker's event loop is blocked in zarr's synchronous API (an async def "
-                "task calling it); use zarr's async API in async def tasks"
-            )
-        frame = frame.f_back
+    try:
+        while frame is not None:
+            if frame.f_code is _ZARR_SYNC:
+                raise LoopBlockedError(
+                    "the worker's event loop is blocked in zarr's synchronous API (an async "
+                    "def task calling it)"
+                )
+            frame = frame.f_back
+    finally:
+        del frame
 
 
 async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:

@@ -7,6 +7,7 @@ __all__ = [
     "METRIC_PREFIX",
     "SCHEDULER_HANDLERS",
     "SCHEDULER_PLUGIN_NAME",
+    "WARM_METADATA",
     "WORKER_HANDLERS",
     "WORKER_PLUGIN_NAME",
 ]
@@ -17,6 +18,8 @@ EXTENSION_NAME = "zarr_cache"
 SCHEDULER_PLUGIN_NAME = "dask-zarr-cache"
 #: Name of the worker plugin installed on every worker.
 WORKER_PLUGIN_NAME = "dask-zarr-cache-worker"
+#: Where ``warm()`` publishes its progress in the scheduler's metadata (for the page).
+WARM_METADATA = ("zarr-cache", "warm")
 #: Prefix of the cache's entries in ``worker.metrics`` (Workers table columns).
 METRIC_PREFIX = "zarr_cache_"
 

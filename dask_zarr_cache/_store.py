@@ -199,9 +199,10 @@ class ClusterCacheStore(WrapperStore[Store]):
         await self._write([k for k, _ in values], [], self._store._set_many(values))
 
     async def delete(self, key: str) -> None:
-        """Delete ``key`` from the source, then drop cached copies of it (and below it)."""
-        # Some stores delete a whole directory for a key (LocalStore): drop below it too.
-        await self._write([key], [key], self._store.delete(key))
+        """Delete ``key`` from the source, then drop cached copies of it."""
+        # LocalStore deletes a whole directory for a key that names one: drop below it too.
+        below = [key] if isinstance(_unwrapped(self._store), LocalStore) else []
+        await self._write([key], below, self._store.delete(key))
 
     async def delete_dir(self, prefix: str) -> None:
         """Delete everything below ``prefix`` from the source and the cache."""
@@ -244,3 +245,10 @@ _INVALIDATION_FAILED = (
     "the write reached the source store, but the cluster's cache could not be told ({err}); "
     "workers may serve the old bytes until they expire"
 )
+
+
+def _unwrapped(store: Store) -> Store:
+    """The innermost store below any wrappers."""
+    while isinstance(store, WrapperStore):
+        store = store._store
+    return store

@@ -14,17 +14,20 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zarr
+from distributed import as_completed
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import FsspecStore, LocalStore
 
 from dask_zarr_cache._client import cluster_stats
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._keys import cache_key
+from dask_zarr_cache._names import WARM_METADATA
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -115,29 +118,65 @@ def warm(
             f"caches have {sum(free.values()) / 2**20:.1f} MiB free; warm fewer variables or "
             "a smaller selection, or pass fit='trim' to warm what fits"
         )
-    futures = [
-        client.submit(_fetch, store, batch, concurrency, workers=[addr], pure=False)
+    batches = {
+        client.submit(_fetch, store, batch, concurrency, workers=[addr], pure=False): batch
         for addr, keys in plan.items()
         for batch in (keys[i : i + BATCH] for i in range(0, len(keys), BATCH))
-    ]
+    }
+    planned = sum(todo[k] for keys in plan.values() for k in keys)
+    meter = _Progress(client, len(todo) - len(left_out), planned, progress)
+    fetched = 0
     try:
-        if progress and futures:
-            from distributed import progress as show_progress
-
-            show_progress(futures)
-        fetched = sum(client.gather(futures))
+        for future in as_completed(batches):
+            fetched += future.result()
+            meter.advance(batches[future], todo)
     except BaseException:
-        client.cancel(futures)  # Ctrl-C: running reads finish and are kept, the rest stop
+        client.cancel(list(batches))  # Ctrl-C: running reads finish and are kept, no more
         raise
+    finally:
+        meter.close()
     after = cluster_stats(client)["total"]
     return WarmReport(
         chunks=fetched,
-        bytes=sum(todo[k] for keys in plan.values() for k in keys),
+        bytes=planned,
         gets=after["remote_reads"] - stats["total"]["remote_reads"],
         seconds=time.perf_counter() - start,
         skipped=len(sizes) - len(todo),
         left_out=len(left_out),
     )
+
+
+class _Progress:
+    """A progress line on stderr (terminal or Jupyter) and in the scheduler's metadata."""
+
+    def __init__(self, client: Client, total: int, nbytes: int, show: bool) -> None:
+        self.client, self.show = client, show
+        self.state = {"done": 0, "total": total, "bytes_done": 0, "bytes_total": nbytes}
+        self._publish(finished=False)
+
+    def advance(self, keys: Sequence[str], sizes: Mapping[str, int]) -> None:
+        self.state["done"] += len(keys)
+        self.state["bytes_done"] += sum(sizes[k] for k in keys)
+        self._publish(finished=False)
+
+    def close(self) -> None:
+        self._publish(finished=True)
+        if self.show:
+            print(file=sys.stderr)
+
+    def _publish(self, finished: bool) -> None:
+        self.client.set_metadata(list(WARM_METADATA), {**self.state, "finished": finished})
+        if self.show:
+            done, total = self.state["done"], max(self.state["total"], 1)
+            bar = "#" * (30 * done // total)
+            print(
+                f"\rwarming [{bar:<30}] {done}/{self.state['total']} objects, "
+                f"{self.state['bytes_done'] / 2**20:.1f}/"
+                f"{self.state['bytes_total'] / 2**20:.1f} MiB",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 async def _cached(client: Client, keys: str) -> str:

@@ -63,8 +63,8 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Exit codes of ``warm`` besides 0 (done) and 2 (usage).
-EXIT_BAD_URL, EXIT_NO_SCHEDULER, EXIT_NO_PLUGIN = 3, 4, 5
+#: Exit codes of ``warm`` besides 0 (done) and 2 (usage); 130 is the shell's for Ctrl-C.
+EXIT_BAD_URL, EXIT_NO_SCHEDULER, EXIT_NO_PLUGIN, EXIT_CANCELLED = 3, 4, 5, 130
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -107,6 +107,9 @@ def _warm(args: argparse.Namespace) -> int:
         except ZarrCacheError as err:
             print(f"dask-zarr-cache warm: {err}", file=sys.stderr)
             return EXIT_NO_PLUGIN if "not registered" in str(err) else 1
+        except KeyboardInterrupt:
+            print("dask-zarr-cache warm: cancelled; what was fetched stays cached", file=sys.stderr)
+            return EXIT_CANCELLED
     print(report)
     return 0
 

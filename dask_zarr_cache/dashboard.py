@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from dask_zarr_cache._history import history_of, hit_ratio
+from dask_zarr_cache._names import WARM_METADATA
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -111,6 +112,19 @@ def register_dashboard_page() -> None:
     applications.setdefault(PAGE_ROUTE, zarr_cache_doc)
 
 
+def _warm_line(scheduler: Scheduler) -> str:
+    """A line about the running (or last) ``warm()``, from the metadata it publishes."""
+    state = scheduler.get_metadata(keys=list(WARM_METADATA), default=None)
+    if not isinstance(state, dict):
+        return ""
+    verb = "warmed" if state.get("finished") else "warming"
+    return (
+        f"<p id='zarr-cache-warm'>{verb}: <b>{state['done']:,} / {state['total']:,}</b> "
+        f"objects ({state['bytes_done'] / 2**20:,.1f} / {state['bytes_total'] / 2**20:,.1f} "
+        "MiB)</p>"
+    )
+
+
 # -- the Bokeh page ---------------------------------------------------------------------
 def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> None:
     """Build the "Zarr Cache" dashboard page for one browser session."""
@@ -119,8 +133,10 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
     from bokeh.plotting import figure
 
     history_source = ColumnDataSource(
-        {k: [] for k in ("time", "ratio", "local", "peer", "remote", "evictions", "expired")}
+        {k: [] for k in ("time", "local", "peer", "remote", "evictions", "expired")}
     )
+    # Only seconds with reads: an idle second is neither a gap nor a 0% hit ratio.
+    ratio_source = ColumnDataSource({"time": [], "ratio": []})
     fill_source = ColumnDataSource({"worker": [], "bytes": [], "capacity": []})
     summary = Div(text="", sizing_mode="stretch_width")
 
@@ -131,7 +147,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
         sizing_mode="stretch_width",
         y_range=(0, 1.05),
     )
-    ratio.line("time", "ratio", source=history_source, line_width=2)
+    ratio.line("time", "ratio", source=ratio_source, line_width=2)
     ratio.yaxis.formatter = NumeralTickFormatter(format="0%")
 
     origin = figure(
@@ -194,6 +210,8 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             legend_label=label,
         )
     fill.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    fill.legend.orientation = "horizontal"
+    fill.add_layout(fill.legend[0], "above")  # beside the title, never over the bars
 
     def update() -> None:
         history = history_of(scheduler)
@@ -202,17 +220,21 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             return
         samples = list(history.samples)
         data: dict[str, list[float]] = {k: [] for k in history_source.data}
+        ratios: dict[str, list[float]] = {"time": [], "ratio": []}
         for prev, cur in itertools.pairwise(samples):
             dt = max(cur["time"] - prev["time"], 1e-3)
             d = {k: cur["total"][k] - prev["total"][k] for k in cur["total"]}
             data["time"].append(cur["time"] * 1000)
-            data["ratio"].append(hit_ratio(d, no_reads=float("nan")))  # a gap, not 0%
+            if d["hits"] + d["peer_reads"] + d["remote_reads"]:
+                ratios["time"].append(cur["time"] * 1000)
+                ratios["ratio"].append(hit_ratio(d))
             data["local"].append(d["hit_bytes"] / dt)
             data["peer"].append(d["peer_bytes"] / dt)
             data["remote"].append(d["remote_bytes"] / dt)
             data["evictions"].append(cur["total"]["evictions"])
             data["expired"].append(cur["total"]["expired"])
         history_source.data = data
+        ratio_source.data = ratios
         latest = history.latest()
         workers = sorted(latest["workers"])
         fill.y_range.factors = workers
@@ -229,7 +251,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             f"({latest['bytes_avoided'] / 2**20:,.1f} MiB) &middot; estimated saving "
             f"<b>${latest['usd_saved']:,.4f}</b> &middot; entries {total['entries']:,} "
             f"&middot; evictions {total['evictions']:,} &middot; expired {total['expired']:,}"
-            "</p>"
+            f"</p>{_warm_line(scheduler)}"
         )
 
     update()

@@ -165,3 +165,16 @@ def test_from_url_refuses_storage_options_for_a_local_path(tmp_path):
 
     with pytest.raises(CacheConfigError, match="storage_options"):
         ClusterCacheStore.from_url(str(tmp_path), storage_options={"anon": True})
+
+
+def test_no_inherited_write_path_skips_the_invalidation():
+    # The same guard for writes: a sync write fast path zarr may add to WrapperStore
+    # (``set_sync``, ``delete_sync``) would write the source without telling the cluster.
+    from zarr.storage import WrapperStore
+
+    prefixes = ("set", "_set", "delete", "_delete", "clear")
+    writes = [n for n in dir(WrapperStore) if n.startswith(prefixes)]
+    assert {"set", "delete", "delete_dir", "clear"} <= set(writes)
+    for name in writes:
+        owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
+        assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from distributed import LocalCluster
 from dask_zarr_cache import ClusterCacheStore, ZarrCacheError, cluster_stats, warm
 from dask_zarr_cache.cli import EXIT_BAD_URL, EXIT_NO_PLUGIN, EXIT_NO_SCHEDULER
 from tests.conftest import cache_cluster, chunk_gets, read_all, s3_store, write_array
+from tests.test_worker_faults import wait_for
 
 
 def write_dataset(s3, path):
@@ -26,6 +32,12 @@ def write_dataset(s3, path):
     )
     ds.chunk({"time": 8, "x": 32}).to_zarr(s3_store(s3, path), mode="w", consolidated=False)
     return ds
+
+
+def _warm_line(dask_scheduler):
+    from dask_zarr_cache.dashboard import _warm_line
+
+    return _warm_line(dask_scheduler)
 
 
 def from_url(s3, path) -> ClusterCacheStore:
@@ -50,6 +62,8 @@ def test_after_warm_a_full_read_makes_no_gets(s3, s3_path, client):
     # Every read in the cluster came from its disks; only xarray's index coordinates,
     # loaded by open_zarr in this (client) process, went to the source.
     assert sorted(chunk_gets(s3, s3_path)) == [f"{s3_path}/time/c/0", f"{s3_path}/x/c/0"]
+    line = client.run_on_scheduler(_warm_line)
+    assert "warmed: <b>26 / 26</b>" in line  # what the dashboard page shows
     s3.reset_counts()
     again = warm(client, store, progress=False)
     assert again.chunks == 0 and again.skipped == report.chunks and again.gets == 0
@@ -133,3 +147,106 @@ def test_cli_says_what_is_wrong(s3, s3_path, client):
         plain = run_cli(f"s3://{s3_path}", "--scheduler", cluster.scheduler_address,
                         *storage_options(s3))  # fmt: skip
     assert plain.returncode == EXIT_NO_PLUGIN and "not registered" in plain.stderr
+
+
+# -- as a person sees it: a terminal and a browser -------------------------------------------
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def tmux_session():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    name = f"dzc-{os.getpid()}"
+    _tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "20")
+    try:
+        yield name
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], check=False)
+
+
+def _screen(session: str) -> str:
+    return _tmux("capture-pane", "-p", "-t", session)
+
+
+def _exited(screen: str) -> bool:
+    return re.search(r"EXIT=\d+", screen) is not None  # the typed command shows "EXIT=$?"
+
+
+def _warm_command(s3, s3_path, client) -> str:
+    options = " ".join(f"'{o}'" for o in storage_options(s3))
+    return (
+        f"{sys.executable} -m dask_zarr_cache.cli warm s3://{s3_path} "
+        f"--scheduler {client.scheduler.address} --concurrency 1 {options}; echo EXIT=$?"
+    )
+
+
+def test_the_cli_progress_bar_advances_in_a_terminal(s3, s3_path, client, tmux_session):
+    write_dataset(s3, s3_path)
+    s3.latency = 0.1  # 26 objects, one source read at a time per worker: a few seconds
+    try:
+        _tmux("send-keys", "-t", tmux_session, _warm_command(s3, s3_path, client), "Enter")
+        seen = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _exited(_screen(tmux_session)):
+            seen |= set(re.findall(r"warming \[#*\s*\] (\d+)/26 objects", _screen(tmux_session)))
+            time.sleep(0.1)
+        screen = _screen(tmux_session)
+    finally:
+        s3.latency = 0
+    assert "EXIT=0" in screen and "warmed 26 objects" in screen, screen
+    assert len(seen) >= 2, seen  # the bar moved while it ran
+
+
+def test_ctrl_c_stops_a_warm_and_leaves_the_cache_consistent(s3, s3_path, client, tmux_session):
+    write_dataset(s3, s3_path)
+    s3.latency = 0.3
+    try:
+        _tmux("send-keys", "-t", tmux_session, _warm_command(s3, s3_path, client), "Enter")
+        wait_for(lambda: re.search(r"warming \[#*\s*\] [1-9]", _screen(tmux_session)), 60)
+        _tmux("send-keys", "-t", tmux_session, "C-c", "")
+        wait_for(lambda: _exited(_screen(tmux_session)), 30)
+        screen = _screen(tmux_session)
+        assert "EXIT=130" in screen and "cancelled" in screen, screen
+    finally:
+        s3.latency = 0
+    # Tasks already running finish; the rest never start. Then disks and index agree.
+    wait_for(lambda: cluster_stats(client)["index"]["pending"] == 0, 30)
+    time.sleep(1.5)  # a flush
+    stats = cluster_stats(client)
+    files = client.run(_files)
+    assert {a: len(f) for a, f in files.items()} == {
+        a: w["entries"] for a, w in stats["workers"].items()
+    }
+    assert stats["index"]["entries"] == stats["total"]["entries"]
+    warmed = warm(client, from_url(s3, s3_path), progress=False)  # finishing the job
+    assert warmed.skipped > 0 and warmed.skipped + warmed.chunks == 26
+
+
+def _files(dask_worker):
+    return sorted(f.key for f in dask_worker.extensions["zarr_cache"].disk.scan())
+
+
+def test_the_dashboard_shows_a_warm_while_it_runs(s3, s3_path, client):
+    from tests.test_dashboard import _chrome, dashboard_base
+
+    write_dataset(s3, s3_path)
+    browser = _chrome()
+    s3.latency = 0.2
+    runner = threading.Thread(
+        target=warm, args=(client, from_url(s3, s3_path)), kwargs={"progress": False}
+    )
+    try:
+        browser.get(dashboard_base(client) + "/individual-zarr-cache")
+        runner.start()
+        body = lambda: browser.find_element("tag name", "body").text  # noqa: E731
+        wait_for(lambda: "warming:" in body(), timeout=30, interval=0.2)
+        running = body()
+        runner.join(120)
+        wait_for(lambda: "warmed: 26 / 26" in body(), timeout=30, interval=0.2)
+    finally:
+        s3.latency = 0
+        runner.join(120)
+        browser.quit()
+    assert re.search(r"warming: \d+ / 26 objects", running), running
