@@ -12,7 +12,7 @@ from dask_zarr_cache._exceptions import (
 )
 from dask_zarr_cache._plugin import ZarrCachePlugin
 from dask_zarr_cache._store import ClusterCacheStore
-from dask_zarr_cache._warm import WarmReport, warm
+from dask_zarr_cache._warm import WarmJob, WarmReport, warm
 
 __all__ = [
     "CacheConfigError",
@@ -20,6 +20,7 @@ __all__ = [
     "ClusterCacheStore",
     "InvalidCacheKeyError",
     "InvalidationError",
+    "WarmJob",
     "WarmReport",
     "ZarrCacheError",
     "ZarrCachePlugin",

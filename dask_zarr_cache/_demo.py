@@ -144,4 +144,22 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> list[
             if options.linger:
                 echo(f"cluster stays up {options.linger:g} s: {client.dashboard_link}")
                 time.sleep(options.linger)
+            client.run(close_s3_sessions)
+        close_s3_sessions()
     return results
+
+
+def close_s3_sessions() -> None:
+    """Close the HTTP sessions of every s3fs filesystem in this process.
+
+    zarr opens s3fs asynchronously, and s3fs closes such sessions only when told to:
+    otherwise aiohttp warns "Unclosed client session" at exit.  They live on zarr's loop.
+    """
+    import s3fs
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client = getattr(fs, "_s3", None)
+        if client is not None and fs.asynchronous:
+            fs._s3 = None
+            sync(client.__aexit__(None, None, None))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
     from dask_zarr_cache._store import ClusterCacheStore
 
-__all__ = ["WarmReport", "warm"]
+__all__ = ["WarmJob", "WarmReport", "warm"]
 
 #: Objects per task: small enough for a steady progress bar, large enough to be cheap.
 BATCH = 32
@@ -52,12 +53,14 @@ class WarmReport:
     seconds: float
     skipped: int  #: objects that were cached already
     left_out: int  #: objects that did not fit the free budget (``fit="trim"``)
+    cancelled: bool = False  #: stopped by :meth:`WarmJob.cancel` or Ctrl-C
 
     def __str__(self) -> str:
         return (
             f"warmed {self.chunks} objects ({self.bytes / 2**20:.1f} MiB) in "
             f"{self.seconds:.1f} s with {self.gets} GETs; {self.skipped} already cached"
             + (f"; {self.left_out} left out (over the free budget)" if self.left_out else "")
+            + ("; cancelled" if self.cancelled else "")
         )
 
 
@@ -70,7 +73,8 @@ def warm(
     concurrency: int = 8,
     fit: str = "refuse",
     progress: bool = True,
-) -> WarmReport:
+    wait: bool = True,
+) -> WarmReport | WarmJob:
     """Fetch the objects of ``store`` (or some of them) into the cluster cache.
 
     Parameters
@@ -91,6 +95,9 @@ def warm(
         (in order) and report the rest as ``left_out``.
     progress : bool
         Show a progress bar (terminal or Jupyter).
+    wait : bool
+        Wait for the end and return a :class:`WarmReport`; with ``False``, return a
+        :class:`WarmJob` at once (``.result()``, ``.cancel()``, ``.done()``).
 
     Raises
     ------
@@ -125,25 +132,89 @@ def warm(
     }
     planned = sum(todo[k] for keys in plan.values() for k in keys)
     meter = _Progress(client, len(todo) - len(left_out), planned, progress)
-    fetched = 0
+    job = WarmJob(client, batches, todo, meter)
+    job.report = {
+        "bytes": planned,
+        "skipped": len(sizes) - len(todo),
+        "left_out": len(left_out),
+        "start": start,
+        "remote_reads": stats["total"]["remote_reads"],
+    }
+    if not wait:
+        return job
     try:
-        for future in as_completed(batches):
-            fetched += future.result()
-            meter.advance(batches[future], todo)
+        return job.result()
     except BaseException:
-        client.cancel(list(batches))  # Ctrl-C: running reads finish and are kept, no more
+        job.cancel()  # Ctrl-C: running reads finish and are kept, no more start
         raise
-    finally:
-        meter.close()
-    after = cluster_stats(client)["total"]
-    return WarmReport(
-        chunks=fetched,
-        bytes=planned,
-        gets=after["remote_reads"] - stats["total"]["remote_reads"],
-        seconds=time.perf_counter() - start,
-        skipped=len(sizes) - len(todo),
-        left_out=len(left_out),
-    )
+
+
+class WarmJob:
+    """A warm-up running in the background (``warm(..., wait=False)``).
+
+    :meth:`result` waits for its :class:`WarmReport`; :meth:`cancel` stops it promptly:
+    batches not started never start, running ones finish and stay cached, so disks and
+    index stay consistent.
+    """
+
+    def __init__(
+        self, client: Client, batches: dict[Any, list[str]], sizes: dict[str, int], meter: Any
+    ) -> None:
+        self.client, self._batches, self._sizes, self._meter = client, batches, sizes, meter
+        self.report: dict[str, Any] = {}
+        self.fetched = 0
+        self.cancelled = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="zarr-cache-warm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for future in as_completed(self._batches):
+                if future.cancelled():
+                    continue
+                self.fetched += future.result()
+                self._meter.advance(self._batches[future], self._sizes)
+        except BaseException as err:
+            self._error = err
+        finally:
+            self._meter.close()
+
+    def done(self) -> bool:
+        """Whether it has finished (or was cancelled and has stopped)."""
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """Stop starting new batches; those already running finish."""
+        self.cancelled = True
+        self.client.cancel(list(self._batches))
+
+    def result(self, timeout: float | None = None) -> WarmReport:
+        """Wait for the warm-up to end and return what it did.
+
+        Raises
+        ------
+        TimeoutError
+            If it did not end within ``timeout`` seconds.
+
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():  # short joins: Ctrl-C stays responsive
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the warm-up is still running")
+            self._thread.join(0.2)
+        if self._error is not None and not self.cancelled:
+            raise self._error
+        after = cluster_stats(self.client)["total"]
+        return WarmReport(
+            chunks=self.fetched,
+            bytes=self.report["bytes"],
+            gets=after["remote_reads"] - self.report["remote_reads"],
+            seconds=time.perf_counter() - self.report["start"],
+            skipped=self.report["skipped"],
+            left_out=self.report["left_out"],
+            cancelled=self.cancelled,
+        )
 
 
 class _Progress:

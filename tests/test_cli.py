@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +25,18 @@ def test_demo_reads_once_and_is_correct(capsys):
     assert int(rows["cache, warm 1"][2]) + int(rows["cache, warm 1"][3]) == 16
     assert all(r[-1] == "yes" for r in rows.values())
     assert "dashboard http://127.0.0.1:" in out
+
+
+def test_demo_exits_without_unclosed_session_warnings():
+    # As a new user runs it: a process of its own, everything it prints read.
+    done = subprocess.run(
+        [sys.executable, "-m", "dask_zarr_cache.cli", "demo", "--workers", "2",
+         "--passes", "1", "--side", "256", "--chunk", "128", "--latency-ms", "0"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cache, cold" in done.stdout
+    assert "Unclosed client session" not in done.stdout + done.stderr
 
 
 def test_stats_prints_a_table_and_json(client, capsys):

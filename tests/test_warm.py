@@ -211,6 +211,10 @@ def test_ctrl_c_stops_a_warm_and_leaves_the_cache_consistent(s3, s3_path, client
         assert "EXIT=130" in screen and "cancelled" in screen, screen
     finally:
         s3.latency = 0
+    assert_consistent_then_finish(client, s3, s3_path)
+
+
+def assert_consistent_then_finish(client, s3, s3_path):
     # Tasks already running finish; the rest never start. Then disks and index agree.
     wait_for(lambda: cluster_stats(client)["index"]["pending"] == 0, 30)
     time.sleep(1.5)  # a flush
@@ -222,6 +226,23 @@ def test_ctrl_c_stops_a_warm_and_leaves_the_cache_consistent(s3, s3_path, client
     assert stats["index"]["entries"] == stats["total"]["entries"]
     warmed = warm(client, from_url(s3, s3_path), progress=False)  # finishing the job
     assert warmed.skipped > 0 and warmed.skipped + warmed.chunks == 26
+
+
+def test_a_warm_job_can_be_cancelled_from_code(s3, s3_path, client, monkeypatch):
+    write_dataset(s3, s3_path)
+    monkeypatch.setattr("dask_zarr_cache._warm.BATCH", 2)  # 13 batches: most still queued
+    s3.latency = 0.3
+    try:
+        job = warm(client, from_url(s3, s3_path), concurrency=1, progress=False, wait=False)
+        wait_for(lambda: job.fetched > 0, 60)
+        job.cancel()
+        started = time.monotonic()
+        report = job.result(timeout=60)
+        assert time.monotonic() - started < 30  # promptly: running batches only
+    finally:
+        s3.latency = 0
+    assert report.cancelled and 0 < report.chunks < 26 and job.done()
+    assert_consistent_then_finish(client, s3, s3_path)
 
 
 def _files(dask_worker):
