@@ -216,20 +216,17 @@ class LocalState:
                 doomed += [k for k in self.entries if k.startswith(prefixes)]
         return unverified + self.remove(doomed)
 
-    def synced(self, epoch: bytes, seq: int, sent_at: float) -> list[str]:
-        """Record a catch-up with the scheduler sent at ``sent_at`` (writes applied first).
+    def synced(self, epoch: bytes, seq: int, sent_at: float) -> None:
+        """Record a catch-up with the scheduler sent at ``sent_at``.
 
-        A new epoch (a new scheduler) makes every file unprovable: returns their keys.
+        The writes it brought are applied first; under a new epoch, after
+        :meth:`forget_all`: the new history's position replaces the old one.
         """
         with self.lock:
-            changed = self.epoch is not None and epoch != self.epoch
-            self.applied_seq = seq if changed else max(seq, self.applied_seq)
+            same = epoch == self.epoch
+            self.applied_seq = max(seq, self.applied_seq) if same else seq
             self.epoch = epoch
             self._synced_at = sent_at
-            for fetch in self._inflight.values():
-                fetch.poisoned |= changed  # read under another history: do not keep
-            keys = list(self.entries) if changed else []
-        return self.remove(keys)
 
     def sync_position(self) -> tuple[bytes | None, int]:
         """Where this worker's history stands; before the first sync, its oldest file's."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from dask_zarr_cache._disk import DiskCache
     from dask_zarr_cache._local import LocalState, Payload
 
-__all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers"]
+__all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +109,28 @@ class Peers:
             if data is None:
                 return {"status": ABSENT}
             return self._reply(None, data, checksum(data))
-        entry, expired = self.state.lookup(key)
-        if expired:
-            await asyncio.to_thread(self.disk.delete, key)
-        if entry is None:
+        found = await read_cached(self.state, self.disk, key)
+        if found is None:
             return {"status": MISSING}
-        data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
-        if data is None:
-            self.state.remove_copy(key, entry.tag)
-            return {"status": MISSING}
-        return self._reply(key, data, entry.checksum)
+        return self._reply(key, *found)
 
     def _reply(self, key: str | None, data: Payload, crc: int) -> dict[str, Any]:
         self.state.record_served(key, len(data))
         return {"status": OK, "data": to_serialize(data), "checksum": crc}
+
+
+async def read_cached(state: LocalState, disk: DiskCache, key: str) -> tuple[Payload, int] | None:
+    """Return the worker's verified copy of ``key`` and its checksum, or ``None``.
+
+    An expired entry, or one whose file is gone or damaged, is forgotten on the way.
+    """
+    entry, expired = state.lookup(key)
+    if expired:
+        await asyncio.to_thread(disk.delete, key)
+    if entry is None:
+        return None
+    data = await asyncio.to_thread(disk.read, key, entry.checksum)
+    if data is None:
+        state.remove_copy(key, entry.tag)
+        return None
+    return data, entry.checksum

@@ -134,8 +134,9 @@ class WorkerCachePlugin(WorkerPlugin):
 
     Installs the :class:`~dask_zarr_cache._worker.WorkerCache` as ``worker.extensions
     ["zarr_cache"]``, its handlers, its Workers-table metrics and its periodic flush.
-    Installed again with the same directory (plugin registered again), it applies the new
-    settings to the running cache, so reads in flight keep their files tracked.
+    Registered again, distributed tears the old one down first: the old cache lets its
+    loads in flight finish and releases the directory, and the new one scans it, so
+    every file stays tracked.
 
     Parameters
     ----------
@@ -150,18 +151,13 @@ class WorkerCachePlugin(WorkerPlugin):
         self.settings = settings
 
     async def setup(self, worker: Worker) -> None:
-        """Start this worker's cache, or reconfigure the one running on the same directory."""
+        """Start this worker's cache (after the previous one, if any, is closed)."""
         async with _setup_lock(worker):  # registrations may overlap; caches must not
+            await _uninstall(worker)
             await self._setup(worker)
 
     async def _setup(self, worker: Worker) -> None:
         directory = worker_directory(self.settings, worker.name, worker.local_directory)
-        old = worker_cache_of(worker)
-        if old is not None and str(old.disk.root) == str(_absolute(directory)):
-            await old.configure(self.settings)
-            return
-        if old is not None:
-            await _uninstall(worker)
         timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
         cache = WorkerCache(
             worker.address,
@@ -211,12 +207,6 @@ async def _uninstall(worker: Worker) -> None:
             del worker.metrics[name]
     if isinstance(cache, WorkerCache):
         await cache.close()
-
-
-def _absolute(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).absolute())
 
 
 def _counter_reader(cache: WorkerCache, name: str) -> Any:

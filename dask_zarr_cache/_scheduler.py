@@ -139,11 +139,19 @@ class ZarrCacheScheduler:
         # Correctness does not rest on it (workers drop their files and fetches below).
         with contextlib.suppress(IndexUnavailableError, TimeoutError):
             await asyncio.wait_for(self.index.invalidate(key_list, prefix_list), timeout / 4)
-        targets = [w for w in self.workers if w in self.scheduler.workers and w != origin]
-        pushed = await asyncio.gather(
-            *(self._push(w, entry.seq, keys, prefixes, timeout) for w in targets)
+        replies = await self.broadcast(
+            "zarr_cache_invalidate",
+            skip=origin,
+            timeout=timeout,
+            seq=entry.seq,
+            keys=keys,
+            prefixes=prefixes,
         )
-        reached = {w for w, ok in zip(targets, pushed, strict=True) if ok} | {origin}
+        reached = {origin}
+        for worker, applied in replies.items():
+            if isinstance(applied, int):  # its highest write applied without a gap
+                reached.add(worker)
+                await self._acked(worker, applied)
         deadline = started + self.settings.write_lease * 1.1 + 0.5
         unreached = await self._wait_for_acks(entry.seq, reached, deadline)
         if unreached:
@@ -154,24 +162,6 @@ class ZarrCacheScheduler:
                 entry.seq,
             )
         return {"seq": entry.seq, "unreached": unreached}
-
-    async def _push(
-        self, worker: str, seq: int, keys: bytes, prefixes: bytes, timeout: float
-    ) -> bool:
-        try:
-            applied = await asyncio.wait_for(
-                self.scheduler.rpc(worker).zarr_cache_invalidate(
-                    seq=seq, keys=keys, prefixes=prefixes
-                ),
-                timeout,
-            )
-        except (OSError, TimeoutError) as err:
-            logger.info("zarr cache invalidation did not reach %s: %s", worker, err)
-            return False
-        if not isinstance(applied, int):
-            return False
-        await self._acked(worker, applied)
-        return True
 
     async def _acked(self, worker: str, seq: int) -> None:
         """``worker`` confirmed every write up to ``seq``."""
@@ -320,21 +310,25 @@ class ZarrCacheScheduler:
             self._client = None
 
     # -- cluster-wide operations ---------------------------------------------------------
-    async def broadcast(self, op: str, **kwargs: Any) -> dict[str, Any]:
+    async def broadcast(
+        self, op: str, *, skip: str | None = None, timeout: float | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """Call worker handler ``op`` on every worker with a cache; replies by address.
 
         Only workers that caught up with the write history at least once (so have the
-        handlers) are asked.  Unreachable workers are left out.
+        handlers) are asked, all but ``skip``, each for at most ``timeout`` seconds (default:
+        the write lease).  Unreachable workers are left out.
         """
-        targets = [w for w in self.workers if w in self.scheduler.workers]
+        targets = [w for w in self.workers if w in self.scheduler.workers and w != skip]
+        timeout = self.settings.write_lease if timeout is None else timeout
 
         async def one(worker: str) -> Any:
             try:
                 return await asyncio.wait_for(
-                    getattr(self.scheduler.rpc(worker), op)(**kwargs), self.settings.write_lease
+                    getattr(self.scheduler.rpc(worker), op)(**kwargs), timeout
                 )
             except (OSError, TimeoutError) as err:
-                logger.debug("zarr cache %s did not reach %s: %s", op, worker, err)
+                logger.info("zarr cache %s did not reach %s: %s", op, worker, err)
                 return _UNREACHED
 
         replies = await asyncio.gather(*(one(w) for w in targets))

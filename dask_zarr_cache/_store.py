@@ -16,7 +16,6 @@ from dask_zarr_cache._keys import (
     cache_key,
     cache_prefix,
     source_location,
-    validate_key,
     validate_namespace,
 )
 from dask_zarr_cache._plugin import worker_cache
@@ -224,14 +223,11 @@ class ClusterCacheStore(WrapperStore[Store]):
 
         """
         try:
-            for key in keys:
-                if key:
-                    validate_key(key)
+            ckeys = [cache_key(self.location, k) for k in keys if k]  # validates each key
         except BaseException:
             write.close()
             raise
         await write
-        ckeys = [ckey for k in keys if k and (ckey := cache_key(self.location, k))]
         cprefixes = [cache_prefix(self.location, p) for p in prefixes]
         if "" in keys:
             cprefixes.append(cache_prefix(self.location, ""))

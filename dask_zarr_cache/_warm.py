@@ -308,6 +308,24 @@ def object_sizes(
 
     Objects that do not exist at the source (never written: fill value) are left out.
     """
+    keys = [k for a in select_arrays(store, variables) for k in _array_keys(a, selection or {})]
+    existing = _source_sizes(store._store)
+    return {k: existing[k] for k in keys if k in existing}
+
+
+def select_arrays(
+    store: ClusterCacheStore, variables: Sequence[str] | None = None
+) -> list[zarr.Array]:
+    """The arrays of ``store`` (a group or one array), or those named in ``variables``.
+
+    Reads metadata only.
+
+    Raises
+    ------
+    ZarrCacheError
+        If a named variable is not there.
+
+    """
     node = zarr.open(store._store, mode="r")
     if isinstance(node, zarr.Array):
         arrays = [node]
@@ -319,9 +337,7 @@ def object_sizes(
         missing = wanted - {a.path for a in arrays} - {a.basename for a in arrays}
         if missing:
             raise ZarrCacheError(f"no such variables in {store}: {sorted(missing)}")
-    keys = [k for a in arrays for k in _array_keys(a, selection or {})]
-    existing = _source_sizes(store._store)
-    return {k: existing[k] for k in keys if k in existing}
+    return arrays
 
 
 def _array_keys(arr: zarr.Array, selection: Mapping[str, slice]) -> list[str]:

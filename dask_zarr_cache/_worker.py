@@ -26,7 +26,7 @@ from dask_zarr_cache._index_client import IndexClient
 from dask_zarr_cache._invalidation import verify_files
 from dask_zarr_cache._local import LocalEntry, LocalState, Payload
 from dask_zarr_cache._loops import run_on, spawn_on
-from dask_zarr_cache._peers import MISSING, UNAVAILABLE, Peers
+from dask_zarr_cache._peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache._protocol import FETCH, SyncReply, unpack
 
 if TYPE_CHECKING:
@@ -108,9 +108,7 @@ class WorkerCache:
             files = await asyncio.to_thread(lambda: list(self.disk.scan()))
             with self.state.lock:
                 self.state.unverified = {f.key: f for f in files}
-        with contextlib.suppress(*UNAVAILABLE):
-            await self.sync()
-        await self.flush()
+        await self.flush()  # catches up with the write history first
 
     async def close(self) -> None:
         """Stop caching: let loads in flight finish, flush, release the directory.
@@ -125,16 +123,6 @@ class WorkerCache:
         with contextlib.suppress(*UNAVAILABLE):
             await self.flush()
         await asyncio.to_thread(self.disk.close)
-
-    async def configure(self, settings: CacheSettings) -> None:
-        """Apply new budget and TTL in place (same directory): re-register with the index."""
-        self.settings = settings
-        self.state.max_age_seconds = settings.max_age_seconds
-        self.state.lease = settings.write_lease
-        self.counters.capacity = settings.max_size
-        self.index.reset()
-        with contextlib.suppress(*UNAVAILABLE):
-            await self.flush()
 
     # -- the read path (zarr's loop or the worker's) ---------------------------------------
     async def get(
@@ -177,16 +165,11 @@ class WorkerCache:
             self.state.end_fetch(key, fetch)
 
     async def _read_local(self, key: str) -> Payload | None:
-        entry, expired = self.state.lookup(key)
-        if expired:
-            await self._delete([key])
-        if entry is None:
-            return None
         with context_meter.meter("zarr-cache-local-read"):
-            data = await asyncio.to_thread(self.disk.read, key, entry.checksum)
-        if data is None:  # deleted or damaged on disk: forget it, fetch again
-            self.state.remove_copy(key, entry.tag)
+            found = await read_cached(self.state, self.disk, key)
+        if found is None:  # not here, expired, or damaged on disk: fetch it
             return None
+        data = found[0]
         self.state.record_hit(key, len(data))
         context_meter.digest_metric("zarr-cache-hit", 1, "count")
         return data
@@ -313,9 +296,9 @@ class WorkerCache:
             return
         reply = SyncReply(*unpack(raw))
         doomed = []
-        if reply.invalidations is None:
-            doomed += self.state.forget_all()
-        elif reply.epoch == self.state.epoch or self.state.epoch is None:
+        if reply.invalidations is None or self.state.epoch not in (None, reply.epoch):
+            doomed += self.state.forget_all()  # the history is lost, or it is another's
+        else:
             for _seq, keys, prefixes in reply.invalidations:
                 doomed += self.state.invalidate(keys, prefixes)
         with self.state.lock:
@@ -323,7 +306,7 @@ class WorkerCache:
         good, bad = verify_files(files, reply.epoch, reply.invalidations)
         self.state.adopt(good)
         doomed += bad
-        doomed += self.state.synced(reply.epoch, reply.seq, sent_at)
+        self.state.synced(reply.epoch, reply.seq, sent_at)
         await self._delete(doomed)
 
     # -- handlers for peers and the scheduler (worker loop) --------------------------------

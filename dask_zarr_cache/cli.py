@@ -84,9 +84,9 @@ def _warm(args: argparse.Namespace) -> int:
 
     try:
         store = ClusterCacheStore.from_url(args.url, dict(args.storage_option) or None)
-        from dask_zarr_cache._warm import object_sizes
+        from dask_zarr_cache._warm import select_arrays
 
-        object_sizes(store, args.variable)  # a bad URL or variable fails here, clearly
+        select_arrays(store, args.variable)  # a bad URL or variable fails here (metadata only)
     except Exception as err:
         print(f"dask-zarr-cache warm: cannot read {args.url}: {err}", file=sys.stderr)
         return EXIT_BAD_URL
