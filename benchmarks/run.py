@@ -2,9 +2,14 @@
 
 Usage::
 
-    python -m benchmarks.run [--workers 4] [--passes 3] [--latency-ms 20] [--side 4096]
+    python -m benchmarks.run [--workers 4] [--passes 5] [--latency-ms 20] [--side 4096]
+                             [--s3-processes N] [--name latest]
 
-Prints the tables and writes ``benchmarks/results/latest.md`` and ``latest.png``.
+Every read path runs ``--passes`` passes (the first cold), the paths interleaved pass by
+pass so that slow and fast moments of the machine fall on all of them alike; ratios are
+medians of per-pass ratios with their min-max. S3 is :class:`benchmarks._s3.ParallelS3Server`,
+whose own service time is measured and printed. Writes ``benchmarks/results/<name>.md``
+and ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +30,17 @@ import dask.array as da
 import numpy as np
 import zarr
 from distributed import Client
-from zarr.storage import FsspecStore
+from zarr.storage import LocalStore
 
-from benchmarks import _micro, _stores
+from benchmarks import _micro, _report, _stores, _traces, _workloads
+from benchmarks._s3 import ParallelS3Server, ServiceTimes
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, warm
-from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
+from dask_zarr_cache._names import POLICIES
+from dask_zarr_cache.testing import loopback_cluster
 
 RESULTS = Path(__file__).parent / "results"
-BUCKET, PATH = "bench", "bench/data.zarr"
+BUCKET, PATH, COPY = "bench", "bench/data.zarr", "bench/copy.zarr"
+WARMUP = "bench/warmup.zarr"  #: a few chunks, read untimed through every path first
 
 
 @dataclass
@@ -38,8 +48,10 @@ class PathResult:
     """Measurements of one read path over all its passes."""
 
     name: str
+    n_chunks: int
     seconds: list[float] = field(default_factory=list)
     chunk_gets: list[int] = field(default_factory=list)
+    chunk_heads: list[int] = field(default_factory=list)
     source_bytes: list[int] = field(default_factory=list)
     correct: bool = True
 
@@ -47,157 +59,245 @@ class PathResult:
     def gets_per_chunk(self) -> float:
         return sum(self.chunk_gets) / self.n_chunks
 
-    n_chunks: int = 1
+    @property
+    def heads_per_chunk(self) -> float:
+        return sum(self.chunk_heads) / self.n_chunks
+
+    @property
+    def warm(self) -> list[float]:
+        return self.seconds[1:]
 
 
-def _chunk_gets(s3: LocalS3Server) -> int:
-    return sum(n for k, n in s3.object_gets.items() if k.startswith(PATH + "/c/"))
+@dataclass(frozen=True)
+class Spread:
+    """A median with the min and max it was taken over."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(float(np.median(values)), min(values), max(values))
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
 
 
-def _read_pass(store: object, client: Client, expected: float) -> tuple[float, bool]:
+def _chunk_requests(s3: ParallelS3Server) -> Counter[str]:
+    """Requests for the dataset's chunks so far, per HTTP method."""
+    counts: Counter[str] = Counter()
+    for (method, path), n in s3.requests.items():
+        if path.startswith(PATH + "/c/"):
+            counts[method] += n
+    return counts
+
+
+def _read_pass(store: object, client: Client, expected: float | None) -> tuple[float, bool]:
     arr = zarr.open_array(store, mode="r")
     x = da.from_zarr(arr, name=f"bench-{uuid.uuid4().hex}").astype("f8").sum()
     start = time.perf_counter()
     total = float(client.compute(x).result())
-    return time.perf_counter() - start, abs(total - expected) <= 1e-6 * abs(expected)
+    seconds = time.perf_counter() - start
+    return seconds, expected is None or abs(total - expected) <= 1e-6 * abs(expected)
 
 
-def _copy_to_floor(url: str, options: tuple, root: str) -> int:
-    """Copy every object of the dataset to this worker's floor directory (untimed)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    source = _stores.plain(url, options)
-    target = Path(_stores.worker_dir(root, "floor"))
-
-    async def copy() -> int:
-        n = 0
-        async for key in source.list():
-            buf = await source.get(key, default_buffer_prototype())
-            (target / key).parent.mkdir(parents=True, exist_ok=True)
-            (target / key).write_bytes(buf.to_bytes())
-            n += 1
-        return n
-
-    return sync(copy())
+def _copy_to_floor(source: str, root: str) -> None:
+    """Copy the dataset to this process's floor directory (untimed)."""
+    shutil.copytree(source, _stores.worker_dir(root, "floor"), dirs_exist_ok=True)
 
 
-def run_paths(args: argparse.Namespace, scratch: str) -> tuple[list[PathResult], dict]:
-    """Run every read path for ``args.passes`` passes on one cluster; return results."""
-    with LocalS3Server() as s3:
-        s3.create_bucket(BUCKET)
-        options = tuple(sorted(s3.storage_options.items()))
-        url = f"s3://{PATH}"
-        data = np.random.default_rng(0).random((args.side, args.side), dtype="f4")
+def write_dataset(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, dict]:
+    """The dataset, and a copy for ``warm()``, as buckets under ``root`` for the S3 snapshot."""
+    data = np.random.default_rng(0).random((args.side, args.side), dtype="f4")
+    for path in (PATH, COPY):
         arr = zarr.create_array(
-            FsspecStore.from_url(url, storage_options=dict(options)),
-            shape=data.shape,
-            chunks=(args.chunk, args.chunk),
-            dtype="f4",
+            LocalStore(root / path), shape=data.shape, chunks=(args.chunk,) * 2, dtype="f4"
         )
         arr[...] = data
-        expected = float(data.astype("f8").sum())
-        info = {
-            "n_chunks": arr.nchunks,
-            "chunk_bytes": args.chunk * args.chunk * 4,
-            "dataset_mib": data.nbytes / 2**20,
-        }
-        s3.latency = args.latency_ms / 1000
-        with (
-            loopback_cluster(args.workers, args.threads) as cluster,
-            Client(cluster) as client,
-        ):
-            client.register_plugin(ZarrCachePlugin(max_size="4GiB"))
-            # The floor's data, untimed: on every worker, and in this process, which opens
-            # the array's metadata before submitting the reads.
-            client.run(_copy_to_floor, url, options, scratch)
-            _copy_to_floor(url, options, scratch)
-            paths = {
-                "no cache (FsspecStore)": _stores.PerProcessStore(_stores.plain, url, options),
-                "zarr CacheStore per worker": _stores.PerProcessStore(
-                    _stores.zarr_cache_store, url, options, scratch
-                ),
-                "fsspec simplecache per worker": _stores.PerProcessStore(
-                    _stores.fsspec_simplecache, url, options, scratch
-                ),
-                "dask-zarr-cache": ClusterCacheStore(_stores.plain(url, options)),
-                "floor: worker-local LocalStore": _stores.PerProcessStore(
-                    _stores.local_floor, scratch
-                ),
-            }
-            # Warm-up, untimed: imports and S3 sessions in every worker process.
-            _read_pass(paths["no cache (FsspecStore)"], client, expected)
-            results = []
-            for name, store in paths.items():
-                result = PathResult(name, n_chunks=arr.nchunks)
-                for _ in range(args.passes):
-                    gets0, bytes0 = _chunk_gets(s3), s3.bytes_sent
-                    seconds, ok = _read_pass(store, client, expected)
-                    result.seconds.append(seconds)
-                    result.chunk_gets.append(_chunk_gets(s3) - gets0)
-                    result.source_bytes.append(s3.bytes_sent - bytes0)
-                    result.correct &= ok
-                results.append(result)
-                print(f"  {name}: {[f'{s:.2f}' for s in result.seconds]} s", flush=True)
-            info["warm"] = _time_warm(s3, client, data, args)
-    return results, info
+    warmup = data[: 2 * args.chunk, : 2 * args.chunk]
+    zarr.create_array(LocalStore(root / WARMUP), data=warmup, chunks=(args.chunk,) * 2)
+    info = {
+        "n_chunks": arr.nchunks,
+        "chunk_bytes": args.chunk * args.chunk * 4,
+        "dataset_mib": data.nbytes / 2**20,
+    }
+    return data, info
 
 
-def _time_warm(s3: LocalS3Server, client: Client, data: np.ndarray, args) -> dict[str, float]:
-    """``warm()`` of a second copy of the dataset: what it costs next to a cold pass."""
-    s3.latency = 0
-    url = f"s3://{PATH}-copy"
-    options = tuple(sorted(s3.storage_options.items()))
-    target = FsspecStore.from_url(url, storage_options=dict(options))
-    zarr.create_array(target, shape=data.shape, chunks=(args.chunk,) * 2, dtype="f4")[...] = data
-    s3.latency = args.latency_ms / 1000
-    report = warm(client, ClusterCacheStore(_stores.plain(url, options)), progress=False)
-    print(f"  warm(): {report}", flush=True)
-    return {"seconds": report.seconds, "gets": report.gets, "chunks": report.chunks}
-
-
-def ratios(results: list[PathResult]) -> dict[str, float]:
-    """The target ratios of the issue, from measured times."""
-    by = {r.name: r for r in results}
-    nocache = np.mean(by["no cache (FsspecStore)"].seconds)
-    ours = by["dask-zarr-cache"]
-    floor = np.mean(by["floor: worker-local LocalStore"].seconds)
+def _read_paths(url: str, options: tuple, scratch: str) -> dict[str, object]:
+    """Every read path over the dataset at ``url``, by name."""
     return {
-        "remote GETs per unique chunk (dask-zarr-cache)": ours.gets_per_chunk,
-        "cold pass / no-cache pass": ours.seconds[0] / nocache,
-        "warm pass / floor pass": float(np.mean(ours.seconds[1:])) / floor,
-        "warm pass / no-cache pass": float(np.mean(ours.seconds[1:])) / nocache,
+        "no cache (FsspecStore)": _stores.PerProcessStore(_stores.plain, url, options),
+        "zarr CacheStore per worker": _stores.PerProcessStore(
+            _stores.zarr_cache_store, url, options, scratch
+        ),
+        "fsspec simplecache per worker": _stores.PerProcessStore(
+            _stores.fsspec_simplecache, url, options, scratch
+        ),
+        "dask-zarr-cache": ClusterCacheStore(_stores.plain(url, options)),
+        "floor: worker-local LocalStore": _stores.PerProcessStore(_stores.local_floor, scratch),
     }
 
 
-def paths_markdown(results: list[PathResult], args: argparse.Namespace) -> str:
-    """The side-by-side table as markdown."""
-    head = "| read path | " + " | ".join(f"pass {i + 1} s" for i in range(args.passes))
-    head += " | GETs / unique chunk | MiB from S3 | ok |"
-    lines = [head, "|---" * (args.passes + 4) + "|"]
-    for r in results:
-        cells = " | ".join(f"{s:.2f}" for s in r.seconds)
-        lines.append(
-            f"| {r.name} | {cells} | {r.gets_per_chunk:.2f} | "
-            f"{sum(r.source_bytes) / 2**20:.1f} | {'yes' if r.correct else 'NO'} |"
+def run_paths(
+    args: argparse.Namespace, scratch: str, s3: ParallelS3Server, data: np.ndarray, info: dict
+) -> list[PathResult]:
+    """Run every read path, interleaved, for ``args.passes`` passes on one cluster."""
+    source = Path(scratch) / "source"
+    expected = float(data.astype("f8").sum())
+    with (
+        loopback_cluster(args.workers, args.threads) as cluster,
+        Client(cluster) as client,
+    ):
+        options = tuple(sorted(s3.storage_options.items()))
+        url = f"s3://{PATH}"
+        client.register_plugin(ZarrCachePlugin(max_size="4GiB"))
+        # The floor's data, untimed: on every worker, and in this process, which opens
+        # the array's metadata before submitting the reads.
+        warmup_scratch = str(Path(scratch) / "warmup")
+        for dataset, root in ((PATH, scratch), (WARMUP, warmup_scratch)):
+            client.run(_copy_to_floor, str(source / dataset), root)
+            _copy_to_floor(str(source / dataset), root)
+        stores = _read_paths(url, options, scratch)
+        # Warm-up, untimed: imports, S3 sessions and the cache's index in every worker
+        # process, on a small dataset of its own, through every path.
+        s3.latency = 0
+        warmup = _read_paths(f"s3://{WARMUP}", options, warmup_scratch)
+        for store in warmup.values():
+            _read_pass(store, client, None)
+        s3.latency = args.latency_ms / 1000
+        s3.reset_counts()
+        results = {name: PathResult(name, info["n_chunks"]) for name in stores}
+        for i in range(args.passes):
+            for name, store in stores.items():
+                requests0, bytes0 = _chunk_requests(s3), s3.bytes_sent
+                seconds, ok = _read_pass(store, client, expected)
+                requests = _chunk_requests(s3) - requests0
+                result = results[name]
+                result.seconds.append(seconds)
+                result.chunk_gets.append(requests["GET"])
+                result.chunk_heads.append(requests["HEAD"])
+                result.source_bytes.append(s3.bytes_sent - bytes0)
+                result.correct &= ok
+            print(
+                f"  pass {i + 1}: "
+                + ", ".join(
+                    f"{name.split(' (')[0].split(':')[0]} {r.seconds[-1]:.2f}"
+                    for name, r in results.items()
+                )
+                + " s",
+                flush=True,
+            )
+        info["s3"] = s3.service_times()
+        print(f"  {info['s3']}", flush=True)
+        report = warm(
+            client, ClusterCacheStore(_stores.plain(f"s3://{COPY}", options)), progress=False
         )
-    return "\n".join(lines)
+        print(f"  warm(): {report}", flush=True)
+        info["warm"] = {"seconds": report.seconds, "gets": report.gets, "chunks": report.chunks}
+    return list(results.values())
+
+
+def run_workloads(args: argparse.Namespace, s3: ParallelS3Server, info: dict) -> list[str]:
+    """The locality and replacement-policy workloads, as report sections."""
+    dependent = []
+    for locality in (True, False):
+        dependent.append(_workloads.dependent(s3, args.workers, args.passes, locality))
+        print(f"  dependent workload: {dependent[-1]}", flush=True)
+    policies = []
+    for policy in POLICIES:
+        policies.append(_workloads.bigger_than_cache(s3, info, args.workers, policy))
+        print(f"  bigger than the cache: {policies[-1]}", flush=True)
+    return [
+        "## Dask's own placement",
+        f"An xarray dataset of 3 variables in {info['dependent_chunks']} chunks through the "
+        'cache: `groupby("time.month").mean()` and a 7-day moving mean (`map_overlap`), '
+        f"{args.passes} passes on a fresh cluster per setting.",
+        _workloads.dependent_markdown(dependent),
+        "## Bigger than the cache",
+        f"{info['large_bytes'] / 2**20:.0f} MiB in {info['large_chunks']} chunks, twice the "
+        f"cluster's total `max_size`, read in 4 full passes; then 6 rounds of skewed reads "
+        "(80% on a fixed 20% of the chunks; served shares over the last 3 rounds).",
+        _workloads.policy_markdown(policies),
+        "## Replacement policy on traces",
+        _traces.policy_markdown(),
+    ]
+
+
+def _paired(ours: list[float], theirs: list[float]) -> Spread:
+    return Spread.of([a / b for a, b in zip(ours, theirs, strict=True)])
+
+
+def ratios(results: list[PathResult]) -> dict[str, Spread | float]:
+    """The target ratios, each the median (min-max) of per-pass ratios.
+
+    Warm ratios pair pass ``i`` of one path with pass ``i`` of the other (they ran next
+    to each other); the cold pass, run once, is set against every no-cache pass.
+    """
+    by = {r.name: r for r in results}
+    nocache, ours = by["no cache (FsspecStore)"], by["dask-zarr-cache"]
+    floor = by["floor: worker-local LocalStore"]
+    return {
+        "remote GETs per unique chunk (dask-zarr-cache)": ours.gets_per_chunk,
+        "cold pass / no-cache pass": Spread.of([ours.seconds[0] / s for s in nocache.seconds]),
+        "warm pass / floor pass": _paired(ours.warm, floor.warm),
+        "warm pass / no-cache pass": _paired(ours.warm, nocache.warm),
+    }
+
+
+def paths_markdown(results: list[PathResult]) -> str:
+    """The side-by-side table as markdown."""
+    header = ["read path", "pass 1 (cold) s", "warm passes s: median (min-max)"]
+    header += ["GETs / unique chunk", "HEADs / unique chunk", "MiB from S3", "ok"]
+    return _report.table(
+        header,
+        (
+            [
+                r.name,
+                f"{r.seconds[0]:.2f}",
+                Spread.of(r.warm),
+                f"{r.gets_per_chunk:.2f}",
+                f"{r.heads_per_chunk:.2f}",
+                f"{sum(r.source_bytes) / 2**20:.1f}",
+                "yes" if r.correct else "NO",
+            ]
+            for r in results
+        ),
+    )
+
+
+def ratios_markdown(measured: dict[str, Spread | float]) -> str:
+    """The ratios as a markdown list."""
+    return "\n".join(
+        f"- {k}: **{v.median:.2f}** (min-max over passes {v.low:.2f}-{v.high:.2f})"
+        if isinstance(v, Spread)
+        else f"- {k}: **{v:.2f}**"
+        for k, v in measured.items()
+    )
 
 
 def plot(results: list[PathResult], path: Path) -> None:
-    """A grouped bar chart of pass times per read path."""
+    """Cold pass and warm-pass median (min-max bars) per read path, and GETs per chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_gets) = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / len(results[0].seconds)
     x = np.arange(len(results))
-    for i in range(len(results[0].seconds)):
-        ax_time.bar(x + i * width, [r.seconds[i] for r in results], width, label=f"pass {i + 1}")
+    warm = [Spread.of(r.warm) for r in results]
+    ax_time.bar(x - 0.2, [r.seconds[0] for r in results], 0.4, label="pass 1 (cold)")
+    ax_time.bar(
+        x + 0.2,
+        [w.median for w in warm],
+        0.4,
+        yerr=[[w.median - w.low for w in warm], [w.high - w.median for w in warm]],
+        capsize=3,
+        label=f"warm passes (median, min-max of {len(results[0].warm)})",
+    )
     labels = [r.name.replace(" per worker", "\nper worker").replace(": ", ":\n") for r in results]
-    ax_time.set_xticks(x + width, labels, fontsize=8)
+    ax_time.set_xticks(x, labels, fontsize=8)
     ax_time.set_ylabel("wall time per pass (s)")
     ax_time.legend()
     ax_gets.bar(x, [r.gets_per_chunk for r in results], color="#d62728")
@@ -208,18 +308,28 @@ def plot(results: list[PathResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run everything, print the tables, write ``benchmarks/results/latest.*``."""
+    """Run everything, print the tables, write ``benchmarks/results/<name>.*``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5, help="per read path, first is cold")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--side", type=int, default=4096, help="float32 array SIDE x SIDE")
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument(
+        "--s3-processes",
+        type=int,
+        default=max(2, (os.cpu_count() or 2) // 4),
+        help="server processes of the S3 endpoint",
+    )
     parser.add_argument("--micro-keys", default="1000,100000,1000000")
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/png go")
+    parser.add_argument("--skip-workloads", action="store_true", help="locality and policy")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    parser.add_argument("--name", default="latest", help="report file names: NAME.md, NAME.png")
     args = parser.parse_args(argv)
+    if args.passes < 2:
+        parser.error("--passes must be at least 2 (one cold, one warm)")
 
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
@@ -228,25 +338,36 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="dzc-bench-") as scratch:
-        results, info = run_paths(args, scratch)
-    measured = ratios(results)
+        source = Path(scratch) / "source"
+        data, info = write_dataset(args, source)
+        if not args.skip_workloads:
+            info.update(_workloads.write_datasets(source, args.side // 2, args.chunk // 2))
+        with ParallelS3Server(source, processes=args.s3_processes) as s3:
+            results = run_paths(args, scratch, s3, data, info)
+            s3.latency = args.latency_ms / 1000
+            workloads = [] if args.skip_workloads else run_workloads(args, s3, info)
+    service: ServiceTimes = info["s3"]
     sections = [
         f"# dask-zarr-cache benchmark ({when})",
         f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}. "
-        f"Cluster: {args.workers} worker processes x {args.threads} thread, {args.passes} "
-        f"passes. Data: {info['dataset_mib']:.0f} MiB float32 in {info['n_chunks']} chunks "
-        f"of {info['chunk_bytes'] // 1024} KiB on moto's S3 server (loopback) with "
-        f"{args.latency_ms:g} ms added per request.",
+        f"Cluster: {args.workers} worker processes x {args.threads} thread. "
+        f"Data: {info['dataset_mib']:.0f} MiB float32 in {info['n_chunks']} chunks "
+        f"of {info['chunk_bytes'] // 1024} KiB (`--side {args.side} --chunk {args.chunk}`) on "
+        f"moto's S3 protocol from {args.s3_processes} loopback server processes with "
+        f"{args.latency_ms:g} ms added per request. Every path ran {args.passes} passes "
+        "(the first cold), the paths interleaved pass by pass.",
+        f"{service}.",
         "## Read paths",
-        paths_markdown(results, args),
+        paths_markdown(results),
         "## Ratios",
-        "\n".join(f"- {k}: **{v:.2f}**" for k, v in measured.items()),
+        ratios_markdown(ratios(results)),
         "## Warm-up",
-        f"`warm()` of a second copy of the dataset ({info['warm']['chunks']} objects, "
+        f"`warm()` of a copy of the dataset ({info['warm']['chunks']} objects, "
         f"{info['warm']['gets']} GETs): **{info['warm']['seconds']:.2f} s**, against "
         f"{next(r for r in results if r.name == 'dask-zarr-cache').seconds[0]:.2f} s for "
         "the cold pass through the cache it replaces.",
     ]
+    sections += workloads
     if not args.skip_micro:
         keys = [int(k) for k in args.micro_keys.split(",")]
         sections += ["## Index", _micro.index_markdown(keys)]
@@ -254,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n\n".join(sections) + "\n"
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.md").write_text(report)
-    plot(results, args.out / "latest.png")
+    (args.out / f"{args.name}.md").write_text(report)
+    plot(results, args.out / f"{args.name}.png")
     return 0 if all(r.correct for r in results) else 1
 
 

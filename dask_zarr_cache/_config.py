@@ -17,6 +17,7 @@ import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 
 from dask_zarr_cache._exceptions import CacheConfigError
+from dask_zarr_cache._names import POLICIES
 
 __all__ = ["CacheSettings", "worker_directory"]
 
@@ -33,6 +34,11 @@ dask.config.update_defaults(
             # within this time; a write waits at most this long for a worker it cannot
             # reach (that worker serves nothing until it catches up).
             "write-lease": "10s",
+            # Which objects stay when a worker's budget is full: "tinylfu" (an LRU victim
+            # leaves only for a more frequently read newcomer; scan resistant) or "lru".
+            "policy": "tinylfu",
+            # Ask Dask to run each chunk read on the worker that holds that chunk (loosely).
+            "locality": True,
         }
     }
 )
@@ -93,6 +99,12 @@ class CacheSettings:
     directory : str or None
         Parent directory of the worker caches; ``None`` means
         ``<worker.local_directory>/zarr-cache``.
+    write_lease : float
+        Seconds a worker may serve its files after its last catch-up with the write history.
+    policy : {"tinylfu", "lru"}
+        Replacement policy of the index (dask config ``zarr-cache.policy``).
+    locality : bool
+        Whether chunk reads are steered to their chunk's worker (``zarr-cache.locality``).
 
     """
 
@@ -100,6 +112,8 @@ class CacheSettings:
     max_age_seconds: float | None = None
     directory: str | None = None
     write_lease: float = 10.0
+    policy: str = "tinylfu"
+    locality: bool = True
 
     @classmethod
     def from_arguments(
@@ -125,11 +139,16 @@ class CacheSettings:
         lease = parse_timedelta(dask.config.get("zarr-cache.write-lease"))
         if not lease or lease <= 0:
             raise CacheConfigError(f"zarr-cache.write-lease must be positive, got {lease!r}")
+        policy = dask.config.get("zarr-cache.policy")
+        if policy not in POLICIES:
+            raise CacheConfigError(f"zarr-cache.policy must be one of {POLICIES}, got {policy!r}")
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_max_age(max_age_seconds),
             directory=_parse_directory(directory),
             write_lease=float(lease),
+            policy=policy,
+            locality=bool(dask.config.get("zarr-cache.locality")),
         )
 
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache._admission import Admission
 from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._protocol import (
     FETCH,
@@ -59,7 +60,13 @@ class _WorkerState:
 
 
 class CacheIndex:
-    """Ownership, per-worker budgets, global LRU and TTL of all cached objects.
+    """Ownership, per-worker budgets, replacement policy and TTL of all cached objects.
+
+    Each worker's entries are kept in LRU order. When a commit takes a worker over its
+    budget, ``"lru"`` evicts least recently used entries; ``"tinylfu"`` (the default) first
+    compares the newcomer with that victim (:class:`~dask_zarr_cache._admission.Admission`,
+    counting every access: misses asked here, hits reported by :meth:`touch`) and, unless
+    the newcomer was read more often, evicts the newcomer instead.
 
     Parameters
     ----------
@@ -67,10 +74,14 @@ class CacheIndex:
         Entries older than this are absent (and queued for deletion on their owner).
     clock : callable
         Time source, seconds; tests inject their own.
+    policy : {"tinylfu", "lru"}
+        Replacement policy.
 
     """
 
-    def __init__(self, max_age_seconds: float | None = None, clock=time.time) -> None:
+    def __init__(
+        self, max_age_seconds: float | None = None, clock=time.time, policy: str = "tinylfu"
+    ) -> None:
         self.max_age_seconds = max_age_seconds
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -78,6 +89,17 @@ class CacheIndex:
         self._workers: dict[str, _WorkerState] = {}
         # Range entries by whole-object key, so a write invalidates every range of it.
         self._ranges: dict[str, set[str]] = {}
+        self._admission = Admission(policy)
+
+    @property
+    def policy(self) -> str:
+        """The replacement policy, ``"tinylfu"`` or ``"lru"``."""
+        return self._admission.policy
+
+    @policy.setter
+    def policy(self, policy: str) -> None:
+        if policy != self.policy:
+            self._admission = Admission(policy, len(self._entries))
 
     # -- queries -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -169,6 +191,7 @@ class CacheIndex:
         now = self._clock()
         decisions = []
         for key in keys:
+            self._admission.record(key)
             if unreachable:
                 self._forget_holder(key, unreachable)
             entry = self._entries.get(key)
@@ -205,7 +228,7 @@ class CacheIndex:
         """
         state = self._state(worker, capacity)
         now = self._clock()
-        rejected = []
+        rejected, evicted = [], []
         for key, size, tag in items:
             pending = self._pending.get(key)
             if pending is None or pending[0] != worker or key in self._entries:
@@ -213,7 +236,8 @@ class CacheIndex:
                 continue
             del self._pending[key]
             self._insert(key, _Entry(worker, size, tag, now), state)
-        return CommitReply(self._evict_over_budget(worker, state), rejected)
+            evicted += self._evict_over_budget(worker, state, newcomer=key)
+        return CommitReply(evicted, rejected)
 
     def abandon(self, worker: str, keys: Iterable[str]) -> None:
         """Give up pending claims of ``worker`` (its fetch failed or was not cacheable)."""
@@ -246,6 +270,7 @@ class CacheIndex:
                 self._remove(key)
         known = worker in self._workers
         for key in accessed:
+            self._admission.record(key)
             entry = self._entries.get(key)
             if entry is not None:
                 self._workers[entry.owner].lru.move_to_end(key)
@@ -307,6 +332,7 @@ class CacheIndex:
         return self.max_age_seconds is not None and now - entry.created > self.max_age_seconds
 
     def _insert(self, key: str, entry: _Entry, state: _WorkerState) -> None:
+        self._admission.fit(len(self._entries) + 1)
         self._entries[key] = entry
         state.lru[key] = None
         state.used += entry.size
@@ -340,10 +366,21 @@ class CacheIndex:
         if key not in self._entries:
             self._unlink_range(key)
 
-    def _evict_over_budget(self, worker: str, state: _WorkerState) -> list[str]:
+    def _evict_over_budget(
+        self, worker: str, state: _WorkerState, newcomer: str | None = None
+    ) -> list[str]:
+        """Evict LRU entries until ``worker`` is within budget; the policy may pick ``newcomer``.
+
+        TinyLFU's admission: the newcomer displaces the LRU victim only if it was read more
+        often; otherwise the newcomer itself leaves (its reader already has its bytes).
+        """
         evicted = []
         while state.used > state.capacity and state.lru:
             key = next(iter(state.lru))
+            if newcomer not in (None, key) and self._admission.rejects(newcomer, key):
+                key = newcomer
+            if key == newcomer:
+                newcomer = None  # compared once, as TinyLFU does
             self._remove(key)
             evicted.append(key)
         return evicted

@@ -24,15 +24,18 @@ class IndexActor:
     ----------
     max_age_seconds : float or None
         TTL of entries.
+    policy : {"tinylfu", "lru"}
+        Replacement policy.
 
     """
 
-    def __init__(self, max_age_seconds: float | None = None) -> None:
-        self.index = CacheIndex(max_age_seconds)
+    def __init__(self, max_age_seconds: float | None = None, policy: str = "tinylfu") -> None:
+        self.index = CacheIndex(max_age_seconds, policy=policy)
 
-    async def configure(self, max_age_seconds: float | None) -> None:
+    async def configure(self, max_age_seconds: float | None, policy: str) -> None:
         """Apply new settings (plugin registered again)."""
         self.index.max_age_seconds = max_age_seconds
+        self.index.policy = policy
 
     async def register(self, worker: str, capacity: int, files: bytes) -> bytes:
         """See :meth:`CacheIndex.register`."""

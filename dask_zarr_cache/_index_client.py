@@ -165,9 +165,9 @@ class IndexClient:
         """Forget a departed worker's entries and claims."""
         return await self._call("remove_worker", worker)
 
-    async def configure(self, max_age_seconds: float | None) -> None:
-        """Apply a new TTL."""
-        await self._call("configure", max_age_seconds)
+    async def configure(self, max_age_seconds: float | None, policy: str) -> None:
+        """Apply a new TTL and replacement policy."""
+        await self._call("configure", max_age_seconds, policy)
 
     async def cached(self, keys: list[str]) -> list[bool]:
         """Whether each key is cached on some worker."""

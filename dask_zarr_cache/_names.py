@@ -39,3 +39,6 @@ SCHEDULER_HANDLERS = (
     "zarr_cache_stats",  # counters of every worker
     "zarr_cache_cached",  # which keys are cached (warm-up skips them)
 )
+
+#: Replacement policies of the index (``zarr-cache.policy``), the default first.
+POLICIES = ("tinylfu", "lru")

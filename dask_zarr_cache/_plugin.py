@@ -21,6 +21,7 @@ from dask_zarr_cache._names import (
     WORKER_HANDLERS,
     WORKER_PLUGIN_NAME,
 )
+from dask_zarr_cache._placement import steer_reads
 from dask_zarr_cache._prometheus import bind_prometheus
 from dask_zarr_cache._scheduler import ZarrCacheScheduler, scheduler_state
 from dask_zarr_cache._worker import WorkerCache
@@ -99,6 +100,12 @@ class ZarrCachePlugin(SchedulerPlugin):
         if scheduler.workers:  # have the index ready before the first read, if we can
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(state.ensure_index()), _INDEX_WAIT)
+
+    def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
+        """Steer new chunk reads to the workers that hold (or will hold) their chunks."""
+        state = scheduler_state(scheduler)
+        if state is not None and state.settings.locality:
+            steer_reads(scheduler, tasks)
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         """Create the index as soon as there is a worker to host it."""

@@ -97,7 +97,7 @@ class ZarrCacheScheduler:
         )
         if self.location is not None:
             with contextlib.suppress(IndexUnavailableError):
-                await self.index.configure(settings.max_age_seconds)
+                await self.index.configure(settings.max_age_seconds, settings.policy)
 
     # -- the write history -----------------------------------------------------------------
     async def handle_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
@@ -229,6 +229,7 @@ class ZarrCacheScheduler:
         future = self._client.submit(
             IndexActor,
             self.settings.max_age_seconds,
+            self.settings.policy,
             actor=True,
             workers=[host],
             allow_other_workers=False,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from zarr.abc.store import Store
+from zarr.abc.store import OffsetByteRequest, Store
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from dask_zarr_cache._announce import announce_write
@@ -153,8 +153,14 @@ class ClusterCacheStore(WrapperStore[Store]):
         if cache is None:
             return await self._store.get(key, prototype, byte_range)
 
+        source_range = byte_range
+        if byte_range is None and isinstance(_unwrapped(self._store), FsspecStore):
+            # For a whole object s3fs sends HEAD (to split big objects) and then GET: two
+            # round trips. "From byte 0" is the same bytes in one GET.
+            source_range = OffsetByteRequest(0)
+
         async def read_source() -> bytes | None:
-            buf = await self._store.get(key, prototype, byte_range)
+            buf = await self._store.get(key, prototype, source_range)
             return None if buf is None else buf.to_bytes()
 
         data = await cache.get(ckey, read_source)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-__all__ = ["LocalS3Server", "loopback_cluster"]
+__all__ = ["LocalS3Server", "RequestCounts", "loopback_cluster"]
 
 
 def loopback_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any) -> Any:
@@ -37,38 +37,99 @@ def loopback_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any)
     )
 
 
-class _CountingMiddleware:
-    """Counts requests per method and GETs per object path; sleeps ``latency`` each."""
+class RequestCounts:
+    """What a server saw: requests per method and path, GETs per object, bytes, service time.
 
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
-        self.app = app
-        self.latency = 0.0
+    An *object GET* is a GET of ``<bucket>/<key>`` without a query string. ``service``
+    keeps, per object GET, the seconds the server spent on it beyond the latency it adds
+    (request in to last byte out, CPU contention included): what a benchmark must keep small.
+    """
+
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.methods: Counter[str] = Counter()
         self.object_gets: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.bytes_sent = 0
-        self.faults: dict[str, int] = {}
+        self.service: deque[float] = deque(maxlen=1_000_000)
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        method = environ["REQUEST_METHOD"]
-        path = unquote(environ.get("PATH_INFO", "")).lstrip("/")
-        is_object_get = method == "GET" and "/" in path and not environ.get("QUERY_STRING")
+    def request(self, method: str, raw_path: str, query: str) -> tuple[str, bool]:
+        """Count a request; return its ``"<bucket>/<key>"`` and whether it is an object GET."""
+        path = unquote(raw_path).lstrip("/")
+        is_object_get = method == "GET" and "/" in path and not query
         with self.lock:
             self.methods[method] += 1
             self.requests[method, path] += 1
             if is_object_get:
                 self.object_gets[path] += 1
-        if self.latency:
-            time.sleep(self.latency)
+        return path, is_object_get
+
+    def sent(self, nbytes: int, seconds: float) -> None:
+        """Record one object GET answered with ``nbytes`` in ``seconds`` of service time."""
+        with self.lock:
+            self.bytes_sent += nbytes
+            self.service.append(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A picklable copy of every count, by attribute name."""
+        with self.lock:
+            return {
+                "methods": Counter(self.methods),
+                "requests": Counter(self.requests),
+                "object_gets": Counter(self.object_gets),
+                "bytes_sent": self.bytes_sent,
+                "service": list(self.service),
+            }
+
+    def reset(self) -> None:
+        """Zero everything."""
+        with self.lock:
+            self.methods.clear()
+            self.object_gets.clear()
+            self.requests.clear()
+            self.bytes_sent = 0
+            self.service.clear()
+
+
+class _CountingMiddleware:
+    """Counts requests (:class:`RequestCounts`) and sleeps ``latency`` before each."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self.latency = 0.0
+        self.counts = RequestCounts()
+        self.faults: dict[str, int] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start = time.perf_counter()
+        latency = self.latency
+        method = environ["REQUEST_METHOD"]
+        path, is_object_get = self.counts.request(
+            method, environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+        )
+        if latency:
+            time.sleep(latency)
         status = self.faults.get(path) if method == "GET" else None
         if status is not None:
             return _error_response(status, start_response)
         body = list(self.app(environ, start_response))
-        if is_object_get:
-            with self.lock:
-                self.bytes_sent += sum(len(b) for b in body)
-        return body
+        if not is_object_get:
+            return body
+        nbytes = sum(len(b) for b in body)
+        return _SentBody(
+            body, lambda: self.counts.sent(nbytes, time.perf_counter() - start - latency)
+        )
+
+
+class _SentBody(list):
+    """A response body whose ``close()`` (called once it is written out) calls ``sent``."""
+
+    def __init__(self, chunks: list[bytes], sent: Callable[[], None]) -> None:
+        super().__init__(chunks)
+        self._sent = sent
+
+    def close(self) -> None:
+        self._sent()
 
 
 _REASONS = {403: ("Forbidden", "AccessDenied"), 500: ("Internal Server Error", "InternalError")}
@@ -106,17 +167,20 @@ class LocalS3Server:
     """
 
     def __init__(self, port: int = 0, latency: float = 0.0) -> None:
-        from moto.server import DomainDispatcherApplication, create_backend_app
+        from moto.server import create_backend_app
+
+        # moto's S3 app alone: its all-services dispatcher stats ~180 paths per request
+        # to find the service, which costs more than serving the GET.
         from werkzeug.serving import WSGIRequestHandler, make_server
 
-        class _QuietHandler(WSGIRequestHandler):
+        class QuietHandler(WSGIRequestHandler):
             def log_request(self, *args: object, **kwargs: object) -> None:
                 pass  # one line per request would drown test and demo output
 
-        self._counter = _CountingMiddleware(DomainDispatcherApplication(create_backend_app))
+        self._counter = _CountingMiddleware(create_backend_app("s3"))
         self._counter.latency = latency
         self._server = make_server(
-            "127.0.0.1", port, self._counter, threaded=True, request_handler=_QuietHandler
+            "127.0.0.1", port, self._counter, threaded=True, request_handler=QuietHandler
         )
         self._thread: threading.Thread | None = None
 
@@ -147,29 +211,29 @@ class LocalS3Server:
     @property
     def object_gets(self) -> Counter[str]:
         """GET requests per ``"<bucket>/<key>"`` seen by the server (a copy)."""
-        with self._counter.lock:
-            return Counter(self._counter.object_gets)
+        with self._counter.counts.lock:
+            return Counter(self._counter.counts.object_gets)
 
     @property
     def requests(self) -> Counter[tuple[str, str]]:
         """Requests per ``(method, "<bucket>/<key>")``, any query string (a copy)."""
-        with self._counter.lock:
-            return Counter(self._counter.requests)
+        with self._counter.counts.lock:
+            return Counter(self._counter.counts.requests)
 
     @property
     def methods(self) -> Counter[str]:
         """Requests per HTTP method seen by the server (a copy)."""
-        with self._counter.lock:
-            return Counter(self._counter.methods)
+        with self._counter.counts.lock:
+            return Counter(self._counter.counts.methods)
 
     @property
     def bytes_sent(self) -> int:
         """Bytes of object bodies sent for GETs."""
-        return self._counter.bytes_sent
+        return self._counter.counts.bytes_sent
 
     def fail(self, path: str, status: int | None) -> None:
         """Answer GETs of ``"<bucket>/<key>"`` with HTTP ``status`` (``None`` stops it)."""
-        with self._counter.lock:
+        with self._counter.counts.lock:
             if status is None:
                 self._counter.faults.pop(path, None)
             else:
@@ -177,11 +241,7 @@ class LocalS3Server:
 
     def reset_counts(self) -> None:
         """Zero all request counters."""
-        with self._counter.lock:
-            self._counter.methods.clear()
-            self._counter.object_gets.clear()
-            self._counter.requests.clear()
-            self._counter.bytes_sent = 0
+        self._counter.counts.reset()
 
     def start(self) -> LocalS3Server:
         """Serve in a daemon thread."""

@@ -2,21 +2,119 @@
 
 from __future__ import annotations
 
-from benchmarks import _micro, run
+import http.client
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import s3fs
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from benchmarks import _micro, _s3, run
 
 
 def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
     argv = ["--workers", "2", "--passes", "2", "--side", "256", "--chunk", "64"]
-    argv += ["--latency-ms", "5", "--skip-micro", "--out", str(tmp_path)]
+    argv += ["--latency-ms", "5", "--skip-micro", "--skip-workloads", "--out", str(tmp_path)]
     assert run.main(argv) == 0
     report = (tmp_path / "latest.md").read_text()
     for name in ("no cache", "zarr CacheStore", "simplecache", "dask-zarr-cache", "floor"):
         assert name in report
+    assert "S3 endpoint excess over the 5 ms latency: mean" in report
+    assert "warm pass / floor pass: **" in report and "(min-max over passes" in report
     assert "remote GETs per unique chunk (dask-zarr-cache): **1.00**" in report
     assert (tmp_path / "latest.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_benchmark_workloads_run_and_report(tmp_path):
+    """Locality on/off and both policies on data bigger than the cache (tiny sizes)."""
+    argv = ["--workers", "2", "--passes", "2", "--side", "256", "--chunk", "64"]
+    argv += ["--latency-ms", "5", "--skip-micro", "--out", str(tmp_path), "--name", "w"]
+    assert run.main(argv) == 0
+    report = (tmp_path / "w.md").read_text()
+    assert "Warm wall time, locality on / off: **" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| tinylfu", "| lru"))]
+    assert len(rows) == 2
+    for row in rows:  # the budget is never exceeded by the index's accounting
+        assert float(row.rstrip(" |").rsplit("|", 1)[1]) <= 1.0, row
 
 
 def test_index_micro_benchmark_measures_throughput_and_memory():
     ops = _micro.index_throughput(5000)
     assert min(ops.values()) > 0
     assert 0 < _micro.index_memory_per_key(5000) < 2000
+
+
+def _mean_get_ms(endpoint: str, paths: list[str], readers: int, seconds: float) -> float:
+    """Mean wall time of plain GETs from ``readers`` threads, each on its own keep-alive."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    stop = time.perf_counter() + seconds
+    times: list[float] = []
+
+    def read(first: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        i = first
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            conn.request("GET", "/" + paths[i % len(paths)], headers=_s3._AUTH)
+            reply = conn.getresponse()
+            assert reply.status == 200 and len(reply.read()) == 256 * 1024
+            times.append(time.perf_counter() - start)
+            i += readers
+        conn.close()
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 1000 * sum(times) / len(times)
+
+
+def test_benchmark_s3_endpoint_adds_the_configured_latency_at_8_readers(tmp_path):
+    """What the endpoint adds over its own no-latency time is 20 ms within 10%."""
+    (tmp_path / "bkt" / "o").mkdir(parents=True)
+    for i in range(64):
+        (tmp_path / "bkt" / "o" / str(i)).write_bytes(os.urandom(256 * 1024))
+    paths = [f"bkt/o/{i}" for i in range(64)]
+    with _s3.ParallelS3Server(tmp_path, processes=2) as s3:
+        _mean_get_ms(s3.endpoint_url, paths, readers=8, seconds=1)  # connections, caches
+        unloaded = _mean_get_ms(s3.endpoint_url, paths, readers=8, seconds=3)
+        s3.latency = 0.020
+        s3.reset_counts()
+        loaded = _mean_get_ms(s3.endpoint_url, paths, readers=8, seconds=4)
+        service = s3.service_times()
+    added = loaded - unloaded
+    print(f"no latency {unloaded:.2f} ms, 20 ms latency {loaded:.2f} ms, {service}")
+    assert 18.0 <= added <= 22.0, (unloaded, loaded)
+    assert service.n > 500 and not service.too_slow, service
+
+
+def test_benchmark_s3_endpoint_speaks_s3_over_a_read_only_snapshot(tmp_path):
+    data = np.arange(10_000, dtype="f4").reshape(100, 100)
+    array = zarr.create_array(
+        LocalStore(tmp_path / "bkt" / "a b.zarr"), shape=data.shape, chunks=(30, 30), dtype="f4"
+    )
+    array[...] = data
+    with _s3.ParallelS3Server(tmp_path, processes=2) as s3:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options)
+        meta = (tmp_path / "bkt" / "a b.zarr" / "zarr.json").read_bytes()
+        assert fs.ls("bkt") == ["bkt/a b.zarr"]
+        assert fs.info("bkt/a b.zarr/zarr.json")["size"] == len(meta)
+        assert fs.cat_file("bkt/a b.zarr/zarr.json", start=2, end=10) == meta[2:10]
+        store = FsspecStore.from_url(
+            "s3://bkt/a b.zarr", storage_options=s3.storage_options, read_only=True
+        )
+        np.testing.assert_array_equal(zarr.open_array(store, mode="r")[...], data)
+        assert s3.object_gets["bkt/a b.zarr/c/0/0"] == 1
+        assert s3.bytes_sent > 0
+        with pytest.raises(FileNotFoundError):
+            fs.cat("bkt/missing")
+        with pytest.raises(PermissionError):
+            fs.pipe("bkt/new", b"1")
+        s3.reset_counts()
+        assert s3.object_gets == {} and s3.service_times().n == 0

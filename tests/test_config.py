@@ -67,3 +67,16 @@ def test_worker_directories_stay_inside_and_apart(tmp_path, names):
         assert os.path.dirname(d) == str(tmp_path)  # one level below, never above
         assert len(os.path.basename(d)) < 100
     assert dirs == [worker_directory(settings, name, "/unused") for name in names]  # stable
+
+
+def test_policy_and_locality_come_from_dask_config():
+    assert CacheSettings.from_arguments(1).policy == "tinylfu"
+    assert CacheSettings.from_arguments(1).locality is True
+    with dask.config.set({"zarr-cache.policy": "lru", "zarr-cache.locality": False}):
+        settings = CacheSettings.from_arguments(1)
+    assert (settings.policy, settings.locality) == ("lru", False)
+    with (
+        dask.config.set({"zarr-cache.policy": "lfu"}),
+        pytest.raises(CacheConfigError, match="policy must be one of"),
+    ):
+        CacheSettings.from_arguments(1)

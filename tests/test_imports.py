@@ -23,6 +23,7 @@ LAYERS = {
     "_config": 0,
     "_keys": 0,
     "_invalidation": 0,
+    "_admission": 0,
     "_index": 0,
     "_index_actor": 0,
     "_disk": 0,
@@ -44,6 +45,7 @@ LAYERS = {
     "__init__": 3,
     "preload": 3,
     "testing": 3,
+    "_placement": 2,
     "_demo": 4,
     "cli": 4,
 }

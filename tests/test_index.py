@@ -47,7 +47,7 @@ def test_owner_that_lost_its_file_fetches_again():
 
 
 def test_eviction_follows_cluster_wide_last_access():
-    index = CacheIndex()
+    index = CacheIndex(policy="lru")
     fill(index, "A", ["k0", "k1", "k2"], size=10, capacity=30)
     # k0 is read by another worker (a peer read): its owner reports the access.
     index.touch("A", ["k0"])
@@ -60,14 +60,66 @@ def test_eviction_follows_cluster_wide_last_access():
     assert index.workers()["A"]["used"] == 30
 
 
-def test_budget_is_per_worker():
-    index = CacheIndex()
+@pytest.mark.parametrize("policy", ["lru", "tinylfu"])
+def test_budget_is_per_worker(policy):
+    index = CacheIndex(policy=policy)
     fill(index, "A", ["a0", "a1"], size=10, capacity=20)
     fill(index, "B", ["b0", "b1"], size=10, capacity=20)
     index.acquire("B", ["b2"])
+    for _ in range(2):  # b2 now read more often than b0: TinyLFU admits it too
+        index.touch("B", ["b2"])
     evicted, _ = index.commit("B", 20, [("b2", 10, 0)])
     assert evicted == ["b0"]
     assert index.lru_keys("A") == ["a0", "a1"]
+
+
+def test_tinylfu_keeps_what_is_read_again_and_turns_away_a_one_off_read():
+    index = CacheIndex()
+    assert index.policy == "tinylfu"
+    fill(index, "A", ["hot0", "hot1"], size=10, capacity=20)
+    index.touch("A", ["hot0", "hot1"])
+    index.acquire("A", ["once"])
+    evicted, rejected = index.commit("A", 20, [("once", 10, 0)])
+    assert (evicted, rejected) == (["once"], [])  # read once: it leaves, not a hot key
+    assert index.lru_keys("A") == ["hot0", "hot1"] and "once" not in index
+    assert index.workers()["A"]["used"] == 20
+    # Asked for again and again (each time a miss), it becomes worth a place.
+    for _ in range(3):
+        index.acquire("A", ["once"])
+        index.abandon("A", ["once"])
+    index.acquire("A", ["once"])
+    evicted, _ = index.commit("A", 20, [("once", 10, 0)])
+    assert evicted == ["hot0"] and index.lru_keys("A") == ["hot1", "once"]
+
+
+def test_tinylfu_holds_half_of_a_cyclic_scan_twice_the_cache_and_lru_none():
+    from benchmarks._traces import scan, simulate
+
+    capacity = 200
+    cold = 2 * capacity
+    for policy, low, high in (("tinylfu", 0.40, 0.50), ("lru", 0.0, 0.0)):
+        hits, reads = simulate(policy, scan(capacity), capacity)
+        assert low <= hits / (reads - cold) <= high, (policy, hits, reads)
+
+
+def test_tinylfu_keeps_the_hot_set_through_one_off_scans():
+    from benchmarks._traces import mixed, simulate
+
+    ratio = {}
+    for policy in ("tinylfu", "lru"):
+        hits, reads = simulate(policy, mixed(200, 4000), 200)
+        ratio[policy] = hits / reads
+    assert ratio["tinylfu"] > ratio["lru"] + 0.1, ratio
+
+
+def test_switching_policy_keeps_entries():
+    index = CacheIndex(policy="lru")
+    fill(index, "A", ["k0", "k1"], size=10, capacity=20)
+    index.policy = "tinylfu"
+    assert index.policy == "tinylfu" and index.lru_keys("A") == ["k0", "k1"]
+    index.policy = "lru"
+    index.acquire("A", ["k2"])
+    assert index.commit("A", 20, [("k2", 10, 0)]).evicted == ["k0"]
 
 
 def test_ttl_makes_entries_absent_and_queues_their_deletion():

@@ -255,8 +255,11 @@ def test_the_dashboard_shows_a_warm_while_it_runs(s3, s3_path, client):
     write_dataset(s3, s3_path)
     browser = _chrome()
     s3.latency = 0.2
+    # One GET at a time per worker: ~9 x 0.2 s, long enough for the page to see it run.
     runner = threading.Thread(
-        target=warm, args=(client, from_url(s3, s3_path)), kwargs={"progress": False}
+        target=warm,
+        args=(client, from_url(s3, s3_path)),
+        kwargs={"progress": False, "concurrency": 1},
     )
     try:
         browser.get(dashboard_base(client) + "/individual-zarr-cache")

@@ -1,0 +1,99 @@
+"""Trace simulator: hit ratios of the index's replacement policies on synthetic traces.
+
+Drives the real :class:`~dask_zarr_cache._index.CacheIndex` (one worker, unit-size
+objects) with the access sequences that matter for a chunk cache:
+
+- ``scan``: a dataset twice the cache, read in full 4 times (the cyclic pattern that
+  defeats LRU; the best any cache can do on passes 2-4 is 50%);
+- ``skewed``: 80% of reads on 20% of the chunks (that hot 20% fits the cache);
+- ``mixed``: the skewed reads, interrupted by one-off scans of other data as big as
+  the cache (a user's ad-hoc job on a shared cluster); the hot set should survive them.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from benchmarks import _report
+from dask_zarr_cache._index import CacheIndex
+from dask_zarr_cache._names import POLICIES
+from dask_zarr_cache._protocol import FETCH, Item
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+WORKER = "tcp://sim:1"
+
+
+def scan(capacity: int, passes: int = 4) -> Iterator[str]:
+    """``passes`` full reads of ``2 x capacity`` chunks."""
+    for _ in range(passes):
+        yield from (f"scan/{i}" for i in range(2 * capacity))
+
+
+def skewed(capacity: int, reads: int, seed: int = 0) -> Iterator[str]:
+    """80% of ``reads`` on ``capacity`` hot chunks, the rest on ``4 x capacity`` cold ones."""
+    rng = random.Random(seed)
+    for _ in range(reads):
+        if rng.random() < 0.8:
+            yield f"hot/{rng.randrange(capacity)}"
+        else:
+            yield f"cold/{rng.randrange(4 * capacity)}"
+
+
+def mixed(capacity: int, reads: int, seed: int = 0) -> Iterator[str]:
+    """:func:`skewed` reads with a one-off scan of ``capacity`` new chunks every so often."""
+    for n, key in enumerate(skewed(capacity, reads, seed)):
+        yield key
+        if n % (2 * capacity) == 2 * capacity - 1:
+            yield from (f"once/{n}/{i}" for i in range(capacity))
+
+
+def simulate(policy: str, trace: Iterable[str], capacity: int) -> tuple[int, int]:
+    """Run ``trace`` through a one-worker index of ``capacity`` objects; ``(hits, reads)``."""
+    index = CacheIndex(policy=policy, clock=lambda: 0.0)
+    hits = reads = 0
+    for key in trace:
+        reads += 1
+        if key in index:
+            hits += 1
+            index.touch(WORKER, [key])
+            continue
+        (decision,) = index.acquire(WORKER, [key])
+        assert decision.kind == FETCH
+        reply = index.commit(WORKER, capacity, [Item(key, 1, 0)])
+        assert not reply.rejected
+        assert index.workers()[WORKER]["used"] <= capacity
+    return hits, reads
+
+
+def hit_ratios(capacity: int = 1000) -> dict[str, dict[str, float]]:
+    """Hit ratio per trace and policy. ``scan`` counts passes 2-4 only (pass 1 is cold)."""
+    reads = 20 * capacity
+    traces = {
+        "scan (2x cache, 4 passes; passes 2-4)": lambda: scan(capacity),
+        "skewed (80% of reads on 20% of chunks)": lambda: skewed(capacity, reads),
+        "mixed (skewed + one-off scans)": lambda: mixed(capacity, reads),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, trace in traces.items():
+        out[name] = {}
+        for policy in POLICIES:
+            hits, n = simulate(policy, trace(), capacity)
+            if name.startswith("scan"):
+                n -= 2 * capacity  # pass 1 can hit nothing
+            out[name][policy] = hits / n
+    return out
+
+
+def policy_markdown(capacity: int = 1000) -> str:
+    """:func:`hit_ratios` as a markdown table."""
+    ratios = hit_ratios(capacity)
+    rows = ([name, *(f"{by[p]:.1%}" for p in POLICIES)] for name, by in ratios.items())
+    table = _report.table(["trace", *(f"{p} hit ratio" for p in POLICIES)], rows)
+    return f"Cache of {capacity} objects, one worker, the real `CacheIndex`.\n\n{table}"
+
+
+if __name__ == "__main__":
+    print(policy_markdown())
