@@ -34,7 +34,7 @@ from zarr.storage import LocalStore
 
 from benchmarks import _micro, _report, _stores, _traces, _workloads
 from benchmarks._s3 import ParallelS3Server, ServiceTimes
-from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, warm
+from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, cluster_stats, warm
 from dask_zarr_cache._names import POLICIES
 from dask_zarr_cache.testing import loopback_cluster
 
@@ -53,6 +53,8 @@ class PathResult:
     chunk_gets: list[int] = field(default_factory=list)
     chunk_heads: list[int] = field(default_factory=list)
     source_bytes: list[int] = field(default_factory=list)
+    #: dask-zarr-cache only: per pass, the share of cache reads from the reader's own disk
+    local_share: list[float] = field(default_factory=list)
     correct: bool = True
 
     @property
@@ -125,6 +127,12 @@ def write_dataset(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, dic
     return data, info
 
 
+def _local_share(before: dict, after: dict) -> float:
+    """Share of the cache's reads (own disk or a peer) served from the reader's own disk."""
+    hits, peers = (after["total"][k] - before[k] for k in ("hits", "peer_reads"))
+    return hits / (hits + peers) if hits + peers else 0.0
+
+
 def _read_paths(url: str, options: tuple, scratch: str) -> dict[str, object]:
     """Every read path over the dataset at ``url``, by name."""
     return {
@@ -172,9 +180,12 @@ def run_paths(
         for i in range(args.passes):
             for name, store in stores.items():
                 requests0, bytes0 = _chunk_requests(s3), s3.bytes_sent
+                cache0 = cluster_stats(client)["total"]
                 seconds, ok = _read_pass(store, client, expected)
                 requests = _chunk_requests(s3) - requests0
                 result = results[name]
+                if isinstance(store, ClusterCacheStore):
+                    result.local_share.append(_local_share(cache0, cluster_stats(client)))
                 result.seconds.append(seconds)
                 result.chunk_gets.append(requests["GET"])
                 result.chunk_heads.append(requests["HEAD"])
@@ -243,6 +254,7 @@ def ratios(results: list[PathResult]) -> dict[str, Spread | float]:
         "cold pass / no-cache pass": Spread.of([ours.seconds[0] / s for s in nocache.seconds]),
         "warm pass / floor pass": _paired(ours.warm, floor.warm),
         "warm pass / no-cache pass": _paired(ours.warm, nocache.warm),
+        "warm-pass cache reads from the reader's own disk": Spread.of(ours.local_share[1:]),
     }
 
 

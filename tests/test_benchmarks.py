@@ -25,6 +25,7 @@ def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
         assert name in report
     assert "S3 endpoint excess over the 5 ms latency: mean" in report
     assert "warm pass / floor pass: **" in report and "(min-max over passes" in report
+    assert "warm-pass cache reads from the reader's own disk: **" in report
     assert "remote GETs per unique chunk (dask-zarr-cache): **1.00**" in report
     assert (tmp_path / "latest.png").stat().st_size > 10_000
 
