@@ -29,6 +29,7 @@ from dask_zarr_cache._client import cluster_stats
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._keys import cache_key
 from dask_zarr_cache._names import WARM_METADATA
+from dask_zarr_cache._placement import HashRing
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -118,7 +119,9 @@ def warm(
         for addr, w in ((stats.get("index") or {}).get("workers") or {}).items()
         if addr in stats["workers"]
     }
-    plan, left_out = _spread(todo, free)
+    ring = HashRing(stats["workers"])
+    homes = {k: ring.home(cache_key(store.location, k) or "") for k in todo}
+    plan, left_out = _spread(todo, free, homes)
     if left_out and fit == "refuse":
         raise ZarrCacheError(
             f"the selection needs {sum(todo.values()) / 2**20:.1f} MiB but the cluster's "
@@ -257,13 +260,21 @@ async def _cached(client: Client, keys: str) -> str:
     return reply
 
 
-def _spread(sizes: dict[str, int], free: dict[str, int]) -> tuple[dict[str, list[str]], list[str]]:
-    """Give each object to the worker with the most free budget left; the rest are left out."""
+def _spread(
+    sizes: dict[str, int], free: dict[str, int], homes: dict[str, str | None]
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Give each object to its home or, without room there, to the freest worker.
+
+    The home is where locality will run the reads of the object; objects no worker has
+    room for are left out.
+    """
     plan: dict[str, list[str]] = {addr: [] for addr in free}
     room = dict(free)
     left_out = []
     for key, size in sizes.items():
-        addr = max(room, key=room.__getitem__, default=None)
+        addr = homes.get(key)
+        if addr not in room or room[addr] < size:
+            addr = max(room, key=room.__getitem__, default=None)
         if addr is None or room[addr] < size:
             left_out.append(key)
             continue

@@ -56,9 +56,14 @@ def test_after_warm_a_full_read_makes_no_gets(s3, s3_path, client):
     assert set(gets.values()) == {1}  # every object fetched exactly once
     assert report.skipped == 0 and report.gets == len(gets)
     s3.reset_counts()
+    before = cluster_stats(client)["total"]
     opened = xr.open_zarr(store, consolidated=False)
     np.testing.assert_allclose(client.compute(opened.temp.sum()).result(), ds.temp.sum())
     np.testing.assert_allclose(client.compute(opened.wind.sum()).result(), ds.wind.sum())
+    # Warmed at their homes: the reads, steered there, find them on their own disk.
+    after = cluster_stats(client)["total"]
+    hits, peers = (after[k] - before[k] for k in ("hits", "peer_reads"))
+    assert hits + peers == 24 and hits >= 0.9 * 24, (hits, peers)
     # Every read in the cluster came from its disks; only xarray's index coordinates,
     # loaded by open_zarr in this (client) process, went to the source.
     assert sorted(chunk_gets(s3, s3_path)) == [f"{s3_path}/time/c/0", f"{s3_path}/x/c/0"]
