@@ -258,24 +258,29 @@ class ParallelS3Server:
         self._latency = float(seconds)
         self._ask("latency", self._latency)
 
+    def counts(self) -> dict[str, Any]:
+        """Every count of every server process, summed, in one snapshot (see
+        :meth:`~dask_zarr_cache.testing.RequestCounts.snapshot`)."""
+        return self._ask("stats")
+
     @property
     def object_gets(self) -> Counter[str]:
         """GET requests per ``"<bucket>/<key>"`` over all server processes."""
-        return self._ask("stats")["object_gets"]
+        return self.counts()["object_gets"]
 
     @property
     def requests(self) -> Counter[tuple[str, str]]:
         """Requests per ``(method, "<bucket>/<key>")`` over all server processes."""
-        return self._ask("stats")["requests"]
+        return self.counts()["requests"]
 
     @property
     def bytes_sent(self) -> int:
         """Bytes of object bodies sent for GETs."""
-        return self._ask("stats")["bytes_sent"]
+        return self.counts()["bytes_sent"]
 
     def service_times(self) -> ServiceTimes:
         """Mean and p99 of the time spent per object GET beyond the latency, so far."""
-        excess = np.array(self._ask("stats")["service"]) * 1000
+        excess = np.array(self.counts()["service"]) * 1000
         return ServiceTimes(
             n=len(excess),
             mean_ms=float(excess.mean()) if len(excess) else 0.0,

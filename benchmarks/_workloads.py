@@ -127,8 +127,14 @@ class PolicyResult:
     max_used_share: float  #: most index bytes of one worker / its max_size, over all passes
 
 
-def _served(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
+def cache_reads(before: dict[str, int], after: dict[str, int]) -> tuple[int, int, int]:
+    """Reads between two ``cluster_stats(...)["total"]``: own disk, from a peer, from S3."""
     hits, peer, remote = (after[k] - before[k] for k in ("hits", "peer_reads", "remote_reads"))
+    return hits, peer, remote
+
+
+def _served(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
+    hits, peer, remote = cache_reads(before, after)
     return hits + peer, hits + peer + remote
 
 

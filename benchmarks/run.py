@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -86,13 +87,13 @@ class Spread:
         return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
 
 
-def _chunk_requests(s3: ParallelS3Server) -> Counter[str]:
-    """Requests for the dataset's chunks so far, per HTTP method."""
-    counts: Counter[str] = Counter()
-    for (method, path), n in s3.requests.items():
+def _chunk_requests(counts: dict[str, Any]) -> Counter[str]:
+    """Requests for the dataset's chunks in ``counts`` (a server snapshot), per HTTP method."""
+    per_method: Counter[str] = Counter()
+    for (method, path), n in counts["requests"].items():
         if path.startswith(PATH + "/c/"):
-            counts[method] += n
-    return counts
+            per_method[method] += n
+    return per_method
 
 
 def _read_pass(store: object, client: Client, expected: float | None) -> tuple[float, bool]:
@@ -129,7 +130,7 @@ def write_dataset(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, dic
 
 def _local_share(before: dict, after: dict) -> float:
     """Share of the cache's reads (own disk or a peer) served from the reader's own disk."""
-    hits, peers = (after["total"][k] - before[k] for k in ("hits", "peer_reads"))
+    hits, peers, _ = _workloads.cache_reads(before, after)
     return hits / (hits + peers) if hits + peers else 0.0
 
 
@@ -179,17 +180,20 @@ def run_paths(
         results = {name: PathResult(name, info["n_chunks"]) for name in stores}
         for i in range(args.passes):
             for name, store in stores.items():
-                requests0, bytes0 = _chunk_requests(s3), s3.bytes_sent
-                cache0 = cluster_stats(client)["total"]
+                ours = isinstance(store, ClusterCacheStore)
+                counts0 = s3.counts()
+                cache0 = cluster_stats(client)["total"] if ours else {}
                 seconds, ok = _read_pass(store, client, expected)
-                requests = _chunk_requests(s3) - requests0
+                counts = s3.counts()
+                requests = _chunk_requests(counts) - _chunk_requests(counts0)
                 result = results[name]
-                if isinstance(store, ClusterCacheStore):
-                    result.local_share.append(_local_share(cache0, cluster_stats(client)))
+                if ours:
+                    cache = cluster_stats(client)["total"]
+                    result.local_share.append(_local_share(cache0, cache))
                 result.seconds.append(seconds)
                 result.chunk_gets.append(requests["GET"])
                 result.chunk_heads.append(requests["HEAD"])
-                result.source_bytes.append(s3.bytes_sent - bytes0)
+                result.source_bytes.append(counts["bytes_sent"] - counts0["bytes_sent"])
                 result.correct &= ok
             print(
                 f"  pass {i + 1}: "

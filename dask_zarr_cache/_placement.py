@@ -144,8 +144,9 @@ def _getters(spec: Any, resolve: Resolve) -> Iterator[tuple[Any, Resolve]]:
                 yield node, scope
             elif name == "_execute_subgraph" and len(node.args) >= 3:
                 inner, _, inkeys, *inputs = node.args
-                local = {**dict(inner), **dict(zip(inkeys, inputs, strict=False))}
-                todo += [(t, _scoped(local, scope)) for t in dict(inner).values()]
+                subgraph = dict(inner)
+                local = {**subgraph, **dict(zip(inkeys, inputs, strict=False))}
+                todo += [(t, _scoped(local, scope)) for t in subgraph.values()]
             else:
                 todo += [(a, scope) for a in (*node.args, *node.kwargs.values())]
         elif isinstance(node, dict):

@@ -111,8 +111,8 @@ def warm(
     start = time.perf_counter()
     stats = cluster_stats(client)
     sizes = object_sizes(store, variables, selection)
-    ckeys = json.dumps([cache_key(store.location, k) for k in sizes])
-    cached = [c == "1" for c in client.sync(_cached, client, ckeys)]
+    ckeys = {k: cache_key(store.location, k) for k in sizes}
+    cached = [c == "1" for c in client.sync(_cached, client, json.dumps(list(ckeys.values())))]
     todo = {k: n for (k, n), hit in zip(sizes.items(), cached, strict=True) if not hit}
     free = {
         addr: max(0, w["capacity"] - w["used"])
@@ -120,7 +120,7 @@ def warm(
         if addr in stats["workers"]
     }
     ring = HashRing(stats["workers"])
-    homes = {k: ring.home(cache_key(store.location, k) or "") for k in todo}
+    homes = {k: ring.home(ckeys[k] or "") for k in todo}
     plan, left_out = _spread(todo, free, homes)
     if left_out and fit == "refuse":
         raise ZarrCacheError(
