@@ -160,7 +160,14 @@ class ClusterCacheStore(WrapperStore[Store]):
             source_range = OffsetByteRequest(0)
 
         async def read_source() -> bytes | None:
-            buf = await self._store.get(key, prototype, source_range)
+            try:
+                buf = await self._store.get(key, prototype, source_range)
+            except Exception:
+                if source_range is byte_range:
+                    raise
+                # A server may refuse the range (HTTP 416 for an empty object, say): the
+                # plain read decides, as it would without the cache.
+                buf = await self._store.get(key, prototype, byte_range)
             return None if buf is None else buf.to_bytes()
 
         data = await cache.get(ckey, read_source)

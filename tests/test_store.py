@@ -6,10 +6,10 @@ import pickle
 from typing import TYPE_CHECKING
 
 import pytest
-from zarr.abc.store import Store
+from zarr.abc.store import OffsetByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import Buffer
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
 from dask_zarr_cache import ClusterCacheStore, InvalidCacheKeyError
@@ -178,3 +178,32 @@ def test_no_inherited_write_path_skips_the_invalidation():
     for name in writes:
         owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
         assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"
+
+
+class _RangeRefusingStore(FsspecStore):
+    """A source whose server refuses "from byte 0" (some HTTP servers do, for empty objects)."""
+
+    refused = 0
+
+    async def get(self, key, prototype, byte_range=None):
+        if isinstance(byte_range, OffsetByteRequest):
+            type(self).refused += 1
+            raise RuntimeError("416 Range Not Satisfiable")
+        return await super().get(key, prototype, byte_range)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+async def test_a_source_refusing_a_range_from_byte_0_is_read_plainly(tmp_path, worker_cache):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "empty").write_bytes(b"")
+    (tmp_path / "src" / "full").write_bytes(b"abcdef")
+    source = FsspecStore.from_url(f"file://{tmp_path / 'src'}", read_only=True)
+    source.__class__ = _RangeRefusingStore
+    store = ClusterCacheStore(source)
+    proto = default_buffer_prototype()
+    assert (await store.get("full", proto)).to_bytes() == b"abcdef"
+    assert (await store.get("empty", proto)).to_bytes() == b""
+    assert await store.get("missing", proto) is None
+    assert _RangeRefusingStore.refused == 3  # each whole read tried one GET first
+    assert (await store.get("full", proto)).to_bytes() == b"abcdef"  # now from the cache
+    assert worker_cache.counters.hits >= 1 and _RangeRefusingStore.refused == 3
