@@ -1,6 +1,7 @@
-"""Trace simulator: hit ratios of the index's replacement policies on synthetic traces.
+"""Trace simulator: hit ratios of the replacement policies on synthetic traces.
 
-Drives the real :class:`~dask_zarr_cache._index.CacheIndex` (one worker, unit-size
+Drives a worker's real :class:`~dask_zarr_cache._budget.Budget` and the real
+:class:`~dask_zarr_cache._index.CacheIndex` the way a worker does (one worker, unit-size
 objects) with the access sequences that matter for a chunk cache:
 
 - ``scan``: a dataset twice the cache, read in full 4 times (the cyclic pattern that
@@ -16,9 +17,11 @@ import random
 from typing import TYPE_CHECKING
 
 from benchmarks import _report
+from dask_zarr_cache._budget import Budget
 from dask_zarr_cache._index import CacheIndex
 from dask_zarr_cache._names import POLICIES
-from dask_zarr_cache._protocol import FETCH, Item
+from dask_zarr_cache._protocol import FETCH
+from dask_zarr_cache._shards import key_digest
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -51,20 +54,32 @@ def mixed(capacity: int, reads: int, seed: int = 0) -> Iterator[str]:
 
 
 def simulate(policy: str, trace: Iterable[str], capacity: int) -> tuple[int, int]:
-    """Run ``trace`` through a one-worker index of ``capacity`` objects; ``(hits, reads)``."""
+    """Run ``trace`` through one worker's budget of ``capacity`` objects; ``(hits, reads)``.
+
+    A miss asks the index (which counts it), and the worker admits the object or not
+    given the index's count, then commits it or gives its claim back, and reports what
+    it evicted, as :class:`~dask_zarr_cache._worker.WorkerCache` does.
+    """
+    budget = Budget(capacity, policy)
     index = CacheIndex(policy=policy, clock=lambda: 0.0)
     hits = reads = 0
     for key in trace:
         reads += 1
-        if key in index:
+        if key in budget:
             hits += 1
-            index.touch(WORKER, [key])
+            budget.touch(key)
             continue
-        (decision,) = index.acquire(WORKER, [key])
+        digest = key_digest(key)
+        (decision,) = index.acquire(WORKER, [digest])
         assert decision.kind == FETCH
-        reply = index.commit(WORKER, capacity, [Item(key, 1, 0)])
-        assert not reply.rejected
-        assert index.workers()[WORKER]["used"] <= capacity
+        budget.record(key, decision.reads)
+        evicted = budget.admit(key, 1)
+        if key in evicted:
+            index.abandon(WORKER, [digest])
+        else:
+            assert not index.commit(WORKER, [(digest, 0)])
+        index.touch(WORKER, [(key_digest(k), 0) for k in evicted if k != key])
+        assert budget.used <= capacity and len(index) == len(budget)
     return hits, reads
 
 
@@ -92,7 +107,8 @@ def policy_markdown(capacity: int = 1000) -> str:
     ratios = hit_ratios(capacity)
     rows = ([name, *(f"{by[p]:.1%}" for p in POLICIES)] for name, by in ratios.items())
     table = _report.table(["trace", *(f"{p} hit ratio" for p in POLICIES)], rows)
-    return f"Cache of {capacity} objects, one worker, the real `CacheIndex`.\n\n{table}"
+    head = f"Cache of {capacity} objects, one worker, the real `Budget` and `CacheIndex`."
+    return f"{head}\n\n{table}"
 
 
 if __name__ == "__main__":

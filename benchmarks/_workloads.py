@@ -6,7 +6,7 @@
 - :func:`bigger_than_cache`: a dataset twice the cluster's total ``max_size`` read in 4
   full passes, then a skewed read (80% of reads on 20% of the chunks), under each
   replacement policy: the share of reads the cache served, S3 GETs per chunk per pass,
-  and the most bytes any worker's index entries held against its budget.
+  and the most bytes any worker held against its budget.
 
 Each setting runs on a cluster of its own, so one cannot warm the other.
 """
@@ -124,7 +124,7 @@ class PolicyResult:
     gets_per_chunk: list[float]  #: S3 GETs per chunk, per pass
     hot_served: float  #: share of the hot chunks' reads the cache served (skewed phase)
     cold_served: float  #: the same for the other chunks
-    max_used_share: float  #: most index bytes of one worker / its max_size, over all passes
+    max_used_share: float  #: most bytes one worker held / its max_size, over all passes
 
 
 def cache_reads(before: dict[str, int], after: dict[str, int]) -> tuple[int, int, int]:
@@ -139,8 +139,8 @@ def _served(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
 
 
 def _max_used_share(client: Client, max_size: int) -> float:
-    workers = cluster_stats(client)["index"]["workers"]
-    return max(w["used"] for w in workers.values()) / max_size
+    workers = cluster_stats(client)["workers"]
+    return max(w["bytes"] for w in workers.values()) / max_size
 
 
 def bigger_than_cache(
@@ -163,7 +163,7 @@ def bigger_than_cache(
             x = da.from_zarr(arr, name=f"large-{uuid.uuid4().hex}").astype("f8").sum()
             total = float(client.compute(x).result())
             assert abs(total - info["large_sum"]) <= 1e-6 * abs(info["large_sum"])
-            time.sleep(0.3)  # let the last access records reach the index
+            time.sleep(0.3)  # let the last commits land
             served, reads = _served(before, cluster_stats(client)["total"])
             result.served.append(served / reads)
             result.gets_per_chunk.append(chunk_gets.since_last() / info["large_chunks"])
@@ -235,7 +235,7 @@ def policy_markdown(results: list[PolicyResult]) -> str:
     """Replacement policies side by side on data bigger than the cache."""
     header = ["policy", "served by the cache, passes 1-4", "S3 GETs per chunk, passes 1-4"]
     header += ["skewed: hot reads served", "skewed: other reads served"]
-    header += ["max index bytes / max_size"]
+    header += ["max bytes held / max_size"]
     rows = (
         [
             r.policy,

@@ -96,6 +96,16 @@ class Admission:
         if self._sketch is not None:
             self._sketch.increment(key)
 
+    def count(self, key: object) -> int:
+        """Estimated recent accesses of ``key`` (0 under ``"lru"``)."""
+        return 0 if self._sketch is None else self._sketch.frequency(key)
+
+    def raise_to(self, key: object, count: int) -> None:
+        """Count ``key`` up to at least ``count`` accesses (what others saw of it)."""
+        if self._sketch is not None:
+            for _ in range(min(count, _MAX_COUNT) - self._sketch.frequency(key)):
+                self._sketch.increment(key)
+
     def fit(self, keys: int) -> None:
         """The cache now holds ``keys`` keys."""
         if self._sketch is not None:
@@ -104,9 +114,9 @@ class Admission:
     def rejects(self, newcomer: str, victim: str) -> bool:
         """Whether ``newcomer`` should leave rather than displace ``victim``.
 
-        The newcomer must lead by more than one access: the index learns of hits only
-        with the batched access records, so a victim read a moment ago may still be
-        counted one short, and a tie would then churn what a cyclic read keeps.
+        The newcomer must lead by more than one access: counts are estimates gathered in
+        several places (the newcomer's include the cluster's misses of it, a victim's the
+        reads its owner served), and a tie or near-tie would churn what a cyclic read keeps.
         """
         sketch = self._sketch
         return sketch is not None and sketch.frequency(newcomer) <= sketch.frequency(victim) + 1

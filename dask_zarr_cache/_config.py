@@ -39,6 +39,9 @@ dask.config.update_defaults(
             "policy": "tinylfu",
             # Ask Dask to run each chunk read on the worker that holds that chunk (loosely).
             "locality": True,
+            # Actors the index is split over (by key hash), each on its own worker when
+            # there are enough; each holds its keys and 1/n of every worker's budget.
+            "index-shards": 1,
         }
     }
 )
@@ -105,6 +108,8 @@ class CacheSettings:
         Replacement policy of the index (dask config ``zarr-cache.policy``).
     locality : bool
         Whether chunk reads are steered to their chunk's worker (``zarr-cache.locality``).
+    index_shards : int
+        Actors the index is split over (``zarr-cache.index-shards``).
 
     """
 
@@ -114,6 +119,7 @@ class CacheSettings:
     write_lease: float = 10.0
     policy: str = "tinylfu"
     locality: bool = True
+    index_shards: int = 1
 
     @classmethod
     def from_arguments(
@@ -142,6 +148,11 @@ class CacheSettings:
         policy = dask.config.get("zarr-cache.policy")
         if policy not in POLICIES:
             raise CacheConfigError(f"zarr-cache.policy must be one of {POLICIES}, got {policy!r}")
+        shards = dask.config.get("zarr-cache.index-shards")
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise CacheConfigError(
+                f"zarr-cache.index-shards must be a positive integer, got {shards!r}"
+            )
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_max_age(max_age_seconds),
@@ -149,6 +160,7 @@ class CacheSettings:
             write_lease=float(lease),
             policy=policy,
             locality=bool(dask.config.get("zarr-cache.locality")),
+            index_shards=shards,
         )
 
 

@@ -1,81 +1,61 @@
-"""The global index: which worker owns which cached object, LRU, TTL and evictions.
+"""The index of one shard: which worker holds which cached object, who fetches what.
 
-:class:`CacheIndex` is the pure policy (no I/O, testable without a cluster);
+:class:`CacheIndex` is the pure logic (no I/O, testable without a cluster);
 :class:`~dask_zarr_cache._index_actor.IndexActor` is the Dask Actor shell around it.
+
+The index is a directory, not a cache manager.  Keys arrive as 64-bit digests
+(:func:`~dask_zarr_cache._shards.key_digest`), and each entry is a row of a
+:class:`~dask_zarr_cache._table.DigestTable`.  What stays on a worker's disk (its budget,
+LRU order, admission) is the worker's own decision (:mod:`~dask_zarr_cache._budget`),
+which it reports as dropped copies; the index counts the cluster's misses of each key,
+and hands the count to the worker it asks to fetch, for that decision.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dask_zarr_cache._admission import Admission
-from dask_zarr_cache._keys import base_key
-from dask_zarr_cache._protocol import (
-    FETCH,
-    PEER,
-    PENDING,
-    CommitReply,
-    Decision,
-    Item,
-    TouchReply,
-)
+from dask_zarr_cache._exceptions import ZarrCacheError
+from dask_zarr_cache._protocol import FETCH, PEER, PENDING, Decision
+from dask_zarr_cache._table import DigestTable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 __all__ = ["PENDING_TIMEOUT", "CacheIndex"]
 
 #: A pending fetch older than this (seconds) may be taken over by another worker.
 PENDING_TIMEOUT = 60.0
-
-
-class _Entry:
-    """One cached object: owner, size, owner's tag, creation time (index clock).
-
-    No checksum: owners verify their files against the file's own trailer and peers check
-    the checksum the owner sends with the bytes, so the index would only store it (32+
-    bytes per key, a tenth of the memory budget).
-    """
-
-    __slots__ = ("created", "owner", "size", "tag")
-
-    def __init__(self, owner: str, size: int, tag: int, created: float) -> None:
-        self.owner = owner
-        self.size = size
-        self.tag = tag
-        self.created = created
+#: Workers one index can name at once (the table's owner column is 16 bits; 0 is free).
+MAX_WORKERS = 65535
 
 
 @dataclass
-class _WorkerState:
-    capacity: int
-    used: int = 0
-    #: Keys this worker holds, least recently used (cluster-wide) first.
-    lru: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    #: Keys found expired by the index, to be deleted by the worker on its next call.
-    expired: list[str] = field(default_factory=list)
+class _Worker:
+    id: int
+    address: str
+    entries: int = 0
+    #: Digests named so far by a registration sent in parts (``None``: none under way).
+    seen: set[int] | None = None
 
 
 class CacheIndex:
-    """Ownership, per-worker budgets, replacement policy and TTL of all cached objects.
-
-    Each worker's entries are kept in LRU order. When a commit takes a worker over its
-    budget, ``"lru"`` evicts least recently used entries; ``"tinylfu"`` (the default) first
-    compares the newcomer with that victim (:class:`~dask_zarr_cache._admission.Admission`,
-    counting every access: misses asked here, hits reported by :meth:`touch`) and, unless
-    the newcomer was read more often, evicts the newcomer instead.
+    """Ownership, pending fetches and TTL of the cached objects of one shard.
 
     Parameters
     ----------
     max_age_seconds : float or None
-        Entries older than this are absent (and queued for deletion on their owner).
+        Entries older than this are absent (their owners delete them on their own).
     clock : callable
         Time source, seconds; tests inject their own.
     policy : {"tinylfu", "lru"}
-        Replacement policy.
+        Under ``"tinylfu"`` the index counts misses per key (a count-min sketch) and
+        passes the count with each fetch decision.
 
     """
 
@@ -84,96 +64,112 @@ class CacheIndex:
     ) -> None:
         self.max_age_seconds = max_age_seconds
         self._clock = clock
-        self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, tuple[str, float]] = {}
-        self._workers: dict[str, _WorkerState] = {}
-        # Range entries by whole-object key, so a write invalidates every range of it.
-        self._ranges: dict[str, set[str]] = {}
-        self._admission = Admission(policy)
+        self._epoch = clock()  # rows store float32 seconds since then
+        self._table = DigestTable()
+        self._pending: dict[int, tuple[str, float]] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._by_id: dict[int, _Worker] = {}
+        self._reads = Admission(policy)
 
     @property
     def policy(self) -> str:
         """The replacement policy, ``"tinylfu"`` or ``"lru"``."""
-        return self._admission.policy
+        return self._reads.policy
 
     @policy.setter
     def policy(self, policy: str) -> None:
         if policy != self.policy:
-            self._admission = Admission(policy, len(self._entries))
+            self._reads = Admission(policy, len(self._table))
 
     # -- queries -------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._table)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
+    def __contains__(self, digest: int) -> bool:
+        return self._live_slot(digest, self._clock()) >= 0
 
-    def owner(self, key: str) -> str | None:
-        """Return the worker holding ``key`` (ready entries only), or ``None``."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry.owner
+    def owner(self, digest: int) -> str | None:
+        """Return the worker holding ``digest`` (live entries only), or ``None``."""
+        slot = self._live_slot(digest, self._clock())
+        return None if slot < 0 else self._by_id[self._table.row(slot)[0]].address
 
     def workers(self) -> dict[str, dict[str, int]]:
-        """Per-worker ``{"capacity", "used", "entries"}``."""
-        return {
-            w: {"capacity": s.capacity, "used": s.used, "entries": len(s.lru)}
-            for w, s in self._workers.items()
-        }
+        """Per-worker ``{"entries"}``."""
+        return {w: {"entries": s.entries} for w, s in self._workers.items()}
 
-    def lru_keys(self, worker: str) -> list[str]:
-        """Keys held by ``worker``, least recently used first."""
-        state = self._workers.get(worker)
-        return [] if state is None else list(state.lru)
+    @property
+    def pending_count(self) -> int:
+        """Number of fetches in flight (claimed, not yet committed)."""
+        return len(self._pending)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the entry table (the bulk of the index's memory)."""
+        return self._table.nbytes
 
     # -- worker lifecycle ----------------------------------------------------------
-    def register(self, worker: str, capacity: int, files: Iterable[Item] = ()) -> list[str]:
-        """(Re)register ``worker`` with its budget and the files already on its disk.
+    def register(
+        self,
+        worker: str,
+        files: Sequence[tuple[int, int]],
+        first: bool = True,
+        last: bool = True,
+    ) -> list[int]:
+        """(Re)register ``worker`` and the files ``(digest, tag)`` on its disk.
 
-        Returns the keys the worker must delete: files another worker already holds and
-        files over its budget (least recently written first).
+        A worker with many files sends them in parts, ``first`` to ``last``; its entries
+        missing from every part are forgotten at the last (its disk is the truth).  Returns
+        the positions in ``files`` the worker must delete: objects another worker holds
+        or is fetching.
         """
-        state = self._state(worker, capacity)
-        files = list(files)
-        # The worker's disk is the truth: forget entries it no longer has.
-        on_disk = {item[0] for item in files}
-        for key in [k for k in state.lru if k not in on_disk]:
-            self._remove(key)
+        state = self._worker(worker)
+        if first or state.seen is None:
+            state.seen = set()
+        seen = state.seen
         to_delete = []
         now = self._clock()
-        for key, size, tag in files:
-            entry = self._entries.get(key)
-            if entry is not None and entry.owner == worker:
-                entry.tag = tag
+        for position, (digest, tag) in enumerate(files):
+            seen.add(digest)
+            slot = self._live_slot(digest, now)
+            if slot >= 0 and self._table.row(slot)[0] == state.id:
+                self._table.set_tag(slot, tag)
                 continue
-            pending = self._pending.get(key)
+            pending = self._pending.get(digest)
             if pending is not None and pending[0] == worker:  # its own fetch: now on disk
-                self._drop_pending(key)
+                del self._pending[digest]
                 pending = None
-            if entry is not None or pending is not None:
-                to_delete.append(key)
+            if slot >= 0 or pending is not None:
+                to_delete.append(position)
                 continue
-            self._insert(key, _Entry(worker, size, tag, now), state)
-        return to_delete + self._evict_over_budget(worker, state)
+            self._insert(digest, state, tag, now)
+        if last:
+            mine = self._table.slots_where(self._table.owners == state.id)
+            gone = mine[~np.isin(self._table.digests[mine], np.fromiter(seen, np.uint64))]
+            if gone.size:
+                doomed = np.zeros(self._table.size, bool)
+                doomed[gone] = True
+                self._table.drop(doomed)
+                state.entries -= gone.size
+            state.seen = None
+        return to_delete
 
     def remove_worker(self, worker: str) -> int:
         """Forget ``worker`` and every entry it owned or was fetching; return entries dropped."""
+        for digest, (fetcher, _since) in list(self._pending.items()):
+            if fetcher == worker:
+                del self._pending[digest]
         state = self._workers.pop(worker, None)
-        for key, (owner, _since) in list(self._pending.items()):
-            if owner == worker:
-                self._drop_pending(key)
         if state is None:
             return 0
-        for key in state.lru:
-            self._entries.pop(key, None)
-            self._unlink_range(key)
-        return len(state.lru)
+        del self._by_id[state.id]
+        return self._table.drop(self._table.owners == state.id)
 
     # -- the read path -------------------------------------------------------------
-    def acquire(self, worker: str, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
+    def acquire(self, worker: str, digests: Iterable[int], unreachable: str = "") -> list[Decision]:
         """Decide for each key how ``worker`` gets it.
 
-        Each answer is a :class:`Decision`: ``(FETCH, worker)``, ``(PEER, owner)`` or
-        ``(PENDING, fetcher)``.
+        Each answer is a :class:`Decision`: ``(FETCH, worker, reads)``, ``(PEER, owner)``
+        or ``(PENDING, fetcher)``; ``reads`` is the cluster's recent misses of the key.
         ``FETCH`` makes ``worker`` the pending owner: it must :meth:`commit` or
         :meth:`abandon` the key.
 
@@ -181,219 +177,141 @@ class CacheIndex:
         ----------
         worker : str
             Address of the asking worker.
-        keys : iterable of str
-            Cache keys the worker missed.
+        digests : iterable of int
+            Digests of the cache keys the worker missed.
         unreachable : str, optional
             A peer that just failed to serve these keys (dead, or its file is gone): its
             entry or claim for them is dropped first, so exactly one asker re-fetches.
 
         """
         now = self._clock()
+        me = self._workers.get(worker)
+        gone = self._workers.get(unreachable) if unreachable else None
         decisions = []
-        for key in keys:
-            self._admission.record(key)
-            if unreachable:
-                self._forget_holder(key, unreachable)
-            entry = self._entries.get(key)
-            if entry is not None and self._is_expired(entry, now):
-                self._expire(key, entry)
-                entry = None
-            if entry is not None:
-                if entry.owner != worker:
-                    decisions.append(Decision(PEER, entry.owner))
-                    continue
-                # The owner itself missed: its file is gone. Fetch again.
-                self._remove(key)
-            pending = self._pending.get(key)
-            if pending is not None and pending[0] != worker and now - pending[1] < PENDING_TIMEOUT:
+        for digest in digests:
+            self._reads.record(digest)
+            slot = self._live_slot(digest, now)
+            if slot >= 0:
+                owner = self._table.row(slot)[0]
+                if me is None or owner != me.id:
+                    if gone is None or owner != gone.id:
+                        decisions.append(Decision(PEER, self._by_id[owner].address))
+                        continue
+                self._remove(slot)  # the holder failed, or the asker lost its own file
+            pending = self._pending.get(digest)
+            if pending is not None and (
+                pending[0] == unreachable
+                or (pending[0] != worker and now - pending[1] >= PENDING_TIMEOUT)
+            ):
+                pending = None
+            if pending is not None and pending[0] != worker:
                 decisions.append(Decision(PENDING, pending[0]))
                 continue
-            self._pending[key] = (worker, now)
-            self._link_range(key)
-            decisions.append(Decision(FETCH, worker))
+            self._pending[digest] = (worker, now)
+            decisions.append(Decision(FETCH, worker, self._reads.count(digest)))
         return decisions
 
-    def commit(self, worker: str, capacity: int, items: Iterable[Item]) -> CommitReply:
-        """Record that ``worker`` now holds these objects.
+    def commit(self, worker: str, items: Sequence[tuple[int, int]]) -> list[int]:
+        """Record that ``worker`` now holds the objects ``(digest, tag)``.
 
-        Returns
-        -------
-        evicted : list of str
-            Keys of ``worker`` evicted (global LRU) to stay within ``capacity``.
-        rejected : list of str
-            Committed keys the index refused because ``worker`` no longer had the pending
-            claim (invalidated by a write, taken over, or the index was rebuilt while
-            fetching); the worker must delete them.
-
+        Returns the positions in ``items`` the index refused because ``worker`` no longer
+        had the pending claim (invalidated by a write, taken over, or the index was
+        rebuilt while fetching); the worker must delete those.
         """
-        state = self._state(worker, capacity)
+        state = self._worker(worker)
         now = self._clock()
-        rejected, evicted = [], []
-        for key, size, tag in items:
-            pending = self._pending.get(key)
-            if pending is None or pending[0] != worker or key in self._entries:
-                rejected.append(key)
+        rejected = []
+        for position, (digest, tag) in enumerate(items):
+            pending = self._pending.get(digest)
+            if pending is None or pending[0] != worker or self._live_slot(digest, now) >= 0:
+                rejected.append(position)
                 continue
-            del self._pending[key]
-            self._insert(key, _Entry(worker, size, tag, now), state)
-            evicted += self._evict_over_budget(worker, state, newcomer=key)
-        return CommitReply(evicted, rejected)
+            del self._pending[digest]
+            if state.seen is not None:  # not forgotten at the last part of a registration
+                state.seen.add(digest)
+            self._insert(digest, state, tag, now)
+        return rejected
 
-    def abandon(self, worker: str, keys: Iterable[str]) -> None:
+    def abandon(self, worker: str, digests: Iterable[int]) -> None:
         """Give up pending claims of ``worker`` (its fetch failed or was not cacheable)."""
-        for key in keys:
-            pending = self._pending.get(key)
+        for digest in digests:
+            pending = self._pending.get(digest)
             if pending is not None and pending[0] == worker:
-                self._drop_pending(key)
+                del self._pending[digest]
 
-    def touch(
-        self, worker: str, accessed: Iterable[str], dropped: Iterable[Item] = ()
-    ) -> TouchReply:
-        """Apply a worker's batched access records and the copies it deleted on its own.
+    def touch(self, worker: str, dropped: Iterable[tuple[int, int]] = ()) -> bool:
+        """Apply the copies ``(digest, tag)`` a worker deleted; whether it knows the worker.
 
-        ``accessed`` keys are moved to the most recently used end of their owner's LRU.
-        A ``dropped`` item removes its entry only if the tag matches: the worker may have
-        fetched and committed a newer copy since.
-
-        Returns
-        -------
-        expired : list of str
-            Keys of ``worker`` the index found expired; the worker deletes them.
-        known : bool
-            Whether the index knows ``worker`` and every accessed key as its own; if not,
-            the worker must :meth:`register` (its files are the truth).
-
+        A dropped copy removes its entry only if the tag matches: the worker may have
+        fetched and committed a newer copy since.  An unknown worker must
+        :meth:`register` (its files are the truth).
         """
-        for key, _size, tag in dropped:
-            entry = self._entries.get(key)
-            if entry is not None and entry.owner == worker and entry.tag == tag:
-                self._remove(key)
-        known = worker in self._workers
-        for key in accessed:
-            self._admission.record(key)
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._workers[entry.owner].lru.move_to_end(key)
-            if entry is None or entry.owner != worker:
-                known = False  # it holds a file the index lost track of: re-register
-        if not known:
-            return TouchReply([], False)
-        state = self._workers[worker]
-        expired, state.expired = state.expired, []
-        return TouchReply(expired, True)
+        state = self._workers.get(worker)
+        if state is None:
+            return False
+        for digest, tag in dropped:
+            slot = self._table.find(digest)
+            if slot >= 0 and self._table.row(slot)[:2] == (state.id, tag & 0xFFFFFFFF):
+                self._remove(slot)
+        return True
 
-    def invalidate(
-        self, keys: Iterable[str], prefixes: Iterable[str] = ()
-    ) -> list[tuple[str, str]]:
-        """Forget ``keys`` with all their byte ranges, and every key under ``prefixes``.
+    def invalidate(self, digests: Iterable[int]) -> int:
+        """Forget written keys, and their pending fetches; returns entries dropped.
 
-        ``keys`` are whole-object cache keys. Pending fetches of them lose their claim.
-
-        Returns the ``(owner, key)`` pairs of ready entries that were dropped.
+        Byte ranges of a written object and keys under a deleted prefix are left to
+        their owners: every write reaches them before it returns, they drop the files and
+        report them; a reader sent to one meanwhile hears "missing" and asks again.
         """
-        doomed = []
-        for key in keys:
-            doomed += [key, *self._ranges.get(key, ())]
-        starts = tuple(prefixes)
-        if starts:  # a directory delete: rare, so a scan is fine
-            doomed += [k for k in (*self._entries, *self._pending) if k.startswith(starts)]
-        dropped = []
-        for key in doomed:
-            entry = self._entries.get(key)
-            if entry is not None:
-                dropped.append((entry.owner, key))
-                self._remove(key)
-            elif key in self._pending:
-                self._drop_pending(key)
+        dropped = 0
+        for digest in digests:
+            slot = self._table.find(digest)
+            if slot >= 0:
+                self._remove(slot)
+                dropped += 1
+            self._pending.pop(digest, None)
         return dropped
 
-    @property
-    def pending_count(self) -> int:
-        """Number of fetches in flight (claimed, not yet committed)."""
-        return len(self._pending)
+    def cached(self, digests: Iterable[int]) -> list[bool]:
+        """Whether each key has a live entry."""
+        now = self._clock()
+        return [self._live_slot(d, now) >= 0 for d in digests]
 
     def expire_all(self) -> int:
         """Drop every expired entry now (also done lazily by :meth:`acquire`)."""
-        now = self._clock()
-        expired = [(k, e) for k, e in self._entries.items() if self._is_expired(e, now)]
-        for key, entry in expired:
-            self._expire(key, entry)
-        return len(expired)
+        if self.max_age_seconds is None:
+            return 0
+        oldest = np.float32(self._clock() - self._epoch - self.max_age_seconds)
+        dropped = self._table.drop(self._table.created < oldest)
+        if dropped:
+            counts = np.bincount(self._table.owners[self._table.digests != 0])
+            for state in self._workers.values():
+                state.entries = int(counts[state.id]) if state.id < len(counts) else 0
+        return dropped
 
     # -- internals -----------------------------------------------------------------
-    def _state(self, worker: str, capacity: int) -> _WorkerState:
+    def _worker(self, worker: str) -> _Worker:
         state = self._workers.get(worker)
         if state is None:
-            state = self._workers[worker] = _WorkerState(capacity)
-        state.capacity = capacity
+            free = next((i for i in range(1, MAX_WORKERS + 1) if i not in self._by_id), None)
+            if free is None:
+                raise ZarrCacheError(f"an index shard names at most {MAX_WORKERS} workers")
+            state = self._workers[worker] = self._by_id[free] = _Worker(free, worker)
         return state
 
-    def _is_expired(self, entry: _Entry, now: float) -> bool:
-        return self.max_age_seconds is not None and now - entry.created > self.max_age_seconds
+    def _live_slot(self, digest: int, now: float) -> int:
+        """Slot of ``digest``'s entry; an expired one is removed and -1 returned."""
+        slot = self._table.find(digest)
+        if slot >= 0 and self.max_age_seconds is not None:
+            if now - self._epoch - self._table.row(slot)[2] > self.max_age_seconds:
+                self._remove(slot)
+                return -1
+        return slot
 
-    def _insert(self, key: str, entry: _Entry, state: _WorkerState) -> None:
-        self._admission.fit(len(self._entries) + 1)
-        self._entries[key] = entry
-        state.lru[key] = None
-        state.used += entry.size
-        self._link_range(key)
+    def _insert(self, digest: int, state: _Worker, tag: int, now: float) -> None:
+        self._table.put(digest, state.id, tag, now - self._epoch)
+        state.entries += 1
+        self._reads.fit(len(self._table))
 
-    def _remove(self, key: str) -> _Entry:
-        entry = self._entries.pop(key)
-        state = self._workers.get(entry.owner)
-        if state is not None and key in state.lru:
-            del state.lru[key]
-            state.used -= entry.size
-        self._unlink_range(key)
-        return entry
-
-    def _expire(self, key: str, entry: _Entry) -> None:
-        self._remove(key)
-        state = self._workers.get(entry.owner)
-        if state is not None:
-            state.expired.append(key)
-
-    def _forget_holder(self, key: str, holder: str) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.owner == holder:
-            self._remove(key)
-        pending = self._pending.get(key)
-        if pending is not None and pending[0] == holder:
-            self._drop_pending(key)
-
-    def _drop_pending(self, key: str) -> None:
-        del self._pending[key]
-        if key not in self._entries:
-            self._unlink_range(key)
-
-    def _evict_over_budget(
-        self, worker: str, state: _WorkerState, newcomer: str | None = None
-    ) -> list[str]:
-        """Evict LRU entries until ``worker`` is within budget; the policy may pick ``newcomer``.
-
-        TinyLFU's admission: the newcomer displaces the LRU victim only if it was read more
-        often; otherwise the newcomer itself leaves (its reader already has its bytes).
-        """
-        evicted = []
-        while state.used > state.capacity and state.lru:
-            key = next(iter(state.lru))
-            if newcomer not in (None, key) and self._admission.rejects(newcomer, key):
-                key = newcomer
-            if key == newcomer:
-                newcomer = None  # compared once, as TinyLFU does
-            self._remove(key)
-            evicted.append(key)
-        return evicted
-
-    def _link_range(self, key: str) -> None:
-        if base_key(key) != key:
-            self._ranges.setdefault(base_key(key), set()).add(key)
-
-    def _unlink_range(self, key: str) -> None:
-        base = base_key(key)
-        if base != key:
-            ranges = self._ranges.get(base)
-            if ranges is not None:
-                ranges.discard(key)
-                if not ranges:
-                    del self._ranges[base]
+    def _remove(self, slot: int) -> None:
+        self._by_id[self._table.row(slot)[0]].entries -= 1
+        self._table.remove(slot)

@@ -1,7 +1,8 @@
 """``IndexActor``: the Dask Actor shell around the index policy.
 
-Batches arrive and leave packed with :func:`~dask_zarr_cache._protocol.pack`;
-:class:`~dask_zarr_cache._index_client.IndexClient` is the only caller.
+Batches (of key digests) arrive and leave packed with
+:func:`~dask_zarr_cache._protocol.pack`; :class:`~dask_zarr_cache._index_client.IndexClient`
+is the only caller.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ __all__ = ["IndexActor"]
 
 
 class IndexActor:
-    """The Dask Actor hosting the :class:`CacheIndex` of a cluster.
+    """The Dask Actor hosting the :class:`CacheIndex` of one index shard.
 
     Every method is ``async`` so it runs on the hosting worker's event loop (sync actor
     methods would share one thread).  Batches arrive and leave packed with
@@ -37,37 +38,39 @@ class IndexActor:
         self.index.max_age_seconds = max_age_seconds
         self.index.policy = policy
 
-    async def register(self, worker: str, capacity: int, files: bytes) -> bytes:
+    async def register(
+        self, worker: str, files: bytes, first: bool = True, last: bool = True
+    ) -> bytes:
         """See :meth:`CacheIndex.register`."""
-        return pack(self.index.register(worker, capacity, unpack(files)))
+        return pack(self.index.register(worker, unpack(files), first, last))
 
     async def remove_worker(self, worker: str) -> int:
         """See :meth:`CacheIndex.remove_worker`."""
         return self.index.remove_worker(worker)
 
-    async def acquire(self, worker: str, keys: bytes, unreachable: str = "") -> bytes:
+    async def acquire(self, worker: str, digests: bytes, unreachable: str = "") -> bytes:
         """See :meth:`CacheIndex.acquire`."""
-        return pack(self.index.acquire(worker, unpack(keys), unreachable))
+        return pack(self.index.acquire(worker, unpack(digests), unreachable))
 
-    async def commit(self, worker: str, capacity: int, items: bytes) -> bytes:
+    async def commit(self, worker: str, items: bytes) -> bytes:
         """See :meth:`CacheIndex.commit`."""
-        return pack(self.index.commit(worker, capacity, unpack(items)))
+        return pack(self.index.commit(worker, unpack(items)))
 
-    async def abandon(self, worker: str, keys: bytes) -> None:
+    async def abandon(self, worker: str, digests: bytes) -> None:
         """See :meth:`CacheIndex.abandon`."""
-        self.index.abandon(worker, unpack(keys))
+        self.index.abandon(worker, unpack(digests))
 
-    async def touch(self, worker: str, accessed: bytes, dropped: bytes) -> bytes:
+    async def touch(self, worker: str, dropped: bytes) -> bool:
         """See :meth:`CacheIndex.touch`."""
-        return pack(self.index.touch(worker, unpack(accessed), unpack(dropped)))
+        return self.index.touch(worker, unpack(dropped))
 
-    async def invalidate(self, keys: bytes, prefixes: bytes) -> int:
+    async def invalidate(self, digests: bytes) -> int:
         """See :meth:`CacheIndex.invalidate`; returns the number of entries dropped."""
-        return len(self.index.invalidate(unpack(keys), unpack(prefixes)))
+        return self.index.invalidate(unpack(digests))
 
-    async def cached(self, keys: bytes) -> bytes:
-        """Whether each key has an entry (a ready copy on some worker)."""
-        return pack([key in self.index for key in unpack(keys)])
+    async def cached(self, digests: bytes) -> bytes:
+        """See :meth:`CacheIndex.cached`."""
+        return pack(self.index.cached(unpack(digests)))
 
     async def summary(self) -> dict[str, object]:
         """Entries, pending fetches and per-worker budgets, for stats and tests."""
@@ -75,4 +78,5 @@ class IndexActor:
             "entries": len(self.index),
             "pending": self.index.pending_count,
             "workers": self.index.workers(),
+            "nbytes": self.index.nbytes,
         }

@@ -1,46 +1,50 @@
-"""How workers and the scheduler reach the index actor: one typed method per operation.
+"""How workers and the scheduler reach the index shards: one typed method per operation.
 
-The scheduler knows where the index actor lives (``zarr_cache_index`` handler); callers
-ask it once, then call the actor's methods directly on its host worker with the
-``actor_execute`` handler, the same call a ``distributed.Actor`` handle makes.  When a
-call fails the location is forgotten and asked again, which is how callers find an index
-that was re-created elsewhere.  Every index call goes through :meth:`IndexClient._call`,
-the one place where sharding by key hash would go.
+The index is split into shards, one actor each, by a stable hash of the key
+(:mod:`~dask_zarr_cache._shards`).  The scheduler knows where they live
+(``zarr_cache_index``: one location per shard); callers ask it, then call each shard's
+methods directly on its host worker with the ``actor_execute`` handler, the same call a
+``distributed.Actor`` handle makes.  Operations on keys are split by shard and the parts
+sent concurrently; operations on no key go to every shard.  When a call to a shard fails,
+that shard's location is forgotten and asked again (how callers find a shard re-created
+elsewhere); the other shards are not affected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.protocol.serialize import Serialized, deserialize
 
+from dask_zarr_cache._coalescing import Coalescer
 from dask_zarr_cache._exceptions import ZarrCacheError
-from dask_zarr_cache._protocol import (
-    FETCH,
-    CommitReply,
-    Decision,
-    Item,
-    TouchReply,
-    pack,
-    unpack,
-)
+from dask_zarr_cache._protocol import FETCH, CommitReply, Decision, Item, pack, unpack
+from dask_zarr_cache._shards import group_by_shard, key_digest, shard_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Awaitable, Callable, Hashable, Iterable
 
-__all__ = ["IndexClient", "IndexUnavailableError"]
+__all__ = ["REGISTER_BATCH", "IndexClient", "IndexUnavailableError"]
+
+#: Files per ``register`` message: a worker with many files sends them in parts, one
+#: part in flight at a time, so re-filling a shard never blocks it for long.
+REGISTER_BATCH = 10_000
+
+Location = dict[str, str]
+R = TypeVar("R")
 
 
 class IndexUnavailableError(ZarrCacheError):
-    """The index actor does not exist yet, was lost, or did not answer."""
+    """An index shard does not exist yet, was lost, or did not answer."""
 
 
 class IndexClient:
-    """Calls the cluster's index actor, on behalf of one worker (or of the scheduler).
+    """Calls the cluster's index shards, on behalf of one worker (or of the scheduler).
 
     Parameters
     ----------
@@ -52,11 +56,11 @@ class IndexClient:
     rpc : callable
         Connection pool: ``rpc(address)`` returns an rpc to a worker.
     on_connect : callable, optional
-        Coroutine function ``on_connect(client)`` run once per newly found index, before
-        any other call reaches it (a worker registers its files there).
+        Coroutine function ``on_connect(client, shard)`` run once per newly found shard,
+        before any other call reaches it (a worker registers its files there).
     locate : callable, optional
-        Coroutine function returning ``{"address", "key"}`` or ``None``; defaults to
-        asking the scheduler.
+        Coroutine function returning the location (``{"address", "key"}`` or ``None``) of
+        every shard, or ``None``; defaults to asking the scheduler.
 
     """
 
@@ -65,165 +69,308 @@ class IndexClient:
         worker: str,
         scheduler: Any,
         rpc: Callable[[str], Any],
-        on_connect: Callable[[IndexClient], Awaitable[None]] | None = None,
-        locate: Callable[[], Awaitable[dict[str, str] | None]] | None = None,
+        on_connect: Callable[[IndexClient, int], Awaitable[None]] | None = None,
+        locate: Callable[[], Awaitable[list[Location | None] | None]] | None = None,
     ) -> None:
         self.worker = worker
         self._scheduler = scheduler
         self._rpc = rpc
         self._on_connect = on_connect
         self._locate = locate or self._ask_scheduler
-        self._location: dict[str, str] | None = None
-        self._lock: asyncio.Lock | None = None
-        self._connecting: dict[str, str] | None = None
-        self._batches: dict[str, list[tuple[str, asyncio.Future[Decision]]]] = {}
-        self._sending: set[asyncio.Task[None]] = set()
+        self._locations: list[Location | None] = []  # per shard; [] until the layout is known
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._connecting: dict[int, Location] = {}
+        self._acquiring = Coalescer(self._send_acquires, self._give_back)
+        self._committing = Coalescer(self._send_commits)
         self.timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
     @property
-    def connected(self) -> bool:
-        """Whether an index location is known (and, for workers, registered with)."""
-        return self._location is not None
+    def shards(self) -> int:
+        """Number of index shards (as last learned; 1 before)."""
+        return len(self._locations) or 1
 
     @property
-    def location(self) -> dict[str, str] | None:
-        """``{"address", "key"}`` of the index actor in use, if any."""
-        return self._location
+    def connected(self) -> bool:
+        """Whether every shard's location is known (and, for workers, registered with)."""
+        return bool(self._locations) and None not in self._locations
 
-    def reset(self) -> None:
-        """Forget the index location; the next call looks it up (and registers) again."""
-        self._location = None
+    @property
+    def locations(self) -> list[Location | None]:
+        """``{"address", "key"}`` of each shard in use (``None``: not connected)."""
+        return list(self._locations)
 
-    # -- operations ----------------------------------------------------------------------
+    def reset(self, shard: int | None = None) -> None:
+        """Forget one shard's location (or all, and the layout); the next call asks again."""
+        if shard is None:
+            self._locations = []
+        elif shard < len(self._locations):
+            self._locations[shard] = None
+
+    # -- operations on keys: split by shard ----------------------------------------------
     async def acquire(self, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
         """Decide how this worker gets each of ``keys`` (see ``CacheIndex.acquire``)."""
-        reply = await self._call("acquire", self.worker, pack(list(keys)), unreachable)
+        return await self._per_key(list(keys), lambda s, part: self._acquire(s, part, unreachable))
+
+    async def _acquire(self, shard: int, keys: list[str], unreachable: str) -> list[Decision]:
+        reply = await self._call(shard, "acquire", self.worker, _digests(keys), unreachable)
         return [Decision(*d) for d in unpack(reply)]
 
     async def acquire_one(self, key: str, unreachable: str = "") -> Decision:
-        """Decide for one key; the calls made in one loop iteration share one round trip.
+        """Decide for one key; concurrent calls share one message per shard.
 
-        zarr reads the chunks of a selection concurrently, so their misses arrive together
-        and cost one index call, not one each.
+        Keys asked in one loop iteration go together (zarr reads the chunks of a selection
+        concurrently), and keys asked while a message to their shard is in flight go
+        together in the next (:class:`~._coalescing.Coalescer`).
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision] = loop.create_future()
-        batch = self._batches.setdefault(unreachable, [])
-        batch.append((key, future))
-        if len(batch) == 1:
-            loop.call_soon(self._send_soon, unreachable)
-        return await future
+        return await self._acquiring.submit(
+            (shard_of(key, await self.shard_count()), unreachable), key
+        )
 
-    def _send_soon(self, unreachable: str) -> None:
-        task = asyncio.ensure_future(self._send_batch(self._batches.pop(unreachable), unreachable))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+    async def _send_acquires(self, slot: Hashable, keys: list[str]) -> list[Decision]:
+        shard, unreachable = slot
+        return await self._acquire(shard, keys, unreachable)
 
-    async def _send_batch(
-        self, batch: list[tuple[str, asyncio.Future[Decision]]], unreachable: str
-    ) -> None:
-        try:
-            decisions = await self.acquire([key for key, _ in batch], unreachable)
-        except Exception as err:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
-            return
-        orphans = []  # claims of callers that were cancelled meanwhile: give them back
-        for (key, future), decision in zip(batch, decisions, strict=True):
-            if not future.done():
-                future.set_result(decision)
-            elif decision.kind == FETCH:
-                orphans.append(key)
-        if orphans:
-            with contextlib.suppress(IndexUnavailableError):
-                await self.abandon(orphans)
+    async def _give_back(self, slot: Hashable, orphans: list[tuple[str, Decision]]) -> None:
+        """Claims taken for callers cancelled meanwhile are abandoned."""
+        with contextlib.suppress(IndexUnavailableError):
+            await self.abandon([key for key, decision in orphans if decision.kind == FETCH])
 
-    async def commit(self, capacity: int, items: Iterable[Item]) -> CommitReply:
+    async def commit(self, items: Iterable[Item]) -> CommitReply:
         """Record objects this worker now holds (see ``CacheIndex.commit``)."""
-        reply = await self._call("commit", self.worker, capacity, pack(list(items)))
-        return CommitReply(*unpack(reply))
+        items = list(items)
+
+        async def send(shard: int, part: list[Item]) -> list[str]:
+            rejected = unpack(await self._call(shard, "commit", self.worker, _rows(part)))
+            return [part[i].key for i in rejected]
+
+        groups = group_by_shard(items, await self.shard_count(), itemgetter(0))
+        replies = await self._fan_out({s: send(s, part) for s, part in groups.items()})
+        return CommitReply([key for reply in replies.values() for key in reply])
+
+    async def commit_one(self, item: Item) -> CommitReply:
+        """Commit one object; concurrent commits share one call (as :meth:`acquire_one`)."""
+        return await self._committing.submit(None, item)
+
+    async def _send_commits(self, _slot: Hashable, items: list[Item]) -> list[CommitReply]:
+        rejected = set((await self.commit(items)).rejected)
+        return [CommitReply([i.key] if i.key in rejected else []) for i in items]
 
     async def abandon(self, keys: Iterable[str]) -> None:
         """Give up this worker's pending claims of ``keys``."""
-        await self._call("abandon", self.worker, pack(list(keys)))
+        keys = list(keys)
+        if not keys:
+            return
+        groups = group_by_shard(keys, await self.shard_count(), str)
+        await self._fan_out(
+            {s: self._call(s, "abandon", self.worker, _digests(g)) for s, g in groups.items()}
+        )
 
-    async def touch(self, accessed: Iterable[str], dropped: Iterable[Item]) -> TouchReply:
-        """Report batched accesses and copies this worker deleted (see ``CacheIndex.touch``)."""
-        reply = await self._call("touch", self.worker, pack(list(accessed)), pack(list(dropped)))
-        return TouchReply(*unpack(reply))
+    async def touch(self, dropped: Iterable[Item], everywhere: bool = False) -> bool:
+        """Report copies this worker deleted (see ``CacheIndex.touch``); whether all knew it.
 
-    async def register(self, capacity: int, files: Iterable[Item]) -> list[str]:
-        """Tell the index this worker's budget and files; returns keys to delete."""
-        return unpack(await self._call("register", self.worker, capacity, pack(list(files))))
+        Goes to the shards concerned, the shards this worker is not connected to (which
+        registers it there) and, if ``everywhere``, to all.  A shard that does not know the
+        worker is forgotten, so the next call registers again.
+        """
+        shards = await self.shard_count()
+        dropped = group_by_shard(dropped, shards, itemgetter(0))
+        targets = (
+            range(shards)
+            if everywhere
+            else {
+                *dropped,
+                *(s for s in range(shards) if self._location(s) is None),
+            }
+        )
+        replies = await self._fan_out(
+            {s: self._call(s, "touch", self.worker, _rows(dropped.get(s, []))) for s in targets},
+            partial=True,
+        )
+        for shard, known in replies.items():
+            if not known:
+                self.reset(shard)
+        return all(replies.values())
 
-    async def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> int:
-        """Forget written keys (with their ranges) and every key under ``prefixes``."""
-        return await self._call("invalidate", pack(list(keys)), pack(list(prefixes)))
+    async def register(self, shard: int, files: Iterable[Item]) -> list[str]:
+        """Tell ``shard`` this worker's files there; returns the keys to delete.
 
-    async def remove_worker(self, worker: str) -> int:
-        """Forget a departed worker's entries and claims."""
-        return await self._call("remove_worker", worker)
+        Sent in parts of at most :data:`REGISTER_BATCH` files, one after the other.
+        """
+        files = list(files)
+        to_delete: list[str] = []
+        starts = range(0, len(files), REGISTER_BATCH)
+        for n, start in enumerate(starts or [0]):
+            part = files[start : start + REGISTER_BATCH]
+            last = n == len(starts or [0]) - 1
+            reply = await self._call(shard, "register", self.worker, _rows(part), n == 0, last)
+            to_delete += [part[i].key for i in unpack(reply)]
+        return to_delete
 
-    async def configure(self, max_age_seconds: float | None, policy: str) -> None:
-        """Apply a new TTL and replacement policy."""
-        await self._call("configure", max_age_seconds, policy)
+    async def invalidate(self, keys: Iterable[str]) -> int:
+        """Forget written keys (see ``CacheIndex.invalidate``); returns entries dropped."""
+        groups = group_by_shard(keys, await self.shard_count(), str)
+        replies = await self._fan_out(
+            {s: self._call(s, "invalidate", _digests(g)) for s, g in groups.items()}
+        )
+        return sum(replies.values())
 
     async def cached(self, keys: list[str]) -> list[bool]:
         """Whether each key is cached on some worker."""
-        return unpack(await self._call("cached", pack(keys)))
+
+        async def ask(shard: int, part: list[str]) -> list[bool]:
+            return unpack(await self._call(shard, "cached", _digests(part)))
+
+        return await self._per_key(keys, ask)
+
+    # -- operations on every shard -----------------------------------------------------------
+    async def remove_worker(self, worker: str) -> int:
+        """Forget a departed worker's entries and claims."""
+        replies = await self._fan_out(
+            {s: self._call(s, "remove_worker", worker) for s in range(await self.shard_count())}
+        )
+        return sum(replies.values())
+
+    async def configure(self, max_age_seconds: float | None, policy: str) -> None:
+        """Apply a new TTL and replacement policy."""
+        shards = await self.shard_count()
+        await self._fan_out(
+            {s: self._call(s, "configure", max_age_seconds, policy) for s in range(shards)}
+        )
 
     async def summary(self) -> dict[str, Any]:
-        """Entries, pending fetches and per-worker budgets."""
-        return await self._call("summary")
+        """Entries, pending fetches and per-worker budgets, over the shards that answer.
+
+        ``"shards"`` lists each shard's ``{"address", "entries", "pending", "nbytes"}``
+        (``None`` for a shard that did not answer).
+        """
+        shards = await self.shard_count()
+        replies = await self._fan_out(
+            {s: self._call(s, "summary") for s in range(shards)}, partial=True
+        )
+        locations = self.locations
+        workers: dict[str, dict[str, int]] = {}
+        for reply in replies.values():
+            for worker, numbers in reply["workers"].items():
+                total = workers.setdefault(worker, dict.fromkeys(numbers, 0))
+                for name, value in numbers.items():
+                    total[name] += value
+        return {
+            "entries": sum(r["entries"] for r in replies.values()),
+            "pending": sum(r["pending"] for r in replies.values()),
+            "workers": workers,
+            "shards": [
+                None
+                if s not in replies
+                else {
+                    "address": (locations[s] or {}).get("address") if s < len(locations) else None,
+                    "entries": replies[s]["entries"],
+                    "pending": replies[s]["pending"],
+                    "nbytes": replies[s]["nbytes"],
+                }
+                for s in range(shards)
+            ],
+        }
 
     # -- plumbing --------------------------------------------------------------------------
-    async def _call(self, function: str, *args: Any) -> Any:
-        """Call ``IndexActor.<function>(*args)`` and return its result.
+    async def shard_count(self) -> int:
+        """Number of index shards, asking the scheduler if not known yet."""
+        if not self._locations:
+            await self._ask_layout()
+        return len(self._locations)
+
+    async def _per_key(
+        self, keys: list[str], ask: Callable[[int, list[str]], Awaitable[list[R]]]
+    ) -> list[R]:
+        """``ask(shard, part)`` each shard for its part of ``keys``; answers in key order."""
+        groups = group_by_shard(range(len(keys)), await self.shard_count(), keys.__getitem__)
+        replies = await self._fan_out(
+            {s: ask(s, [keys[i] for i in group]) for s, group in groups.items()}
+        )
+        answers: list[Any] = [None] * len(keys)
+        for shard, group in groups.items():
+            for i, answer in zip(group, replies[shard], strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _fan_out(
+        self, calls: dict[int, Awaitable[Any]], partial: bool = False
+    ) -> dict[int, Any]:
+        """Await one call per shard; replies by shard.
+
+        Every call runs to its end.  A failed shard raises (after the others finished),
+        unless ``partial``: then failed shards are left out, and only all failing raises.
+        """
+        shards = list(calls)
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        replies, errors = {}, []
+        for shard, result in zip(shards, results, strict=True):
+            if isinstance(result, BaseException):
+                errors.append(result)
+            else:
+                replies[shard] = result
+        if errors and (not partial or not replies):
+            raise errors[0]
+        return replies
+
+    def _location(self, shard: int) -> Location | None:
+        return self._locations[shard] if shard < len(self._locations) else None
+
+    async def _call(self, shard: int, function: str, *args: Any) -> Any:
+        """Call ``IndexActor.<function>(*args)`` on ``shard`` and return its result.
 
         Raises
         ------
         IndexUnavailableError
-            If there is no index, it was lost, or it did not answer within the timeout.
+            If the shard does not exist, was lost, or did not answer within the timeout.
 
         """
-        if self._connecting is not None:  # calls of on_connect reach the new index
-            return await self._execute(self._connecting, function, args)
-        location = await self._ensure_location()
+        location = self._connecting.get(shard)  # calls of on_connect reach the new shard
+        if location is None:
+            location = await self._ensure_location(shard)
         try:
             return await self._execute(location, function, args)
         except IndexUnavailableError:
-            if self._location is location:
-                self._location = None
+            if self._location(shard) is location:
+                self._locations[shard] = None
             raise
 
-    async def _ensure_location(self) -> dict[str, str]:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        location = self._location
+    async def _ensure_location(self, shard: int) -> Location:
+        location = self._location(shard)
         if location is not None:
             return location
-        async with self._lock:
-            if self._location is None:
-                try:
-                    location = await asyncio.wait_for(self._locate(), self.timeout)
-                except (TimeoutError, OSError) as err:
-                    raise IndexUnavailableError(f"scheduler did not answer: {err}") from err
-                if not location:
-                    raise IndexUnavailableError("the zarr cache index does not exist (yet)")
+        async with self._locks.setdefault(shard, asyncio.Lock()):
+            if self._location(shard) is None:
+                layout = await self._ask_layout()
+                location = layout[shard] if shard < len(layout) else None
+                if location is None:
+                    raise IndexUnavailableError(f"zarr cache index shard {shard} does not exist")
                 if self._on_connect is not None:
-                    self._connecting = location
+                    self._connecting[shard] = location
                     try:
-                        await self._on_connect(self)
+                        await self._on_connect(self, shard)
                     finally:
-                        self._connecting = None
-                self._location = location
-            return self._location
+                        del self._connecting[shard]
+                if len(self._locations) != len(layout):
+                    raise IndexUnavailableError("the zarr cache index changed its shard count")
+                self._locations[shard] = location
+            return self._locations[shard]
 
-    async def _ask_scheduler(self) -> dict[str, str] | None:
+    async def _ask_layout(self) -> list[Location | None]:
+        """Ask where the shards are; a new shard count resets every location."""
+        try:
+            layout = await asyncio.wait_for(self._locate(), self.timeout)
+        except (TimeoutError, OSError) as err:
+            raise IndexUnavailableError(f"scheduler did not answer: {err}") from err
+        if not layout:
+            raise IndexUnavailableError("the zarr cache index does not exist (yet)")
+        if len(layout) != len(self._locations):
+            self._locations = [None] * len(layout)
+        return layout
+
+    async def _ask_scheduler(self) -> list[Location | None] | None:
         return await self._scheduler.zarr_cache_index()
 
-    async def _execute(self, location: dict[str, str], function: str, args: tuple) -> Any:
+    async def _execute(self, location: Location, function: str, args: tuple) -> Any:
         try:
             reply = await asyncio.wait_for(
                 self._rpc(location["address"]).actor_execute(
@@ -239,3 +386,13 @@ class IndexClient:
         if isinstance(result, Serialized):  # the scheduler's rpc does not deserialize
             result = deserialize(result.header, result.frames)
         return result
+
+
+def _digests(keys: Iterable[str]) -> bytes:
+    """Keys as the index names them (computed here, so shards spend no time on it)."""
+    return pack([key_digest(k) for k in keys])
+
+
+def _rows(items: Iterable[Item]) -> bytes:
+    """Copies as the index knows them: ``(digest, tag)``."""
+    return pack([(key_digest(i.key), i.tag) for i in items])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache._budget import Budget
 from dask_zarr_cache._invalidation import matcher
 from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._protocol import Item
@@ -72,7 +73,7 @@ class Fetch:
 
 
 class LocalState:
-    """Entries, single-flight, write history and peer knowledge of one worker.
+    """Entries, budget, single-flight, write history and peer knowledge of one worker.
 
     Parameters
     ----------
@@ -83,6 +84,10 @@ class LocalState:
         during which this worker may serve its files (see :meth:`can_serve`).
     clock : callable
         Seconds, wall-clock-like (file times are compared with it after a restart).
+    capacity : int
+        Bytes of objects this worker may keep (:class:`~dask_zarr_cache._budget.Budget`).
+    policy : {"tinylfu", "lru"}
+        Which objects stay when the budget is full.
 
     """
 
@@ -92,6 +97,7 @@ class LocalState:
         lease: float,
         clock: Callable[[], float] = time.time,
         capacity: int = 0,
+        policy: str = "tinylfu",
     ) -> None:
         self.max_age_seconds = max_age_seconds
         self.lease = lease
@@ -102,11 +108,10 @@ class LocalState:
         self.entries: dict[str, LocalEntry] = {}
         self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
         self._inflight: dict[str, Fetch] = {}
-        self._accessed: set[str] = set()
+        self.budget = Budget(capacity, policy)
         self._dropped: dict[str, Item] = {}
-        # Which peer served a key last: warm reads skip the index round trip. A wrong
-        # hint costs one "missing" answer, never wrong bytes (peers serve only what they
-        # hold now, verified).
+        # Which peer served a key last: warm reads skip the index. A wrong hint costs one
+        # "missing" answer, never wrong bytes (peers serve only what they hold, verified).
         self._owner_hints: dict[str, str] = {}
         self._failed_peers: dict[str, float] = {}
         # Write history (see _invalidation): whose history, how far applied, when renewed.
@@ -135,19 +140,18 @@ class LocalState:
         return None, bool(self.remove([key], expired=True))
 
     def record_hit(self, key: str, nbytes: int) -> None:
-        """Count a read served from this worker's disk and remember the access."""
+        """Count a read served from this worker's disk (an access, for the budget)."""
         with self.lock:
             self.counters.hits += 1
             self.counters.hit_bytes += nbytes
-            self._accessed.add(key)
+            self.budget.touch(key)
 
-    def record_served(self, key: str | None, nbytes: int) -> None:
-        """Count bytes served to a peer (``key``: from disk, an access to report)."""
+    def record_served(self, key: str, nbytes: int) -> None:
+        """Count bytes of ``key`` served to a peer (an access, for the budget)."""
         with self.lock:
             self.counters.peer_served += 1
             self.counters.peer_served_bytes += nbytes
-            if key is not None:
-                self._accessed.add(key)
+            self.budget.touch(key)
 
     def count(self, **increments: int) -> None:
         """Add to counters, e.g. ``count(remote_reads=1, remote_bytes=n)``."""
@@ -182,19 +186,44 @@ class LocalState:
             if self._inflight.get(key) is fetch:
                 del self._inflight[key]
 
-    def admit(self, key: str, entry: LocalEntry, fetch: Fetch) -> bool:
-        """Add the entry a fetch wrote, unless a write poisoned the fetch meanwhile."""
+    def superseded(self, key: str, fetch: Fetch) -> bool:
+        """Whether a newer load or copy of ``key`` replaced ``fetch`` here (a write came).
+
+        The index knows claims by worker, so the cluster-wide claim is then the newer
+        load's: giving it up for ``fetch`` would take it from the newer one.
+        """
+        with self.lock:
+            current = self._inflight.get(key)
+            return (current is not None and current is not fetch) or key in self.entries
+
+    def admit(
+        self, key: str, entry: LocalEntry, fetch: Fetch, reads: int = 0
+    ) -> tuple[bool, list[str]]:
+        """Add the entry a fetch wrote, unless a write poisoned the fetch meanwhile.
+
+        ``reads`` is how often the cluster asked for ``key`` lately (from the index).
+        Returns whether the entry stays, and the keys whose files must go: evicted to
+        stay within the budget, maybe ``key`` itself (the policy preferred the others).
+        """
         with self.lock:
             if fetch.poisoned:
-                return False
+                return False, []
+            self.budget.record(key, reads)
             self._add(key, entry)
-            return True
+            evicted = self.budget.admit(key, entry.size)
+        return key not in evicted, self.remove(evicted, evicted=True)
 
-    def adopt(self, files: Iterable[CacheFile]) -> None:
-        """Add files found on disk (oldest first), already verified against the history."""
+    def adopt(self, files: Iterable[CacheFile]) -> list[str]:
+        """Add files found on disk (oldest first), verified against the write history.
+
+        Returns the keys of the oldest files beyond the budget: they must go.
+        """
+        evicted = []
         with self.lock:
             for f in sorted(files, key=lambda f: f.mtime):
                 self._add(f.key, LocalEntry(f.size, f.checksum, f.mtime))
+                evicted += self.budget.add(f.key, f.size)
+        return self.remove(evicted, evicted=True)
 
     # -- writes --------------------------------------------------------------------------
     def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> list[str]:
@@ -256,11 +285,7 @@ class LocalState:
     def remove(
         self, keys: Iterable[str], *, evicted: bool = False, expired: bool = False
     ) -> list[str]:
-        """Forget entries; returns the keys that were entries (their files must go).
-
-        Copies removed on this worker's own initiative are reported to the index at the
-        next flush; evictions came from the index and need no report.
-        """
+        """Forget entries; returns those that were (their files must go, the index is told)."""
         removed = []
         with self.lock:
             for key in keys:
@@ -269,11 +294,11 @@ class LocalState:
                     continue
                 removed.append(key)
                 self._unlink_range(key)
+                self.budget.remove(key)
                 self.counters.bytes -= entry.size
                 self.counters.evictions += evicted
                 self.counters.expired += expired
-                if not evicted:
-                    self._dropped[key] = entry.item(key)
+                self._dropped[key] = entry.item(key)
             self.counters.entries = len(self.entries)
         return removed
 
@@ -297,17 +322,11 @@ class LocalState:
                 keys.append(key)
         return self.remove(keys, expired=True)
 
-    def take_reports(self) -> tuple[set[str], list[Item]]:
-        """Accesses and self-initiated drops since the last call (for the index).
-
-        Only accesses of files still here are reported: the index takes an access of a
-        key it does not know as this worker's as drift, and asks it to re-register.
-        """
+    def take_reports(self) -> list[Item]:
+        """Copies removed since the last call (for the index)."""
         with self.lock:
-            accessed = {k for k in self._accessed if k in self.entries}
-            self._accessed = set()
-            dropped, self._dropped = self._dropped, {}
-        return accessed, list(dropped.values())
+            dropped, self._dropped = list(self._dropped.values()), {}
+            return dropped
 
     def items(self) -> list[Item]:
         """Every entry as the index knows it (for registration)."""

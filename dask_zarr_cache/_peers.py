@@ -108,13 +108,13 @@ class Peers:
                 return {"status": MISSING}
             if data is None:
                 return {"status": ABSENT}
-            return self._reply(None, data, checksum(data))
+            return self._reply(key, data, checksum(data))
         found = await read_cached(self.state, self.disk, key)
         if found is None:
             return {"status": MISSING}
         return self._reply(key, *found)
 
-    def _reply(self, key: str | None, data: Payload, crc: int) -> dict[str, Any]:
+    def _reply(self, key: str, data: Payload, crc: int) -> dict[str, Any]:
         self.state.record_served(key, len(data))
         return {"status": OK, "data": to_serialize(data), "checksum": crc}
 

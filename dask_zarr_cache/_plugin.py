@@ -99,7 +99,7 @@ class ZarrCachePlugin(SchedulerPlugin):
             await state.apply(self.settings, WorkerCachePlugin(self.settings))
         if scheduler.workers:  # have the index ready before the first read, if we can
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(state.ensure_index()), _INDEX_WAIT)
+                await asyncio.wait_for(asyncio.shield(state.shards.ensure()), _INDEX_WAIT)
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
         """Steer new chunk reads to the workers that hold (or will hold) their chunks."""
@@ -111,7 +111,7 @@ class ZarrCachePlugin(SchedulerPlugin):
         """Create the index as soon as there is a worker to host it."""
         state = scheduler_state(scheduler)
         if state is not None:
-            state.ensure_index()
+            state.shards.ensure()
 
     def log_event(self, topic: str, msg: Any) -> None:
         """Move the index off a worker as soon as it starts retiring."""
@@ -121,7 +121,7 @@ class ZarrCachePlugin(SchedulerPlugin):
             and msg.get("status") == "closing_gracefully"
             and self._scheduler_state is not None
         ):
-            self._scheduler_state.worker_closing(topic)
+            self._scheduler_state.shards.retiring(topic)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget the departed worker's entries (re-create the index if it hosted it)."""

@@ -19,7 +19,6 @@ __all__ = [
     "Decision",
     "Item",
     "SyncReply",
-    "TouchReply",
     "pack",
     "unpack",
 ]
@@ -45,24 +44,21 @@ class Item(NamedTuple):
 
 
 class Decision(NamedTuple):
-    """How a worker gets one key it missed: ``kind`` is FETCH, PEER or PENDING."""
+    """How a worker gets one key it missed: ``kind`` is FETCH, PEER or PENDING.
+
+    ``address`` is the peer to ask (the asker itself for FETCH); ``reads``, for FETCH,
+    how often the cluster asked for the key lately (for the fetcher's admission policy).
+    """
 
     kind: str
     address: str
+    reads: int = 0
 
 
 class CommitReply(NamedTuple):
-    """Keys the committing worker must delete: evicted to fit, or refused (claim lost)."""
+    """Committed keys the index refused (the claim was lost): the worker deletes them."""
 
-    evicted: list[str]
     rejected: list[str]
-
-
-class TouchReply(NamedTuple):
-    """Keys the index found expired, and whether it knows the worker (else: register)."""
-
-    expired: list[str]
-    known: bool
 
 
 class SyncReply(NamedTuple):

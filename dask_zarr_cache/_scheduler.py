@@ -2,7 +2,7 @@
 
 Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 
-- ``zarr_cache_index()`` -> ``{"address", "key"}`` of the index actor, or ``None``.
+- ``zarr_cache_index()`` -> per index shard, ``{"address", "key"}`` of its actor or ``None``.
 - ``zarr_cache_sync(worker, epoch, seq)`` -> packed :class:`~._protocol.SyncReply`: the
   writes a worker has not applied yet; renews its lease.
 - ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
@@ -10,9 +10,10 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
-The index is a Dask Actor created by an internal client of the scheduler on one worker.
-When that worker leaves, a new (empty) actor is created on another worker and workers
-re-register the files on their disks.
+The index is split into shards (``zarr-cache.index-shards``), each a Dask Actor created by
+an internal client of the scheduler, on the worker hosting the fewest shards.  When a
+shard's worker leaves, a new (empty) actor for that shard is created on another worker and
+workers re-register their files of that shard; the other shards carry on.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
 
 from dask_zarr_cache._history import CacheHistory
-from dask_zarr_cache._index_actor import IndexActor
-from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
+from dask_zarr_cache._index_client import IndexUnavailableError
+from dask_zarr_cache._index_shards import IndexShards
 from dask_zarr_cache._invalidation import InvalidationLog
 from dask_zarr_cache._names import EXTENSION_NAME, WORKER_PLUGIN_NAME
 from dask_zarr_cache._prometheus import bind_prometheus
@@ -38,7 +38,7 @@ from dask_zarr_cache._stats import total_of
 from dask_zarr_cache.dashboard import add_http_routes
 
 if TYPE_CHECKING:
-    from distributed import Client, Scheduler
+    from distributed import Scheduler
     from distributed.diagnostics.plugin import WorkerPlugin
 
     from dask_zarr_cache._config import CacheSettings
@@ -65,18 +65,15 @@ class ZarrCacheScheduler:
         self.settings = settings
         self.installed = False  # the worker plugin was registered with ``settings``
         self.log = InvalidationLog()
-        self.location: dict[str, str] | None = None
-        self.index = IndexClient("", None, scheduler.rpc, locate=self.locate_index)
+        self.shards = IndexShards(scheduler, settings, self._index_created)
+        self.index = self.shards.client
         #: Workers with a cache, and the highest write each has confirmed.
         self.workers: dict[str, int] = {}
         self._changed = asyncio.Condition()
-        self._index_future: Any = None
-        self._client: Client | None = None
-        self._creating: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         scheduler.handlers.update(
             {
-                "zarr_cache_index": self.locate_index,
+                "zarr_cache_index": self.shards.locate,
                 "zarr_cache_sync": self.handle_sync,
                 "zarr_cache_invalidate": self.handle_invalidate,
                 "zarr_cache_stats": self.handle_stats,
@@ -95,7 +92,10 @@ class ZarrCacheScheduler:
         await self.scheduler.register_worker_plugin(
             comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
         )
-        if self.location is not None:
+        self.shards.settings = settings
+        if settings.index_shards != len(self.shards.locations):
+            await self.shards.reshard(settings.index_shards)
+        elif any(loc is not None for loc in self.shards.locations):
             with contextlib.suppress(IndexUnavailableError):
                 await self.index.configure(settings.max_age_seconds, settings.policy)
 
@@ -138,7 +138,7 @@ class ZarrCacheScheduler:
         # Bounded: the index may live on the very worker whose loop waits for this write.
         # Correctness does not rest on it (workers drop their files and fetches below).
         with contextlib.suppress(IndexUnavailableError, TimeoutError):
-            await asyncio.wait_for(self.index.invalidate(key_list, prefix_list), timeout / 4)
+            await asyncio.wait_for(self.index.invalidate(key_list), timeout / 4)
         replies = await self.broadcast(
             "zarr_cache_invalidate",
             skip=origin,
@@ -187,108 +187,24 @@ class ZarrCacheScheduler:
                     )
             return pending()
 
-    # -- the index actor -----------------------------------------------------------------
-    async def locate_index(self) -> dict[str, str] | None:
-        """Address and key of the index actor, or ``None`` while there is none.
+    # -- the index shards ------------------------------------------------------------------
+    async def _index_created(self, shard: int | None) -> None:
+        """Workers register their files with a new shard (every shard: ``None``) now.
 
-        Never waits for the index to be created: creating the actor needs a free worker
-        thread, and the callers are often the very reads occupying those threads.  They
-        read from the source meanwhile and ask again later.
+        Not at their next miss: until then the new shard would send other workers to the
+        source for those keys.
         """
-        self.ensure_index()
-        return self.location
-
-    def ensure_index(self) -> asyncio.Future[None]:
-        """Start creating the index actor unless it exists or is being created."""
-        if self.location is None and (self._creating is None or self._creating.done()):
-            self._creating = asyncio.ensure_future(self._create_index())
-        return self._creating if self._creating is not None else _done()
-
-    async def _create_index(self) -> None:
-        try:
-            await self._create_index_on_a_worker()
-        except Exception as err:  # retried on the next worker arrival or lookup
-            if self.scheduler.status.name not in ("closing", "closed"):
-                logger.warning("could not create the zarr cache index: %r", err)
-
-    async def _create_index_on_a_worker(self) -> None:
-        from distributed import Client
-
-        host = self._choose_host()
-        if host is None:
-            return
-        if self._client is None:
-            self._client = await Client(
-                self.scheduler.address,
-                asynchronous=True,
-                set_as_default=False,
-                security=self.scheduler.security,
-                name="dask-zarr-cache-index",
-            )
-        key = f"zarr-cache-index-{uuid.uuid4().hex[:12]}"
-        future = self._client.submit(
-            IndexActor,
-            self.settings.max_age_seconds,
-            self.settings.policy,
-            actor=True,
-            workers=[host],
-            allow_other_workers=False,
-            pure=False,
-            key=key,
-        )
-        actor = await future
-        self._index_future = future
-        self.location = {"address": actor._address, "key": key}
-        logger.info("zarr cache index created on %s", actor._address)
-        # Workers re-register the files on their disks now, not at their next miss: until
-        # then the new index would send other workers to the source for those keys.
-        await self.broadcast("zarr_cache_index_moved")
-
-    def _choose_host(self) -> str | None:
-        workers = [
-            ws.address
-            for ws in self.scheduler.workers.values()
-            if ws.status.name in ("running", "paused")
-        ]
-        return min(workers) if workers else None
-
-    def worker_closing(self, worker: str) -> None:
-        """Move the index off a worker that is being retired.
-
-        ``retire_workers`` refuses to retire a worker holding an actor. Called from the
-        (synchronous) ``worker-status-change`` event, before that check runs, this
-        releases the actor's task and starts a new index on another worker.
-        """
-        if self.location is None or worker != self.location["address"]:
-            return
-        logger.info("zarr cache index host %s is retiring; moving the index", worker)
-        key, client = self.location["key"], self._client
-        if client is not None and client.id in self.scheduler.clients:
-            self.scheduler.client_releases_keys(
-                keys=[key], client=client.id, stimulus_id=f"zarr-cache-move-index-{key}"
-            )
-        self._recreate_index()
-
-    def _recreate_index(self) -> None:
-        """Forget the current index actor and start a new one on another worker."""
-        self.location = None
-        self.index.reset()
-        self._index_future = None
-        self.ensure_index()
+        await self.broadcast("zarr_cache_index_moved", shard=shard)
 
     def remove_worker(self, worker: str) -> None:
         """A worker left: forget it, tell the others, drop its index entries.
 
-        If it hosted the index, a new index is created elsewhere.
+        Shards it hosted are created again elsewhere; the other shards keep their entries
+        except the departed worker's.
         """
         self.workers.pop(worker, None)
         self._spawn(self.broadcast("zarr_cache_worker_left", address=worker))
-        if self.location is None:
-            return
-        if worker == self.location["address"]:
-            logger.info("zarr cache index host %s left; re-creating the index", worker)
-            self._recreate_index()
-        else:
+        if len(self.shards.lost(worker)) < len(self.shards.locations):
             self._spawn(self._remove_from_index(worker))
 
     async def _remove_from_index(self, worker: str) -> None:
@@ -303,12 +219,9 @@ class ZarrCacheScheduler:
     async def close(self) -> None:
         """Stop background work and close the internal client."""
         self.history.stop()
-        for task in [*self._background, self._creating]:
-            if task is not None:
-                task.cancel()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for task in self._background:
+            task.cancel()
+        await self.shards.close()
 
     # -- cluster-wide operations ---------------------------------------------------------
     async def broadcast(
@@ -360,12 +273,6 @@ class ZarrCacheScheduler:
 
 
 _UNREACHED = object()
-
-
-def _done() -> asyncio.Future[None]:
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    future.set_result(None)
-    return future
 
 
 def scheduler_state(scheduler: Scheduler) -> ZarrCacheScheduler | None:

@@ -114,11 +114,7 @@ def warm(
     ckeys = {k: cache_key(store.location, k) for k in sizes}
     cached = [c == "1" for c in client.sync(_cached, client, json.dumps(list(ckeys.values())))]
     todo = {k: n for (k, n), hit in zip(sizes.items(), cached, strict=True) if not hit}
-    free = {
-        addr: max(0, w["capacity"] - w["used"])
-        for addr, w in ((stats.get("index") or {}).get("workers") or {}).items()
-        if addr in stats["workers"]
-    }
+    free = {addr: max(0, w["capacity"] - w["bytes"]) for addr, w in stats["workers"].items()}
     ring = HashRing(stats["workers"])
     homes = {k: ring.home(ckeys[k] or "") for k in todo}
     plan, left_out = _spread(todo, free, homes)

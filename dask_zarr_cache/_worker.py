@@ -28,6 +28,7 @@ from dask_zarr_cache._local import LocalEntry, LocalState, Payload
 from dask_zarr_cache._loops import run_on, spawn_on
 from dask_zarr_cache._peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache._protocol import FETCH, SyncReply, unpack
+from dask_zarr_cache._shards import shard_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 __all__ = ["WorkerCache"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between flushes that ask every index shard whether it knows this worker (a
+#: shard that forgot it, e.g. after the scheduler dropped it for a while, then gets its
+#: files again); other flushes call only the shards they have drops for.
+KNOWN_CHECK_INTERVAL = 10.0
 
 
 class WorkerCache:
@@ -84,7 +90,11 @@ class WorkerCache:
         self.timeout = timeout
         self.clock = clock
         self.state = LocalState(
-            settings.max_age_seconds, settings.write_lease, clock, settings.max_size
+            settings.max_age_seconds,
+            settings.write_lease,
+            clock,
+            capacity=settings.max_size,
+            policy=settings.policy,
         )
         self.counters = self.state.counters
         self.disk = DiskCache(directory)
@@ -94,6 +104,7 @@ class WorkerCache:
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
         self._flush_lock = asyncio.Lock()
+        self._checked_at = clock()
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
 
@@ -193,7 +204,7 @@ class WorkerCache:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
             if decision.kind == FETCH:
-                return await self._fetch_and_cache(key, fetch, read_source)
+                return await self._fetch_and_cache(key, fetch, read_source, decision.reads)
             unreachable = decision.address
             if self.state.peer_failed_lately(decision.address):
                 continue
@@ -213,7 +224,11 @@ class WorkerCache:
         return data
 
     async def _fetch_and_cache(
-        self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
+        self,
+        key: str,
+        fetch: Any,
+        read_source: Callable[[], Awaitable[Payload | None]],
+        reads: int = 0,
     ) -> Payload | None:
         """Read the source as the cluster's one fetcher of ``key``; keep the bytes if we may.
 
@@ -237,14 +252,16 @@ class WorkerCache:
             if crc is None:
                 return data
             entry = LocalEntry(len(data), crc, created)
-            if not self.state.admit(key, entry, fetch):  # a write came in meanwhile
+            admitted, doomed = self.state.admit(key, entry, fetch, reads)
+            await self._delete(doomed)
+            if not admitted:  # a write came in meanwhile, or the budget keeps the others
                 await self._delete([key])
                 return data
             claimed = False
             self._in_background(self._commit(entry.item(key)))
             return data
         finally:
-            if claimed:
+            if claimed and not self.state.superseded(key, fetch):
                 self._in_background(self._abandon(key))
 
     def _in_background(self, coro: Any) -> None:
@@ -261,11 +278,10 @@ class WorkerCache:
     # -- index calls (worker loop) -------------------------------------------------------
     async def _commit(self, item: Item) -> None:
         try:
-            reply = await self.index.commit(self.settings.max_size, [item])
+            reply = await self.index.commit_one(item)
         except UNAVAILABLE as err:
             logger.debug("zarr cache commit of %s failed: %s", item.key, err)
             return
-        await self._delete(self.state.remove(reply.evicted, evicted=True))
         for key in reply.rejected:  # the claim was lost (index rebuilt, taken over)
             await self._delete(self.state.remove_copy(key, item.tag))
 
@@ -275,10 +291,10 @@ class WorkerCache:
         except UNAVAILABLE as err:
             logger.debug("zarr cache abandon of %s failed: %s", key, err)
 
-    async def _register(self, index: IndexClient) -> None:
-        """Tell a newly found index this worker's budget and the files on its disk."""
-        to_delete = await index.register(self.settings.max_size, self.state.items())
-        await self._delete(self.state.remove(to_delete, evicted=True))
+    async def _register(self, index: IndexClient, shard: int) -> None:
+        """Tell a newly found index shard this worker's budget and its files on disk."""
+        files = [i for i in self.state.items() if shard_of(i.key, index.shards) == shard]
+        await self._delete(self.state.remove(await index.register(shard, files)))
 
     # -- the write history (worker loop) ---------------------------------------------------
     async def sync(self) -> None:
@@ -304,8 +320,7 @@ class WorkerCache:
         with self.state.lock:
             files, self.state.unverified = list(self.state.unverified.values()), {}
         good, bad = verify_files(files, reply.epoch, reply.invalidations)
-        self.state.adopt(good)
-        doomed += bad
+        doomed += bad + self.state.adopt(good)
         self.state.synced(reply.epoch, reply.seq, sent_at)
         await self._delete(doomed)
 
@@ -323,9 +338,9 @@ class WorkerCache:
         """Drop what a write replaced: files, entries, and fetches in flight (any loop)."""
         await self._delete(self.state.invalidate(keys, prefixes))
 
-    async def handle_index_moved(self) -> None:
-        """A new index actor exists: register this worker's files with it right away."""
-        self.index.reset()
+    async def handle_index_moved(self, shard: int | None = None) -> None:
+        """A new index shard (or layout) exists: register this worker's files right away."""
+        self.index.reset(shard)
         await self.flush()
 
     async def handle_worker_left(self, address: str) -> None:
@@ -339,7 +354,7 @@ class WorkerCache:
 
     # -- periodic flush (worker loop) ------------------------------------------------------
     async def flush(self) -> None:
-        """Catch up on writes, expire old files, send batched access records to the index."""
+        """Catch up on writes, expire old files, report dropped copies to the index."""
         if self._flush_lock.locked():
             return
         async with self._flush_lock:
@@ -348,15 +363,13 @@ class WorkerCache:
             except UNAVAILABLE as err:
                 logger.debug("zarr cache could not reach the scheduler: %s", err)
             await self._delete(self.state.expired_keys())
-            accessed, dropped = self.state.take_reports()
-            if not accessed and not dropped and self.index.connected:
+            dropped = self.state.take_reports()
+            check = self.clock() - self._checked_at >= KNOWN_CHECK_INTERVAL
+            if not dropped and self.index.connected and not check:
                 return
             if self.state.epoch is None:
                 return  # nothing verified to register yet
-            try:
-                reply = await self.index.touch(accessed, dropped)
-            except UNAVAILABLE:
-                return
-            if not reply.known:
-                self.index.reset()
-            await self._delete(self.state.remove(reply.expired, expired=True))
+            if check:
+                self._checked_at = self.clock()
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.index.touch(dropped, everywhere=check)

@@ -12,11 +12,12 @@ from typing import Any
 
 from dask_zarr_cache._config import CacheSettings
 from dask_zarr_cache._index_actor import IndexActor
+from dask_zarr_cache._index_client import IndexClient
 from dask_zarr_cache._invalidation import InvalidationLog
 from dask_zarr_cache._protocol import SyncReply, pack
 from dask_zarr_cache._worker import WorkerCache
 
-INDEX = "tcp://index:1"
+INDEX = "tcp://index:1"  # shard 0
 
 
 class FakeClock:
@@ -27,15 +28,20 @@ class FakeClock:
         return self.now
 
 
+def shard_address(shard: int) -> str:
+    return f"tcp://index:{shard + 1}"
+
+
 class FakeScheduler:
     """The scheduler's ``zarr_cache_index`` and ``zarr_cache_sync`` handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, shards: int = 1) -> None:
         self.log = InvalidationLog()
         self.reachable = True
+        self.shards = shards
 
-    async def zarr_cache_index(self) -> dict[str, str]:
-        return {"address": INDEX, "key": "index"}
+    async def zarr_cache_index(self) -> list[dict[str, str]]:
+        return [{"address": shard_address(s), "key": f"index-{s}"} for s in range(self.shards)]
 
     async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
         if not self.reachable:
@@ -56,7 +62,8 @@ class _Endpoint:
         self.pool.calls.append((self.address, function))
         if self.address in self.pool.down:
             raise OSError(f"{self.address} is down")
-        result = await getattr(self.pool.index, function)(*args, **kwargs)
+        index = self.pool.indexes[int(actor.rsplit("-", 1)[1])]
+        result = await getattr(index, function)(*args, **kwargs)
         return {"status": "OK", "result": result}
 
     async def zarr_cache_get(self, key: str) -> dict[str, Any]:
@@ -72,9 +79,10 @@ class _Endpoint:
 class FakeNetwork:
     """``rpc(address)`` for every worker: the index actor and peers' handlers, in-process."""
 
-    def __init__(self, max_age_seconds: float | None = None) -> None:
-        self.index = IndexActor(max_age_seconds)
-        self.scheduler = FakeScheduler()
+    def __init__(self, max_age_seconds: float | None = None, shards: int = 1) -> None:
+        self.indexes = [IndexActor(max_age_seconds) for _ in range(shards)]
+        self.index = self.indexes[0]
+        self.scheduler = FakeScheduler(shards)
         self.caches: dict[str, WorkerCache] = {}
         self.calls: list[tuple[str, str]] = []
         self.down: set[str] = set()
@@ -100,13 +108,13 @@ class FakeNetwork:
     async def write(self, keys=(), prefixes=()) -> None:
         """What the scheduler does for a write: history, index, then every worker."""
         entry = self.scheduler.log.append(list(keys), list(prefixes))
-        await self.index.invalidate(pack(list(keys)), pack(list(prefixes)))
+        await IndexClient("", self.scheduler, self).invalidate(keys)
         for address, cache in self.caches.items():
             if address not in self.down:
                 await cache.handle_invalidate(entry.seq, pack(list(keys)), pack(list(prefixes)))
 
     def index_calls(self, function: str) -> int:
-        return sum(1 for addr, f in self.calls if addr == INDEX and f == function)
+        return sum(1 for addr, f in self.calls if addr.startswith("tcp://index:") and f == function)
 
 
 class Source:

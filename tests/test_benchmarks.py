@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end (tiny sizes) and its index micro-benchmark works."""
+"""The benchmark scripts run end to end (tiny sizes): reads, index micro-benchmark, index load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import s3fs
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from benchmarks import _micro, _s3, run
+from benchmarks import _micro, _s3, index_load, run
 
 
 def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
@@ -40,14 +40,14 @@ def test_benchmark_workloads_run_and_report(tmp_path):
     assert "Warm wall time, locality on / off: **" in report
     rows = [line for line in report.splitlines() if line.startswith(("| tinylfu", "| lru"))]
     assert len(rows) == 2
-    for row in rows:  # the budget is never exceeded by the index's accounting
+    for row in rows:  # no worker ever held more than its budget
         assert float(row.rstrip(" |").rsplit("|", 1)[1]) <= 1.0, row
 
 
 def test_index_micro_benchmark_measures_throughput_and_memory():
     ops = _micro.index_throughput(5000)
     assert min(ops.values()) > 0
-    assert 0 < _micro.index_memory_per_key(5000) < 2000
+    assert 0 < _micro.index_memory_per_key(50_000) < 120  # issue #12's budget per key
 
 
 def _mean_get_ms(endpoint: str, paths: list[str], readers: int, seconds: float) -> float:
@@ -119,3 +119,33 @@ def test_benchmark_s3_endpoint_speaks_s3_over_a_read_only_snapshot(tmp_path):
             fs.pipe("bkt/new", b"1")
         s3.reset_counts()
         assert s3.object_gets == {} and s3.service_times().n == 0
+
+
+def test_index_load_generator_measures_decisions_latency_and_cpu():
+    with index_load.index_cluster(1) as client:
+        for trace, kind in (("cold", "fetch"), ("warm", "peer"), ("skewed", "peer")):
+            numbers = index_load.measure(
+                client, workers=4, callers=8, trace=trace, held=2000, seconds=1.0,
+                processes=2, setup=6,
+            )  # fmt: skip
+            assert numbers["decisions/s"] > 100 and numbers["callers"] == 8, numbers
+            assert kind in numbers["kinds"] and numbers["failures"] == 0
+            assert 0 < numbers["p50 ms"] <= numbers["p99 ms"] < 1000
+            assert numbers["keys/acquire"] >= 1 and numbers["shard CPU µs/decision"] > 0
+        assert set(numbers["kinds"]) == {"fetch", "peer"}  # skewed: held and new keys
+
+
+def test_index_memory_is_measured_on_the_shards_process():
+    (row,) = index_load.memory([200_000])
+    assert row["keys"] == 200_000
+    assert 0 < row["table bytes/key"] < row["bytes/key"] < 200, row
+
+
+@pytest.mark.slow
+def test_losing_a_shard_is_measured_back_to_read_once():
+    result = index_load.recovery(
+        shards=2, held=40_000, workers=10, callers=8, processes=2, seconds=16
+    )
+    assert result["new shard located after s"] is not None
+    assert result["last duplicate after s"] < 16, result  # back to read-once in the run
+    assert result["duplicates before the kill"] == 0, result

@@ -47,6 +47,7 @@ CACHE_VARS = (
     "DASK_ZARR_CACHE__MAX_SIZE",
     "DASK_ZARR_CACHE__DIRECTORY",
     "DASK_ZARR_CACHE__MAX_AGE_SECONDS",
+    "DASK_ZARR_CACHE__INDEX_SHARDS",
 )
 UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
@@ -62,7 +63,12 @@ NON_DEFAULT = {
         "serviceType": "LoadBalancer",
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "1"}},
     },
-    "cache": {"maxSize": "40GiB", "maxAgeSeconds": 3600, "mountPath": "/scratch/zarr"},
+    "cache": {
+        "maxSize": "40GiB",
+        "maxAgeSeconds": 3600,
+        "mountPath": "/scratch/zarr",
+        "indexShards": 4,
+    },
     "extraEnv": [
         {"name": "AWS_REGION", "value": "eu-west-1"},
         {
@@ -208,6 +214,7 @@ def test_default_render() -> None:
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["DASK_ZARR_CACHE__DIRECTORY"] == "/cache"
     assert "DASK_ZARR_CACHE__MAX_AGE_SECONDS" not in env  # no TTL unless asked
+    assert env["DASK_ZARR_CACHE__INDEX_SHARDS"] == "1"
     assert parse_bytes(env["DASK_ZARR_CACHE__MAX_SIZE"]) == math.floor(50 * 2**30 * 0.9)
     # $(POD_NAME) in args only expands if POD_NAME is defined before use.
     assert worker["env"][0]["name"] == "POD_NAME"
@@ -240,6 +247,7 @@ def test_non_default_render() -> None:
         assert env["DASK_ZARR_CACHE__MAX_SIZE"] == "40GiB"  # explicit maxSize wins
         assert float(env["DASK_ZARR_CACHE__MAX_AGE_SECONDS"]) == 3600
         assert env["DASK_ZARR_CACHE__DIRECTORY"] == "/scratch/zarr"
+        assert env["DASK_ZARR_CACHE__INDEX_SHARDS"] == "4"
         assert env["AWS_REGION"] == "eu-west-1"
         assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "secret"}}
     assert worker["volumeMounts"] == [{"name": "cache", "mountPath": "/scratch/zarr"}]
@@ -292,6 +300,7 @@ def test_max_size_derived_from_volume_size(size: str, fraction: float) -> None:
         {"cache": {"size": "lots"}},
         {"cache": {"fillFraction": 1.5}},
         {"cache": {"maxAgeSeconds": -1}},
+        {"cache": {"indexShards": 0}},
         {"worker": {"replicas": "three"}},
         {"scheduler": {"serviceType": "Ingress"}},
         {"unknownTopLevel": True},

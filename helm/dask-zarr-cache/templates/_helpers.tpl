@@ -110,6 +110,8 @@ registers the plugin with the scheduler's settings.
   value: {{ include "dask-zarr-cache.maxSize" . | quote }}
 - name: DASK_ZARR_CACHE__DIRECTORY
   value: {{ .Values.cache.mountPath | quote }}
+- name: DASK_ZARR_CACHE__INDEX_SHARDS
+  value: {{ int64 .Values.cache.indexShards | toString | quote }}
 {{- if not (kindIs "invalid" .Values.cache.maxAgeSeconds) }}
 - name: DASK_ZARR_CACHE__MAX_AGE_SECONDS
   {{- $age := float64 .Values.cache.maxAgeSeconds }}

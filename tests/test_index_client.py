@@ -1,0 +1,152 @@
+"""The index client over several shards, with the real index actors behind a fake network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dask_zarr_cache import _index_client
+from dask_zarr_cache._index_actor import IndexActor
+from dask_zarr_cache._protocol import FETCH, PEER
+from dask_zarr_cache._shards import key_digest, shard_of
+from tests.fakes import FakeClock, FakeNetwork, Source, shard_address
+
+A, B = "tcp://a:1", "tcp://b:1"
+SHARDS = 3
+KEYS = [f"ns\x00data.zarr/c/{i}" for i in range(60)]
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def net():
+    return FakeNetwork(shards=SHARDS)
+
+
+async def read_all(cache, keys=KEYS):
+    return await asyncio.gather(*(cache.get(k, Source(k.encode())) for k in keys))
+
+
+async def test_each_shard_holds_exactly_its_keys(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    assert await read_all(a) == [k.encode() for k in KEYS]
+    await asyncio.sleep(0.01)  # commits
+    for shard, actor in enumerate(net.indexes):
+        mine = {k for k in KEYS if shard_of(k, SHARDS) == shard}
+        assert mine and {k for k in KEYS if key_digest(k) in actor.index} == mine
+        assert actor.index.pending_count == 0
+    # Concurrent misses cost one acquire per shard, not one per key.
+    assert net.index_calls("acquire") == SHARDS
+
+
+async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    b = await net.worker(B, tmp_path / "b", clock, max_size=1_000_000)
+    await read_all(a)
+    await asyncio.sleep(0.01)
+    lost = 1
+    net.down.add(shard_address(lost))
+    sources = {k: Source(k.encode()) for k in KEYS}
+    assert await asyncio.gather(*(b.get(k, sources[k]) for k in KEYS)) == [k.encode() for k in KEYS]
+    for k in KEYS:  # other shards still send b to a; the lost shard's keys come from source
+        assert sources[k].reads == (1 if shard_of(k, SHARDS) == lost else 0), k
+    # The shard comes back empty (a new actor); a's files of that shard only are registered.
+    net.indexes[lost] = IndexActor()
+    net.down.discard(shard_address(lost))
+    registered = net.index_calls("register")
+    await a.handle_index_moved(lost)
+    assert net.index_calls("register") == registered + 1
+    mine = {k for k in KEYS if shard_of(k, SHARDS) == lost}
+    assert {k for k in KEYS if key_digest(k) in net.indexes[lost].index} == mine
+    b.state.remove(list(b.state.entries))  # b drops what it fetched meanwhile
+    b.state._owner_hints.clear()
+    again = {k: Source(b"never") for k in KEYS}
+    assert await asyncio.gather(*(b.get(k, again[k]) for k in KEYS)) == [k.encode() for k in KEYS]
+    assert sum(s.reads for s in again.values()) == 0  # read once again
+
+
+async def test_files_register_in_bounded_parts(net, clock, tmp_path, monkeypatch):
+    monkeypatch.setattr(_index_client, "REGISTER_BATCH", 4)
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    await read_all(a)
+    await asyncio.sleep(0.01)
+    for shard in range(SHARDS):
+        net.indexes[shard] = IndexActor()
+    before = net.index_calls("register")
+    a.index.reset()
+    await a.flush()
+    per_shard = [sum(1 for k in KEYS if shard_of(k, SHARDS) == s) for s in range(SHARDS)]
+    assert net.index_calls("register") - before == sum(-(-n // 4) for n in per_shard)
+    for shard, actor in enumerate(net.indexes):
+        assert len(actor.index) == per_shard[shard]
+    # An entry whose file is gone is forgotten at the last part of the next registration.
+    gone = next(k for k in KEYS if shard_of(k, SHARDS) == 0)
+    a.state.remove([gone])
+    a.state.take_reports()  # as if the file vanished unreported
+    a.index.reset(0)
+    await a.flush()
+    assert (
+        key_digest(gone) not in net.indexes[0].index
+        and len(net.indexes[0].index) == per_shard[0] - 1
+    )
+
+
+async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_path):
+    size = 100
+    a = await net.worker(A, tmp_path / "a", clock, max_size=10 * size, policy="lru")
+    for k in KEYS[:40]:  # one at a time: each admission may evict
+        await a.get(k, Source(b"x" * size))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)  # commits
+    held = set(a.state.entries)
+    assert len(held) == 10 and a.state.budget.used == 10 * size  # the worker's whole budget
+    await a.flush()  # reports the evicted copies, each to its own shard
+    indexed = {k for k in KEYS if any(key_digest(k) in actor.index for actor in net.indexes)}
+    assert indexed == held
+
+
+async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clock, tmp_path):
+    client = _index_client.IndexClient(A, net.scheduler, net)
+    gate = asyncio.Event()
+    real = client._execute
+
+    async def slow_first(location, function, args):
+        if not gate.is_set():
+            await gate.wait()
+        return await real(location, function, args)
+
+    client._execute = slow_first
+    shard0 = [k for k in KEYS if shard_of(k, SHARDS) == 0]
+    first = asyncio.ensure_future(client.acquire_one(shard0[0]))
+    await asyncio.sleep(0.01)  # in flight, held
+    rest = []
+    for k in shard0[1:]:  # one per loop iteration: each would be its own message
+        rest.append(asyncio.ensure_future(client.acquire_one(k)))
+        await asyncio.sleep(0)
+    gate.set()
+    decisions = await asyncio.gather(first, *rest)
+    assert all(d.kind == FETCH for d in decisions)
+    assert net.index_calls("acquire") == 2  # the held one, then all the others together
+    other = _index_client.IndexClient(B, net.scheduler, net)
+    assert {d.kind for d in await other.acquire(shard0)} == {"pending"}
+
+
+async def test_summary_adds_up_shards_and_survives_a_lost_one(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    await read_all(a)
+    await asyncio.sleep(0.01)
+    summary = await a.index.summary()
+    assert summary["entries"] == len(KEYS)
+    assert summary["workers"][A]["entries"] == len(KEYS)
+    assert [s["address"] for s in summary["shards"]] == [shard_address(s) for s in range(SHARDS)]
+    net.down.add(shard_address(2))
+    summary = await a.index.summary()
+    assert summary["shards"][2] is None
+    assert summary["entries"] == sum(1 for k in KEYS if shard_of(k, SHARDS) != 2)
+    b = _index_client.IndexClient(B, net.scheduler, net)
+    decisions = await b.acquire([k for k in KEYS if shard_of(k, SHARDS) != 2])
+    assert set(decisions) == {(PEER, A, 0)}
