@@ -29,9 +29,12 @@ def cluster_stats(client: Client) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"total": {...}, "workers": {address: {...}}, "index": {...}}`` with the fields
-        of :class:`~dask_zarr_cache._stats.CacheCounters` (hits, misses, remote_reads,
-        remote_bytes, peer_reads, peer_bytes, entries, bytes, evictions, expired, ...).
+        ``{"total": {...}, "workers": {address: {...}}, "index": {...}}``: totals and
+        per-worker fields of :class:`~dask_zarr_cache._stats.CacheCounters` (hits, misses,
+        remote_reads, remote_bytes, peer_reads, peer_bytes, entries, bytes, evictions,
+        expired, ...); the index's ``entries``, ``pending`` fetches, ``workers``
+        (entries per worker) and ``shards`` (address, entries, pending, nbytes of each
+        shard; ``None`` for one that did not answer), or ``None`` without an index.
 
     Raises
     ------
