@@ -32,21 +32,22 @@ def index_throughput(n: int) -> dict[str, float]:
     keys' digests are computed beforehand, as workers send them.
     """
     actor = IndexActor()
-    digests = _digests(n)
+    digests_all = _digests(n)
     loop = asyncio.new_event_loop()
     try:
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            loop.run_until_complete(actor.acquire("tcp://w:1", pack(digests[i : i + BATCH])))
+            digests = pack(digests_all[i : i + BATCH])
+            loop.run_until_complete(actor.exchange("tcp://w:1", digests, "", pack([])))
         acquire = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            rows = pack([(d, 1) for d in digests[i : i + BATCH]])
-            loop.run_until_complete(actor.commit("tcp://w:1", rows))
+            rows = pack([(d, 1) for d in digests_all[i : i + BATCH]])
+            loop.run_until_complete(actor.exchange("tcp://w:1", pack([]), "", rows))
         commit = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            rows = pack([(d, 1) for d in digests[i : i + BATCH]])
+            rows = pack([(d, 1) for d in digests_all[i : i + BATCH]])
             loop.run_until_complete(actor.touch("tcp://w:1", rows))
         touch = time.perf_counter() - start
     finally:

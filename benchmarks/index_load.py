@@ -123,7 +123,7 @@ def measure(
         "decisions/s": decisions / seconds,
         "p50 ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
         "p99 ms": 1000 * float(np.percentile(latencies, 99)) if latencies else float("nan"),
-        "keys/acquire": decisions / max(1, calls["acquire"]),
+        "keys/message": decisions / max(1, calls["exchange"]),
         "calls/s": sum(calls.values()) / seconds,
         "shard CPU %": 100 * shard_cpu / seconds,
         "shard CPU µs/decision": 1e6 * shard_cpu / max(1, decisions),
@@ -170,7 +170,7 @@ def throughput_table(
         "decisions/s",
         "p50 ms",
         "p99 ms",
-        "keys/acquire",
+        "keys/message",
         "shard CPU %",
         "shard CPU µs/decision",
         "load CPU µs/decision",
@@ -184,7 +184,7 @@ def throughput_table(
             f"{r['decisions/s']:,.0f}",
             f"{r['p50 ms']:.1f}",
             f"{r['p99 ms']:.1f}",
-            f"{r['keys/acquire']:.1f}",
+            f"{r['keys/message']:.1f}",
             f"{r['shard CPU %']:.0f}",
             f"{r['shard CPU µs/decision']:.1f}",
             f"{r['load CPU µs/decision']:.1f}",
@@ -198,7 +198,7 @@ def _row_line(r: dict[str, Any]) -> str:
     return (
         f"shards={r['shards']} workers={r['workers']} trace={r['trace']}: "
         f"{r['decisions/s']:,.0f} decisions/s, p50 {r['p50 ms']:.1f} ms, p99 {r['p99 ms']:.1f} "
-        f"ms, {r['keys/acquire']:.1f} keys/acquire, shard CPU {r['shard CPU %']:.0f}% "
+        f"ms, {r['keys/message']:.1f} keys/message, shard CPU {r['shard CPU %']:.0f}% "
         f"({r['shard CPU µs/decision']:.1f} µs/decision), kinds {r['kinds']}"
     )
 

@@ -218,6 +218,8 @@ class CacheIndex:
         had the pending claim (invalidated by a write, taken over, or the index was
         rebuilt while fetching); the worker must delete those.
         """
+        if not items:
+            return []
         state = self._worker(worker)
         now = self._clock()
         rejected = []

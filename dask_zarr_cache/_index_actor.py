@@ -48,13 +48,15 @@ class IndexActor:
         """See :meth:`CacheIndex.remove_worker`."""
         return self.index.remove_worker(worker)
 
-    async def acquire(self, worker: str, digests: bytes, unreachable: str = "") -> bytes:
-        """See :meth:`CacheIndex.acquire`."""
-        return pack(self.index.acquire(worker, unpack(digests), unreachable))
+    async def exchange(
+        self, worker: str, digests: bytes, unreachable: str, commits: bytes
+    ) -> bytes:
+        """:meth:`CacheIndex.commit` the ``commits``, then :meth:`CacheIndex.acquire`.
 
-    async def commit(self, worker: str, items: bytes) -> bytes:
-        """See :meth:`CacheIndex.commit`."""
-        return pack(self.index.commit(worker, unpack(items)))
+        Returns both replies; one message carries a worker's commits and its next misses.
+        """
+        rejected = self.index.commit(worker, unpack(commits))
+        return pack((self.index.acquire(worker, unpack(digests), unreachable), rejected))
 
     async def abandon(self, worker: str, digests: bytes) -> None:
         """See :meth:`CacheIndex.abandon`."""

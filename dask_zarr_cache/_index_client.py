@@ -25,6 +25,7 @@ from dask_zarr_cache._coalescing import Coalescer
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._protocol import FETCH, CommitReply, Decision, Item, pack, unpack
 from dask_zarr_cache._shards import group_by_shard, key_digest, shard_of
+from dask_zarr_cache._stats import index_summary
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -37,6 +38,7 @@ REGISTER_BATCH = 10_000
 
 Location = dict[str, str]
 R = TypeVar("R")
+_ACQUIRE, _COMMIT = "acquire", "commit"  # what a caller of the coalesced exchange asks
 
 
 class IndexUnavailableError(ZarrCacheError):
@@ -80,8 +82,7 @@ class IndexClient:
         self._locations: list[Location | None] = []  # per shard; [] until the layout is known
         self._locks: dict[int, asyncio.Lock] = {}
         self._connecting: dict[int, Location] = {}
-        self._acquiring = Coalescer(self._send_acquires, self._give_back)
-        self._committing = Coalescer(self._send_commits)
+        self._exchanging = Coalescer(self._send_exchange, self._give_back)
         self.timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
     @property
@@ -109,51 +110,67 @@ class IndexClient:
     # -- operations on keys: split by shard ----------------------------------------------
     async def acquire(self, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
         """Decide how this worker gets each of ``keys`` (see ``CacheIndex.acquire``)."""
-        return await self._per_key(list(keys), lambda s, part: self._acquire(s, part, unreachable))
 
-    async def _acquire(self, shard: int, keys: list[str], unreachable: str) -> list[Decision]:
-        reply = await self._call(shard, "acquire", self.worker, _digests(keys), unreachable)
-        return [Decision(*d) for d in unpack(reply)]
+        async def ask(shard: int, part: list[str]) -> list[Decision]:
+            return (await self._exchange(shard, part, unreachable, []))[0]
+
+        return await self._per_key(list(keys), ask)
+
+    async def commit(self, items: Iterable[Item]) -> CommitReply:
+        """Record objects this worker now holds (see ``CacheIndex.commit``)."""
+        groups = group_by_shard(items, await self.shard_count(), itemgetter(0))
+        replies = await self._fan_out(
+            {s: self._exchange(s, [], "", part) for s, part in groups.items()}
+        )
+        return CommitReply([key for _, rejected in replies.values() for key in rejected])
 
     async def acquire_one(self, key: str, unreachable: str = "") -> Decision:
         """Decide for one key; concurrent calls share one message per shard.
 
         Keys asked in one loop iteration go together (zarr reads the chunks of a selection
         concurrently), and keys asked while a message to their shard is in flight go
-        together in the next (:class:`~._coalescing.Coalescer`).
+        together in the next (:class:`~._coalescing.Coalescer`), with the commits
+        waiting for that shard.
         """
-        return await self._acquiring.submit(
-            (shard_of(key, await self.shard_count()), unreachable), key
-        )
-
-    async def _send_acquires(self, slot: Hashable, keys: list[str]) -> list[Decision]:
-        shard, unreachable = slot
-        return await self._acquire(shard, keys, unreachable)
-
-    async def _give_back(self, slot: Hashable, orphans: list[tuple[str, Decision]]) -> None:
-        """Claims taken for callers cancelled meanwhile are abandoned."""
-        with contextlib.suppress(IndexUnavailableError):
-            await self.abandon([key for key, decision in orphans if decision.kind == FETCH])
-
-    async def commit(self, items: Iterable[Item]) -> CommitReply:
-        """Record objects this worker now holds (see ``CacheIndex.commit``)."""
-        items = list(items)
-
-        async def send(shard: int, part: list[Item]) -> list[str]:
-            rejected = unpack(await self._call(shard, "commit", self.worker, _rows(part)))
-            return [part[i].key for i in rejected]
-
-        groups = group_by_shard(items, await self.shard_count(), itemgetter(0))
-        replies = await self._fan_out({s: send(s, part) for s, part in groups.items()})
-        return CommitReply([key for reply in replies.values() for key in reply])
+        slot = (shard_of(key, await self.shard_count()), unreachable)
+        return await self._exchanging.submit(slot, (_ACQUIRE, key))
 
     async def commit_one(self, item: Item) -> CommitReply:
-        """Commit one object; concurrent commits share one call (as :meth:`acquire_one`)."""
-        return await self._committing.submit(None, item)
+        """Commit one object, in the next message to its shard (see :meth:`acquire_one`)."""
+        slot = (shard_of(item.key, await self.shard_count()), "")
+        return await self._exchanging.submit(slot, (_COMMIT, item))
 
-    async def _send_commits(self, _slot: Hashable, items: list[Item]) -> list[CommitReply]:
-        rejected = set((await self.commit(items)).rejected)
-        return [CommitReply([i.key] if i.key in rejected else []) for i in items]
+    async def _exchange(
+        self, shard: int, keys: list[str], unreachable: str, items: list[Item]
+    ) -> tuple[list[Decision], list[str]]:
+        """One message to ``shard``: commit ``items``, then decide for ``keys``.
+
+        Returns the decisions and the keys of the items the shard rejected.  In a cold
+        scan every fetch ends in a commit; riding with the next acquire, commits cost
+        the shard no message of their own.
+        """
+        reply = await self._call(
+            shard, "exchange", self.worker, _digests(keys), unreachable, _rows(items)
+        )
+        decisions, rejected = unpack(reply)
+        return [Decision(*d) for d in decisions], [items[i].key for i in rejected]
+
+    async def _send_exchange(self, slot: Hashable, values: list[tuple[str, Any]]) -> list[Any]:
+        shard, unreachable = slot
+        keys = [v for kind, v in values if kind == _ACQUIRE]
+        items = [v for kind, v in values if kind == _COMMIT]
+        decisions, rejected = await self._exchange(shard, keys, unreachable, items)
+        answers, refused = iter(decisions), set(rejected)
+        return [
+            next(answers) if kind == _ACQUIRE else CommitReply([v.key] if v.key in refused else [])
+            for kind, v in values
+        ]
+
+    async def _give_back(self, slot: Hashable, orphans: list[tuple[Any, Any]]) -> None:
+        """Claims taken for callers cancelled meanwhile are abandoned."""
+        keys = [v for (kind, v), answer in orphans if kind == _ACQUIRE and answer.kind == FETCH]
+        with contextlib.suppress(IndexUnavailableError):
+            await self.abandon(keys)
 
     async def abandon(self, keys: Iterable[str]) -> None:
         """Give up this worker's pending claims of ``keys``."""
@@ -238,38 +255,16 @@ class IndexClient:
         )
 
     async def summary(self) -> dict[str, Any]:
-        """Entries, pending fetches and per-worker budgets, over the shards that answer.
+        """Entries, pending fetches and entries per worker, over the shards that answer.
 
-        ``"shards"`` lists each shard's ``{"address", "entries", "pending", "nbytes"}``
-        (``None`` for a shard that did not answer).
+        See :func:`~dask_zarr_cache._stats.index_summary`.
         """
         shards = await self.shard_count()
         replies = await self._fan_out(
             {s: self._call(s, "summary") for s in range(shards)}, partial=True
         )
-        locations = self.locations
-        workers: dict[str, dict[str, int]] = {}
-        for reply in replies.values():
-            for worker, numbers in reply["workers"].items():
-                total = workers.setdefault(worker, dict.fromkeys(numbers, 0))
-                for name, value in numbers.items():
-                    total[name] += value
-        return {
-            "entries": sum(r["entries"] for r in replies.values()),
-            "pending": sum(r["pending"] for r in replies.values()),
-            "workers": workers,
-            "shards": [
-                None
-                if s not in replies
-                else {
-                    "address": (locations[s] or {}).get("address") if s < len(locations) else None,
-                    "entries": replies[s]["entries"],
-                    "pending": replies[s]["pending"],
-                    "nbytes": replies[s]["nbytes"],
-                }
-                for s in range(shards)
-            ],
-        }
+        addresses = [self._location(s) and self._location(s)["address"] for s in range(shards)]
+        return index_summary(replies, addresses)
 
     # -- plumbing --------------------------------------------------------------------------
     async def shard_count(self) -> int:

@@ -1,10 +1,11 @@
-"""Cache counters of a worker and their cluster-wide aggregation."""
+"""Cache counters of a worker and their cluster-wide aggregation; the index shards' summary."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-__all__ = ["CacheCounters", "total_of"]
+__all__ = ["CacheCounters", "index_summary", "total_of"]
 
 
 @dataclass
@@ -45,3 +46,30 @@ def total_of(per_worker: dict[str, dict[str, int]]) -> dict[str, int]:
         for name in total:
             total[name] += int(counters.get(name, 0))
     return total
+
+
+def index_summary(
+    replies: dict[int, dict[str, Any]], addresses: list[str | None]
+) -> dict[str, Any]:
+    """Add up the shards' ``IndexActor.summary`` replies (by shard; missing: no answer).
+
+    Returns ``entries``, ``pending``, ``workers`` (entries per worker) and ``shards``:
+    each shard's ``{"address", "entries", "pending", "nbytes"}``, ``None`` if it did not
+    answer.
+    """
+    workers: dict[str, dict[str, int]] = {}
+    for reply in replies.values():
+        for worker, numbers in reply["workers"].items():
+            total = workers.setdefault(worker, dict.fromkeys(numbers, 0))
+            for name, value in numbers.items():
+                total[name] += value
+    shards: list[dict[str, Any] | None] = [None] * len(addresses)
+    for shard, reply in replies.items():
+        numbers = {k: reply[k] for k in ("entries", "pending", "nbytes")}
+        shards[shard] = {"address": addresses[shard], **numbers}
+    return {
+        "entries": sum(r["entries"] for r in replies.values()),
+        "pending": sum(r["pending"] for r in replies.values()),
+        "workers": workers,
+        "shards": shards,
+    }

@@ -14,7 +14,7 @@ from dask_zarr_cache._config import CacheSettings
 from dask_zarr_cache._index_actor import IndexActor
 from dask_zarr_cache._index_client import IndexClient
 from dask_zarr_cache._invalidation import InvalidationLog
-from dask_zarr_cache._protocol import SyncReply, pack
+from dask_zarr_cache._protocol import SyncReply, pack, unpack
 from dask_zarr_cache._worker import WorkerCache
 
 INDEX = "tcp://index:1"  # shard 0
@@ -60,6 +60,8 @@ class _Endpoint:
 
     async def actor_execute(self, actor, function, args, kwargs):
         self.pool.calls.append((self.address, function))
+        if function == "exchange":  # (keys asked, objects committed) per message
+            self.pool.exchanges.append((len(unpack(args[1])), len(unpack(args[3]))))
         if self.address in self.pool.down:
             raise OSError(f"{self.address} is down")
         index = self.pool.indexes[int(actor.rsplit("-", 1)[1])]
@@ -85,6 +87,7 @@ class FakeNetwork:
         self.scheduler = FakeScheduler(shards)
         self.caches: dict[str, WorkerCache] = {}
         self.calls: list[tuple[str, str]] = []
+        self.exchanges: list[tuple[int, int]] = []
         self.down: set[str] = set()
 
     def __call__(self, address: str) -> _Endpoint:

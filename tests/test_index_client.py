@@ -39,8 +39,12 @@ async def test_each_shard_holds_exactly_its_keys(net, clock, tmp_path):
         mine = {k for k in KEYS if shard_of(k, SHARDS) == shard}
         assert mine and {k for k in KEYS if key_digest(k) in actor.index} == mine
         assert actor.index.pending_count == 0
-    # Concurrent misses cost one acquire per shard, not one per key.
-    assert net.index_calls("acquire") == SHARDS
+    # Concurrent misses cost one message per shard, not one per key; commits ride along
+    # with later messages or go in a few of their own.
+    assert sorted(n for n, _ in net.exchanges if n) == sorted(
+        sum(1 for k in KEYS if shard_of(k, SHARDS) == s) for s in range(SHARDS)
+    )
+    assert sum(c for _, c in net.exchanges) == len(KEYS)
 
 
 async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
@@ -130,7 +134,7 @@ async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clo
     gate.set()
     decisions = await asyncio.gather(first, *rest)
     assert all(d.kind == FETCH for d in decisions)
-    assert net.index_calls("acquire") == 2  # the held one, then all the others together
+    assert net.index_calls("exchange") == 2  # the held one, then all the others together
     other = _index_client.IndexClient(B, net.scheduler, net)
     assert {d.kind for d in await other.acquire(shard0)} == {"pending"}
 
