@@ -155,7 +155,7 @@ async def _follow_moves(sims: list[SimWorker], scheduler: Any, end: float) -> No
         for shard, (old, new) in enumerate(zip(last, layout, strict=True)):
             if new is not None and new != old:
                 for sim in sims:
-                    sim.client.reset(shard)
+                    sim.client.moved(shard)
                 await asyncio.gather(
                     *(sim.client.touch([]) for sim in sims), return_exceptions=True
                 )

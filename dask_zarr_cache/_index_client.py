@@ -1,13 +1,11 @@
 """How workers and the scheduler reach the index shards: one typed method per operation.
 
-The index is split into shards, one actor each, by a stable hash of the key
-(:mod:`~dask_zarr_cache._shards`).  The scheduler knows where they live
-(``zarr_cache_index``: one location per shard); callers ask it, then call each shard's
-methods directly on its host worker with the ``actor_execute`` handler, the same call a
-``distributed.Actor`` handle makes.  Operations on keys are split by shard and the parts
-sent concurrently; operations on no key go to every shard.  When a call to a shard fails,
-that shard's location is forgotten and asked again (how callers find a shard re-created
-elsewhere); the other shards are not affected.
+The index is split into shards, one actor each, by key hash (:mod:`~._shards`).  The
+scheduler knows where they live (``zarr_cache_index``); callers ask it, then call each
+shard directly with the ``actor_execute`` handler, as a ``distributed.Actor`` handle does.
+Operations on keys are split by shard, the parts sent concurrently; others go to every
+shard.  A failed call makes its caller forget that shard's location only and ask again
+(how callers find a shard re-created elsewhere).
 """
 
 from __future__ import annotations
@@ -95,10 +93,15 @@ class IndexClient:
         """Whether every shard's location is known (and, for workers, registered with)."""
         return bool(self._locations) and None not in self._locations
 
-    @property
-    def locations(self) -> list[Location | None]:
-        """``{"address", "key"}`` of each shard in use (``None``: not connected)."""
-        return list(self._locations)
+    def moved(self, shard: int | None = None) -> None:
+        """A shard (or all) was created anew: forget it, and fail the calls still waiting on it.
+
+        Calls to a dead worker wait for the connect timeout (distributed retries refused
+        connections): the readers behind them fall back to the source now instead.
+        """
+        self.reset(shard)
+        error = IndexUnavailableError(f"zarr cache index shard {shard} moved")
+        self._exchanging.abandon(lambda slot: shard is None or slot[0] == shard, error)
 
     def reset(self, shard: int | None = None) -> None:
         """Forget one shard's location (or all, and the layout); the next call asks again."""

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: shard that forgot it, e.g. after the scheduler dropped it for a while, then gets its
 #: files again); other flushes call only the shards they have drops for.
 KNOWN_CHECK_INTERVAL = 10.0
+#: Seconds a flush waits for its report to the index before returning (it goes on).
+REPORT_WAIT = 1.0
 
 
 class WorkerCache:
@@ -104,6 +106,7 @@ class WorkerCache:
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
         self._flush_lock = asyncio.Lock()
+        self._reporting: asyncio.Future[None] | None = None
         self._checked_at = clock()
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
@@ -340,7 +343,7 @@ class WorkerCache:
 
     async def handle_index_moved(self, shard: int | None = None) -> None:
         """A new index shard (or layout) exists: register this worker's files right away."""
-        self.index.reset(shard)
+        self.index.moved(shard)
         await self.flush()
 
     async def handle_worker_left(self, address: str) -> None:
@@ -354,7 +357,13 @@ class WorkerCache:
 
     # -- periodic flush (worker loop) ------------------------------------------------------
     async def flush(self) -> None:
-        """Catch up on writes, expire old files, report dropped copies to the index."""
+        """Catch up on writes, expire old files, report dropped copies to the index.
+
+        The report runs beside: a shard that does not answer (its worker just died, and
+        connecting waits out the timeout) must not hold up the catch-up, or this worker's
+        lease would run out and it would stop serving its files.  A flush waits at most
+        :data:`REPORT_WAIT` for it, and starts none while one is still out.
+        """
         if self._flush_lock.locked():
             return
         async with self._flush_lock:
@@ -363,13 +372,18 @@ class WorkerCache:
             except UNAVAILABLE as err:
                 logger.debug("zarr cache could not reach the scheduler: %s", err)
             await self._delete(self.state.expired_keys())
-            dropped = self.state.take_reports()
-            check = self.clock() - self._checked_at >= KNOWN_CHECK_INTERVAL
-            if not dropped and self.index.connected and not check:
-                return
-            if self.state.epoch is None:
-                return  # nothing verified to register yet
-            if check:
-                self._checked_at = self.clock()
-            with contextlib.suppress(*UNAVAILABLE):
-                await self.index.touch(dropped, everywhere=check)
+        if self._reporting is None or self._reporting.done():
+            self._reporting = asyncio.ensure_future(self._report())
+            await asyncio.wait([self._reporting], timeout=REPORT_WAIT)
+
+    async def _report(self) -> None:
+        dropped = self.state.take_reports()
+        check = self.clock() - self._checked_at >= KNOWN_CHECK_INTERVAL
+        if not dropped and self.index.connected and not check:
+            return
+        if self.state.epoch is None:
+            return  # nothing verified to register yet
+        if check:
+            self._checked_at = self.clock()
+        with contextlib.suppress(*UNAVAILABLE):
+            await self.index.touch(dropped, everywhere=check)

@@ -60,6 +60,8 @@ class _Endpoint:
 
     async def actor_execute(self, actor, function, args, kwargs):
         self.pool.calls.append((self.address, function))
+        if self.address in self.pool.hung:  # a dead worker: connecting waits out the timeout
+            await asyncio.Event().wait()
         if function == "exchange":  # (keys asked, objects committed) per message
             self.pool.exchanges.append((len(unpack(args[1])), len(unpack(args[3]))))
         if self.address in self.pool.down:
@@ -89,6 +91,7 @@ class FakeNetwork:
         self.calls: list[tuple[str, str]] = []
         self.exchanges: list[tuple[int, int]] = []
         self.down: set[str] = set()
+        self.hung: set[str] = set()
 
     def __call__(self, address: str) -> _Endpoint:
         return _Endpoint(self, address)

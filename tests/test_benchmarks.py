@@ -131,7 +131,7 @@ def test_index_load_generator_measures_decisions_latency_and_cpu():
             assert numbers["decisions/s"] > 100 and numbers["callers"] == 8, numbers
             assert kind in numbers["kinds"] and numbers["failures"] == 0
             assert 0 < numbers["p50 ms"] <= numbers["p99 ms"] < 1000
-            assert numbers["keys/acquire"] >= 1 and numbers["shard CPU µs/decision"] > 0
+            assert numbers["keys/message"] >= 1 and numbers["shard CPU µs/decision"] > 0
         assert set(numbers["kinds"]) == {"fetch", "peer"}  # skewed: held and new keys
 
 

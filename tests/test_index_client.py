@@ -154,3 +154,40 @@ async def test_summary_adds_up_shards_and_survives_a_lost_one(net, clock, tmp_pa
     b = _index_client.IndexClient(B, net.scheduler, net)
     decisions = await b.acquire([k for k in KEYS if shard_of(k, SHARDS) != 2])
     assert set(decisions) == {(PEER, A, 0)}
+
+
+async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    await a.flush()  # connected to every shard
+    net.hung.add(shard_address(0))  # its worker died: calls to it hang until the timeout
+    shard0 = [k for k in KEYS if shard_of(k, SHARDS) == 0]
+    stuck = asyncio.ensure_future(a.index.acquire_one(shard0[0]))
+    await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(a.index.acquire_one(shard0[1]))  # behind the stuck one
+    await asyncio.sleep(0.01)
+    assert not stuck.done() and not queued.done()
+    net.indexes[0] = IndexActor()  # the scheduler made it again elsewhere and told us
+    net.hung.discard(shard_address(0))
+    started = asyncio.get_running_loop().time()
+    await a.handle_index_moved(0)
+    with pytest.raises(_index_client.IndexUnavailableError):
+        await asyncio.wait_for(stuck, 1)  # this reader goes to the source now
+    assert (await asyncio.wait_for(queued, 1)).kind == FETCH  # sent to the new shard
+    assert asyncio.get_running_loop().time() - started < 0.5
+
+
+async def test_a_hung_shard_never_holds_up_the_catch_up_with_writes(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
+    await read_all(a)
+    await asyncio.sleep(0.01)
+    for shard in range(SHARDS):
+        net.hung.add(shard_address(shard))
+    a.state.remove(KEYS[:3])  # something to report: the report hangs
+    clock.now += 5
+    await asyncio.wait_for(a.flush(), 2)
+    clock.now += 5
+    await asyncio.wait_for(a.flush(), 2)  # the report is still out: this one syncs only
+    assert a.state.can_serve()  # caught up at both flushes: the lease never ran out
+    clock.now += 5
+    await asyncio.wait_for(a.flush(), 2)
+    assert a.state.can_serve()
