@@ -16,6 +16,7 @@ rate here is the machine's, and the CPU per decision is what scales.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import gc
@@ -68,6 +69,12 @@ def shard_hosts(client: Client, wait: bool = False, timeout: float = 60) -> list
         time.sleep(0.2)
 
 
+async def _forget_workers(dask_scheduler, addresses: list[str]) -> None:
+    """The index forgets simulated workers once their run is over (as if they left)."""
+    index = dask_scheduler.extensions["zarr_cache"].index
+    await asyncio.gather(*(index.remove_worker(a) for a in addresses))
+
+
 def _cpu_seconds() -> float:
     times = psutil.Process(os.getpid()).cpu_times()
     return times.user + times.system
@@ -110,6 +117,7 @@ def measure(
         time.sleep(max(0.0, start_at + seconds - time.time()))
         after = client.run(_cpu_seconds, workers=hosts)
         results = load.result()
+    client.run_on_scheduler(_forget_workers, addresses=[f"tcp://sim-{n}:1" for n in range(workers)])
     kinds: Counter[str] = Counter()
     calls: Counter[str] = Counter()
     latencies: list[float] = []
@@ -158,7 +166,7 @@ def throughput_table(
                         held=held,
                         seconds=seconds,
                         processes=processes,
-                        setup=8 + workers / 100,
+                        setup=8 + workers / 40,
                     )
                     rows.append({"shards": shards, "workers": workers, "trace": trace, **numbers})
                     print(_row_line(rows[-1]), flush=True)
