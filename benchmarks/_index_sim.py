@@ -33,7 +33,6 @@ from distributed.core import ConnectionPool
 
 from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
 from dask_zarr_cache._protocol import FETCH, Item
-from dask_zarr_cache._shards import shard_of
 
 TRACES = ("cold", "warm", "skewed")
 
@@ -85,8 +84,7 @@ class SimWorker:
         self.background: set[asyncio.Task[Any]] = set()
 
     async def _register(self, client: IndexClient, shard: int) -> None:
-        files = [i for i in self.held.values() if shard_of(i.key, client.shards) == shard]
-        for key in await client.register(shard, files):  # held elsewhere meanwhile
+        for key in await client.register(shard, list(self.held.values())):  # held elsewhere
             del self.held[key]
 
     def commit_later(self, key: str) -> None:

@@ -212,16 +212,16 @@ class IndexClient:
         return all(replies.values())
 
     async def register(self, shard: int, files: Iterable[Item]) -> list[str]:
-        """Tell ``shard`` this worker's files there; returns the keys to delete.
+        """Tell ``shard`` which of this worker's ``files`` are its keys; returns keys to delete.
 
-        Sent in parts of at most :data:`REGISTER_BATCH` files, one after the other.
+        ``files`` may be all of the worker's: only those of ``shard`` are sent, in parts of
+        at most :data:`REGISTER_BATCH`, one after the other.
         """
-        files = list(files)
+        mine = [f for f in files if shard_of(f.key, self.shards) == shard]
+        parts = [mine[i : i + REGISTER_BATCH] for i in range(0, len(mine), REGISTER_BATCH)]
         to_delete: list[str] = []
-        starts = range(0, len(files), REGISTER_BATCH)
-        for n, start in enumerate(starts or [0]):
-            part = files[start : start + REGISTER_BATCH]
-            last = n == len(starts or [0]) - 1
+        for n, part in enumerate(parts or [[]]):
+            last = n == max(len(parts), 1) - 1
             reply = await self._call(shard, "register", self.worker, _rows(part), n == 0, last)
             to_delete += [part[i].key for i in unpack(reply)]
         return to_delete

@@ -28,7 +28,6 @@ from dask_zarr_cache._local import LocalEntry, LocalState, Payload
 from dask_zarr_cache._loops import run_on, spawn_on
 from dask_zarr_cache._peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache._protocol import FETCH, SyncReply, unpack
-from dask_zarr_cache._shards import shard_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -295,9 +294,8 @@ class WorkerCache:
             logger.debug("zarr cache abandon of %s failed: %s", key, err)
 
     async def _register(self, index: IndexClient, shard: int) -> None:
-        """Tell a newly found index shard this worker's budget and its files on disk."""
-        files = [i for i in self.state.items() if shard_of(i.key, index.shards) == shard]
-        await self._delete(self.state.remove(await index.register(shard, files)))
+        """Tell a newly found index shard which files on this worker's disk are its keys."""
+        await self._delete(self.state.remove(await index.register(shard, self.state.items())))
 
     # -- the write history (worker loop) ---------------------------------------------------
     async def sync(self) -> None:
