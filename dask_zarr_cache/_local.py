@@ -203,11 +203,11 @@ class LocalState:
 
         ``reads`` is how often the cluster asked for ``key`` lately (from the index).
         Returns whether the entry stays, and the keys whose files must go: evicted to
-        stay within the budget, maybe ``key`` itself (the policy preferred the others).
+        stay within the budget, and ``key`` itself unless it stays.
         """
         with self.lock:
             if fetch.poisoned:
-                return False, []
+                return False, [key]
             self.budget.record(key, reads)
             self._add(key, entry)
             evicted = self.budget.admit(key, entry.size)

@@ -257,7 +257,6 @@ class WorkerCache:
             admitted, doomed = self.state.admit(key, entry, fetch, reads)
             await self._delete(doomed)
             if not admitted:  # a write came in meanwhile, or the budget keeps the others
-                await self._delete([key])
                 return data
             claimed = False
             self._in_background(self._commit(entry.item(key)))
