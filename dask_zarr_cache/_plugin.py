@@ -213,7 +213,9 @@ async def _uninstall(worker: Worker) -> None:
         if name.startswith(METRIC_PREFIX):
             del worker.metrics[name]
     if isinstance(cache, WorkerCache):
-        await cache.close()
+        # Only a running worker gets a new cache on this directory (plugin registered
+        # again); a closing one must not wait for loads (say, from a peer that is gone).
+        await cache.close(finish_loads=worker.status.name in ("running", "paused"))
 
 
 def _counter_reader(cache: WorkerCache, name: str) -> Any:

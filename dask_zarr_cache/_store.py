@@ -7,6 +7,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from zarr.abc.store import OffsetByteRequest, Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from dask_zarr_cache._announce import announce_write
@@ -21,7 +23,7 @@ from dask_zarr_cache._keys import (
 from dask_zarr_cache._plugin import worker_cache
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 
     from zarr.abc.buffer import Buffer
     from zarr.abc.store import ByteRequest
@@ -183,11 +185,64 @@ class ClusterCacheStore(WrapperStore[Store]):
             await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
         )
 
+    async def get_ranges(
+        self,
+        key: str,
+        byte_ranges: Sequence[ByteRequest | None],
+        *,
+        prototype: BufferPrototype,
+        max_concurrency: int | None = None,
+        max_gap_bytes: int | None = None,
+        max_coalesced_bytes: int | None = None,
+    ) -> AsyncIterator[Sequence[tuple[int, Buffer | None]]]:
+        """Read many byte ranges of ``key`` (zarr >= 3.2 reads parts of shards this way).
+
+        zarr's own coalescing (``Store.get_ranges``) merges nearby ranges and reads each
+        merged range through :meth:`get`, so through the cache; ``None`` keeps zarr's
+        default for a setting.  ``WrapperStore``'s version would go straight to the source.
+        """
+        given = {
+            "max_concurrency": max_concurrency,
+            "max_gap_bytes": max_gap_bytes,
+            "max_coalesced_bytes": max_coalesced_bytes,
+        }
+        settings = {name: value for name, value in given.items() if value is not None}
+        async for group in Store.get_ranges(
+            self, key, byte_ranges, prototype=prototype, **settings
+        ):
+            yield group
+
     async def _get_many(
         self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
     ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
         for key, prototype, byte_range in requests:
             yield key, await self.get(key, prototype, byte_range)
+
+    # -- zarr's synchronous store API (zarr >= 3.2) --------------------------------------
+    @property
+    def _supports_sync_io(self) -> bool:
+        # zarr's synchronous codec pipeline would call the *_sync methods from its own
+        # threads for every chunk; the cache's reads hop event loops, so zarr keeps to the
+        # asynchronous methods (the same cache, without a thread per chunk).
+        return False
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        """:meth:`get`, for callers of zarr's synchronous store API (through the cache)."""
+        return sync(self.get(key, prototype or default_buffer_prototype(), byte_range))
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        """:meth:`set` from synchronous code: returns once the cluster dropped old copies."""
+        sync(self.set(key, value))
+
+    def delete_sync(self, key: str) -> None:
+        """:meth:`delete` from synchronous code: returns once the cluster dropped copies."""
+        sync(self.delete(key))
 
     async def getsize(self, key: str) -> int:
         """Size of ``key`` as the source reports it (no read of the object)."""

@@ -123,18 +123,20 @@ class WorkerCache:
                 self.state.unverified = {f.key: f for f in files}
         await self.flush()  # catches up with the write history first
 
-    async def close(self) -> None:
-        """Stop caching: let loads in flight finish, flush, release the directory.
+    async def close(self, finish_loads: bool = True) -> None:
+        """Stop caching and release the directory; the files stay for the next start.
 
-        Files stay for the next start, and every one of them is complete and known to the
-        next cache on this directory (it scans after this returns).
+        With ``finish_loads`` (a new cache takes this directory over in this process),
+        loads in flight finish first, so every file is complete when the next cache scans
+        it.  A closing worker does not wait for them: a file half-written stays in
+        ``tmp/``, which the next start clears.  Nothing is sent anywhere: the next cache
+        registers what is on disk (the index takes the disk as the truth), and a closing
+        worker's scheduler may already be gone (connecting would wait out the timeout).
         """
         self._closed = True  # loads still running read on, but write no more files
-        pending = self.state.pending_fetches() + list(self._background)
+        pending = self.state.pending_fetches() if finish_loads else []
         if pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=self.timeout)
-        with contextlib.suppress(*UNAVAILABLE):
-            await self.flush()
         await asyncio.to_thread(self.disk.close)
 
     # -- the read path (zarr's loop or the worker's) ---------------------------------------

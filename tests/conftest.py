@@ -108,6 +108,13 @@ def client(cluster) -> Client:
     return cluster[1]
 
 
+def dask_command(*args: str) -> list[str]:
+    """The ``dask`` command line of this interpreter (a venv need not be on ``PATH``)."""
+    import sys
+
+    return [sys.executable, "-m", "dask", *args]
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     import socket
@@ -121,16 +128,24 @@ def free_port() -> int:
 def dask_processes(
     scheduler_cmd: list[str], worker_cmds: list[list[str]], env: dict[str, str]
 ) -> Iterator[None]:
-    """Run a ``dask scheduler`` and ``dask worker`` commands as processes; stop them after."""
+    """Run a ``dask scheduler`` and ``dask worker`` commands as processes; stop them after.
+
+    A command starting with ``dask`` runs this interpreter's (a venv need not be on PATH).
+    """
     import os
     import subprocess
 
+    def start(cmd: list[str]) -> subprocess.Popen:
+        if cmd[0] == "dask":  # as rendered by the Helm chart: this interpreter's dask
+            cmd = dask_command(*cmd[1:])
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL)
+
     full_env = {**os.environ, **env}
-    procs = [subprocess.Popen(scheduler_cmd, env=full_env, stdout=subprocess.DEVNULL)]
+    procs = [start(scheduler_cmd)]
     try:
         time.sleep(1.0)  # let the scheduler bind before workers dial it
         for cmd in worker_cmds:
-            procs.append(subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL))
+            procs.append(start(cmd))
         yield
     finally:
         for proc in reversed(procs):

@@ -27,6 +27,7 @@ from tests.conftest import (
     cache_cluster,
     cached,
     chunk_gets,
+    dask_command,
     free_port,
     read_all,
     s3_store,
@@ -88,6 +89,23 @@ async def _write_in_async_task(store, value):
     await arr.setitem(Ellipsis, value)
 
 
+def _write_with_sync_store_api(store, value):
+    # zarr's synchronous store API (``set_sync``, zarr >= 3.2 delegates it straight to the
+    # source in WrapperStore): the chunks of ``value``, encoded as zarr would, one by one.
+    arr = zarr.open_array(store, mode="r")
+    scratch = zarr.storage.MemoryStore()
+    like = zarr.create_array(scratch, shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype)
+    like[...] = value
+    proto = zarr.core.buffer.default_buffer_prototype()
+    for key in zarr.core.sync.sync(_keys(scratch)):
+        if key.startswith("c/"):
+            store.set_sync(key, zarr.core.sync.sync(scratch.get(key, proto)))
+
+
+async def _keys(store):
+    return [key async for key in store.list()]
+
+
 def _write_from_second_client(store, value, address):
     script = textwrap.dedent(
         """
@@ -110,7 +128,8 @@ def _write_from_second_client(store, value, address):
 
 
 @pytest.mark.parametrize(
-    "origin", ["client", "task", "thread-of-task", "async-task", "second-client-process"]
+    "origin",
+    ["client", "task", "thread-of-task", "async-task", "second-client-process", "sync-api"],
 )
 def test_read_your_writes_cluster_wide(s3, s3_path, client, origin, tmp_path):
     if origin == "async-task":
@@ -132,6 +151,8 @@ def test_read_your_writes_cluster_wide(s3, s3_path, client, origin, tmp_path):
         client.submit(_write_from_thread_of_task, store, V2, workers=[first], pure=False).result()
     elif origin == "async-task":
         client.submit(_write_in_async_task, store, V2, workers=[first], pure=False).result()
+    elif origin == "sync-api":
+        client.submit(_write_with_sync_store_api, store, V2, workers=[first], pure=False).result()
     else:
         _write_from_second_client(store, V2, client.scheduler.address)
     every_worker_sees(client, store, V2)  # every read that starts after the write returned
@@ -210,8 +231,8 @@ class WorkerProcesses:
         self.env = {**os.environ, "PYTHONPATH": root, **(env or {})}
         self.workers: dict[str, subprocess.Popen] = {}
         self.scheduler = self._spawn(
-            ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dashboard-address", f"127.0.0.1:{free_port()}"]
+            dask_command("scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                         "--dashboard-address", f"127.0.0.1:{free_port()}")
         )  # fmt: skip
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
@@ -221,8 +242,8 @@ class WorkerProcesses:
 
     def start_worker(self, name: str) -> None:
         self.workers[name] = self._spawn(
-            ["dask", "worker", self.address, "--name", name, "--nthreads", "2",
-             "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0"]
+            dask_command("worker", self.address, "--name", name, "--nthreads", "2",
+                         "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0")
         )  # fmt: skip
 
     def kill_worker(self, name: str) -> None:

@@ -9,7 +9,14 @@ import numpy as np
 from distributed import Client
 
 from dask_zarr_cache import ZarrCacheError, cluster_stats
-from tests.conftest import cached, chunk_gets, dask_processes, free_port, read_all, write_array
+from tests.conftest import (
+    cached,
+    chunk_gets,
+    dask_processes,
+    free_port,
+    read_all,
+    write_array,
+)
 from tests.test_worker_faults import wait_for
 
 PRELOAD = ["--preload", "dask_zarr_cache.preload"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import pickle
 from typing import TYPE_CHECKING
 
 import pytest
-from zarr.abc.store import OffsetByteRequest, Store
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import Buffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
@@ -104,6 +107,24 @@ async def worker_cache(tmp_path, monkeypatch):
         yield cache
 
 
+def _in_a_thread(test):
+    """A test whose body runs in a thread (on an event loop of its own, if it is async).
+
+    zarr's synchronous store API blocks its caller; the scheduler, the worker and the
+    client that writes are announced through all run on this test's event loop, which
+    must keep running meanwhile.
+    """
+
+    @functools.wraps(test)
+    async def run(*args, **kwargs):
+        if inspect.iscoroutinefunction(test):
+            await asyncio.to_thread(asyncio.run, test(*args, **kwargs))
+        else:
+            await asyncio.to_thread(test, *args, **kwargs)
+
+    return run
+
+
 class TestClusterCacheStoreOnWorker(TestClusterCacheStore):
     """The same StoreTests with every read going through a real worker's cache."""
 
@@ -133,17 +154,9 @@ class TestClusterCacheStoreOnWorker(TestClusterCacheStore):
         assert worker_cache.counters.hits == 1 and worker_cache.counters.remote_reads == 1
 
 
-def test_no_inherited_read_path_bypasses_the_cache():
-    # zarr may grow sync fast paths (``get_sync``, as LocalStore has) or new bulk reads on
-    # WrapperStore that delegate straight to the source. Every read entry point the
-    # wrapper has must be ClusterCacheStore's own, so an upgrade cannot silently skip the
-    # cache; this test fails first if one appears.
-    from zarr.storage import WrapperStore
-
-    reads = [n for n in dir(WrapperStore) if n.startswith(("get", "_get")) and "size" not in n]
-    for name in reads:
-        owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
-        assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"
+for _name, _test in vars(StoreTests).items():
+    if _name.startswith("test_") and "sync" in _name:
+        setattr(TestClusterCacheStoreOnWorker, _name, _in_a_thread(_test))
 
 
 def test_from_url_opens_fsspec_urls_and_local_paths(tmp_path):
@@ -167,17 +180,67 @@ def test_from_url_refuses_storage_options_for_a_local_path(tmp_path):
         ClusterCacheStore.from_url(str(tmp_path), storage_options={"anon": True})
 
 
-def test_no_inherited_write_path_skips_the_invalidation():
-    # The same guard for writes: a sync write fast path zarr may add to WrapperStore
-    # (``set_sync``, ``delete_sync``) would write the source without telling the cluster.
+#: What ``WrapperStore`` may pass to the source unchanged: members that read no object's
+#: bytes and write nothing (listing, existence, flags, lifecycle). Reviewed by hand: a
+#: member zarr adds to ``WrapperStore`` is not here, so the test below fails until it is
+#: routed through the cache or added here with a reason.
+PASS_THROUGH = {
+    "_abc_impl", "_check_writable", "_ensure_open", "_is_open", "_open", "close", "exists",
+    "is_empty", "list", "list_dir", "list_prefix", "open", "read_only", "supports_deletes",
+    "supports_listing", "supports_writes", "with_read_only",
+}  # fmt: skip
+
+
+def test_no_inherited_method_bypasses_the_cache():
+    # zarr grows WrapperStore methods that delegate straight to the source (3.2 added
+    # get_ranges, get_sync, set_sync and delete_sync): a read there skips the cache, a
+    # write skips the invalidation. Every other member must be ClusterCacheStore's own.
     from zarr.storage import WrapperStore
 
-    prefixes = ("set", "_set", "delete", "_delete", "clear")
-    writes = [n for n in dir(WrapperStore) if n.startswith(prefixes)]
-    assert {"set", "delete", "delete_dir", "clear"} <= set(writes)
-    for name in writes:
+    members = {n for n in vars(WrapperStore) if not n.startswith("__")} | {"__eq__"}
+    routed = members - PASS_THROUGH
+    assert {"get", "get_partial_values", "set", "delete", "delete_dir", "clear"} <= routed
+    for name in sorted(routed):
         owner = next(c for c in ClusterCacheStore.__mro__ if name in vars(c))
-        assert owner in (ClusterCacheStore, Store), f"{name} comes from {owner.__name__}"
+        assert owner is ClusterCacheStore, f"{name} comes from {owner.__name__}"
+
+
+async def test_the_sync_store_api_goes_through_the_cache(tmp_path, worker_cache):
+    (tmp_path / "src").mkdir()
+    store = ClusterCacheStore(LocalStore(tmp_path / "src"))
+    (tmp_path / "src" / "k").write_bytes(b"old")
+    # zarr's sync API blocks its caller: from a thread, as zarr's sync codec pipeline would.
+    assert (await asyncio.to_thread(store.get_sync, "k")).to_bytes() == b"old"
+    assert (await asyncio.to_thread(store.get_sync, "k")).to_bytes() == b"old"
+    assert worker_cache.counters.remote_reads == 1 and worker_cache.counters.hits == 1
+    await asyncio.to_thread(store.set_sync, "k", Buffer.from_bytes(b"new"))
+    assert (tmp_path / "src" / "k").read_bytes() == b"new"
+    assert (await store.get("k", default_buffer_prototype())).to_bytes() == b"new"
+    await asyncio.to_thread(store.delete_sync, "k")
+    assert await store.get("k", default_buffer_prototype()) is None
+    assert worker_cache.counters.entries == 0
+    assert not store._supports_sync_io  # zarr itself keeps to the asynchronous methods
+
+
+@pytest.mark.skipif(not hasattr(Store, "get_ranges"), reason="zarr < 3.2 has no get_ranges")
+async def test_get_ranges_reads_through_the_cache(tmp_path, worker_cache):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "shard").write_bytes(bytes(range(200)) * 10_000)
+    store = ClusterCacheStore(LocalStore(tmp_path / "src"))
+    ranges = [
+        RangeByteRequest(0, 10),
+        RangeByteRequest(20, 30),
+        RangeByteRequest(1_500_000, 1_500_004),
+    ]
+    expected = (tmp_path / "src" / "shard").read_bytes()
+    for _ in range(3):
+        got = {}
+        async for group in store.get_ranges("shard", ranges, prototype=default_buffer_prototype()):
+            got.update((i, buf.to_bytes()) for i, buf in group)
+        assert got == {i: expected[r.start : r.end] for i, r in enumerate(ranges)}
+    reads = worker_cache.counters.remote_reads
+    assert reads == 2  # two merged ranges (nearby ones merge), each read from the source once
+    assert worker_cache.counters.hits == 2 * reads
 
 
 class _RangeRefusingStore(FsspecStore):

@@ -270,3 +270,26 @@ async def test_a_cancelled_miss_gives_its_claim_back(net, clock, tmp_path):
     task.cancel()
     await asyncio.sleep(0.01)
     assert net.index.index.pending_count == 0
+
+
+async def test_a_closing_worker_neither_calls_out_nor_waits_for_loads(net, clock, tmp_path):
+    # At cluster shutdown the scheduler and the index's host may be gone already: a close
+    # that flushed or waited for loads waited out the connect timeout, and the nanny
+    # killed the worker process ("still alive after 4.0 seconds").
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.get(K, Source())
+    stuck = Source()
+    stuck.gate = asyncio.Event()  # a load that will not end (a peer that is gone)
+    load = asyncio.ensure_future(a.get("ns\x00data.zarr/c/1", stuck))
+    await asyncio.sleep(0.01)
+    net.scheduler.reachable = False
+    net.hung.add(INDEX)
+    calls = len(net.calls)
+    await asyncio.wait_for(a.close(finish_loads=False), 0.5)
+    assert len(net.calls) == calls
+    net.scheduler.reachable = True
+    net.hung.clear()
+    a2 = await net.worker(A, tmp_path / "a", clock)  # the directory was released
+    assert set(a2.state.entries) == {K}
+    stuck.gate.set()
+    assert await load == b"bytes"

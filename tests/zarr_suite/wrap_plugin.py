@@ -286,6 +286,19 @@ class Selector:
             items[:] = keep
 
 
+class FaulthandlerOptions:
+    """Declares the ini options of pytest's faulthandler plugin, which is off here.
+
+    It is process-global (it would take over the worker's fault handler and stderr), and
+    zarr >= 3.2's configuration sets its options in strict mode, where an option no
+    plugin declares is an error that ends the run before any test.
+    """
+
+    def pytest_addoption(self, parser: pytest.Parser) -> None:
+        parser.addini("faulthandler_timeout", "declared only (faulthandler is off)", default="0")
+        parser.addini("faulthandler_exit_on_timeout", "declared only", type="bool", default=False)
+
+
 def run_pytest(
     *,
     zarr_root: str,
@@ -323,7 +336,8 @@ def run_pytest(
 
     wrapping = StoreWrapping(mode)
     recorder = OutcomeRecorder(results_path, wrapping)
-    plugins = [wrapping, recorder, Selector(include, list(exclude), list(exclude_patterns))]
+    selector = Selector(include, list(exclude), list(exclude_patterns))
+    plugins = [wrapping, recorder, selector, FaulthandlerOptions()]
     args = [
         "-c",
         os.path.join(zarr_root, "pyproject.toml"),
