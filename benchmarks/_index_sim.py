@@ -65,9 +65,9 @@ class CountingClient(IndexClient):
 
     calls: Counter[str]
 
-    async def _execute(self, location: Any, function: str, args: tuple) -> Any:
-        self.calls[function] += 1
-        return await super()._execute(location, function, args)
+    async def _execute(self, shard: int, location: Any, handler: str, kwargs: dict) -> Any:
+        self.calls[handler.removeprefix("zarr_cache_index_")] += 1
+        return await super()._execute(shard, location, handler, kwargs)
 
 
 class SimWorker:

@@ -10,7 +10,8 @@ import tracemalloc
 from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
-from dask_zarr_cache._index_actor import IndexActor
+from dask_zarr_cache._index import CacheIndex
+from dask_zarr_cache._index_host import IndexHost
 from dask_zarr_cache._protocol import pack
 from dask_zarr_cache._shards import key_digest
 from dask_zarr_cache.testing import loopback_cluster
@@ -28,27 +29,32 @@ def _digests(n: int) -> list[int]:
 def index_throughput(n: int) -> dict[str, float]:
     """Key operations per second of one shard's batched acquire, commit and drop reports.
 
-    Batches go through the same wire format as the actor calls (not the network); the
-    keys' digests are computed beforehand, as workers send them.
+    Batches go through the same handlers and wire format as the shard's callers (not the
+    network); the keys' digests are computed beforehand, as workers send them.
     """
-    actor = IndexActor()
+    host = IndexHost()
     digests_all = _digests(n)
     loop = asyncio.new_event_loop()
     try:
+        loop.run_until_complete(host.zarr_cache_index_create("s", None, "tinylfu"))
         start = time.perf_counter()
         for i in range(0, n, BATCH):
             digests = pack(digests_all[i : i + BATCH])
-            loop.run_until_complete(actor.exchange("tcp://w:1", digests, "", pack([])))
+            loop.run_until_complete(
+                host.zarr_cache_index_exchange("s", "tcp://w:1", digests, "", pack([]))
+            )
         acquire = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
             rows = pack([(d, 1) for d in digests_all[i : i + BATCH]])
-            loop.run_until_complete(actor.exchange("tcp://w:1", pack([]), "", rows))
+            loop.run_until_complete(
+                host.zarr_cache_index_exchange("s", "tcp://w:1", pack([]), "", rows)
+            )
         commit = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
             rows = pack([(d, 1) for d in digests_all[i : i + BATCH]])
-            loop.run_until_complete(actor.touch("tcp://w:1", rows))
+            loop.run_until_complete(host.zarr_cache_index_touch("s", "tcp://w:1", rows))
         touch = time.perf_counter() - start
     finally:
         loop.close()
@@ -59,7 +65,7 @@ def index_memory_per_key(n: int) -> float:
     """Bytes one shard holds per ready entry, measured by tracemalloc (numpy included)."""
     gc.collect()
     tracemalloc.start()
-    index = IndexActor().index
+    index = CacheIndex()
     digests = _digests(n)
     for i in range(0, n, BATCH):
         batch = digests[i : i + BATCH]
@@ -133,7 +139,7 @@ async def _timed_gets(source: str, keys: list[str], in_flight: int, raw: bool, d
                 reply = await dask_worker.rpc(source).bench_raw_get(key=key)
                 total += len(reply["data"])
             else:
-                reply = await cache.peers.request(source, key)
+                reply = await cache.peers.request(source, key, 30.0)
                 assert reply["status"] == "ok"
                 total += len(reply["data"])
 

@@ -214,8 +214,7 @@ def _row_line(r: dict[str, Any]) -> str:
 # -- memory ---------------------------------------------------------------------------------
 def _fill_index(dask_worker, targets: list[int], batch: int = 100_000) -> list[dict[str, float]]:
     """On a shard's worker: register random digests up to each target; RSS growth per key."""
-    (actor,) = [a for a in dask_worker.state.actors.values() if hasattr(a, "index")]
-    index = actor.index
+    (index,) = dask_worker.extensions["zarr_cache_index"].shards.values()
     rng = np.random.default_rng(0)
     process = psutil.Process(os.getpid())
     gc.collect()

@@ -126,9 +126,11 @@ class _Cluster:
         origin = None if cache is None else self.worker.address
         args = self.worker.connection_args
         async with rpc(self.scheduler.address, connection_args=args) as scheduler:
-            await scheduler.zarr_cache_invalidate(
+            reply = await scheduler.zarr_cache_invalidate(
                 keys=pack(keys), prefixes=pack(prefixes), origin=origin
             )
+        if cache is not None:
+            cache.written(keys, prefixes, reply["seq"])
 
 
 def _clusters() -> list[_Cluster]:

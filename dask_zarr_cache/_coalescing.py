@@ -41,7 +41,6 @@ class Coalescer(Generic[V, R]):
         self._orphaned = orphaned
         self._queued: dict[Hashable, list[tuple[V, asyncio.Future[R]]]] = {}
         self._sending: dict[Hashable, asyncio.Task[None]] = {}
-        self._abandoned: dict[Hashable, Exception] = {}
 
     async def submit(self, slot: Hashable, value: V) -> R:
         """Send ``value`` with the next batch of ``slot``; return its result."""
@@ -52,17 +51,6 @@ class Coalescer(Generic[V, R]):
         if len(queue) == 1 and slot not in self._sending:
             loop.call_soon(self._send_next, slot)
         return await future
-
-    def abandon(self, matches: Callable[[Hashable], bool], error: Exception) -> None:
-        """Fail the batches in flight for the slots ``matches`` accepts with ``error``.
-
-        For answers that will not come (their destination is gone): the callers fail
-        now instead of at a timeout, and what queued behind goes out at once.
-        """
-        for slot, task in list(self._sending.items()):
-            if matches(slot):
-                self._abandoned[slot] = error
-                task.cancel()
 
     def _send_next(self, slot: Hashable) -> None:
         batch = self._queued.pop(slot, None)
@@ -81,10 +69,8 @@ class Coalescer(Generic[V, R]):
         try:
             results = await self._send(slot, [value for value, _ in batch])
         except asyncio.CancelledError:
-            error = self._abandoned.pop(slot, None)
             for _, future in batch:
-                if not future.done():
-                    future.cancel() if error is None else future.set_exception(error)
+                future.cancel()
             raise
         except Exception as err:
             for _, future in batch:

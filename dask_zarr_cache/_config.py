@@ -39,9 +39,12 @@ dask.config.update_defaults(
             "policy": "tinylfu",
             # Ask Dask to run each chunk read on the worker that holds that chunk (loosely).
             "locality": True,
-            # Actors the index is split over (by key hash), each on its own worker when
-            # there are enough; each holds its keys and 1/n of every worker's budget.
+            # Shards the index is split over (by key hash), each on its own worker when
+            # there are enough.
             "index-shards": 1,
+            # The longest a read waits for the rest of the cluster (the index, peers) in
+            # all before it reads the source itself: what a frozen host costs a read.
+            "read-timeout": "5s",
         }
     }
 )
@@ -109,7 +112,10 @@ class CacheSettings:
     locality : bool
         Whether chunk reads are steered to their chunk's worker (``zarr-cache.locality``).
     index_shards : int
-        Actors the index is split over (``zarr-cache.index-shards``).
+        Shards the index is split over (``zarr-cache.index-shards``).
+    read_timeout : float
+        Seconds a read waits for the index and peers in all before it reads the source
+        (``zarr-cache.read-timeout``).
 
     """
 
@@ -120,6 +126,7 @@ class CacheSettings:
     policy: str = "tinylfu"
     locality: bool = True
     index_shards: int = 1
+    read_timeout: float = 5.0
 
     @classmethod
     def from_arguments(
@@ -153,6 +160,11 @@ class CacheSettings:
             raise CacheConfigError(
                 f"zarr-cache.index-shards must be a positive integer, got {shards!r}"
             )
+        read_timeout = parse_timedelta(dask.config.get("zarr-cache.read-timeout"))
+        if not read_timeout or read_timeout <= 0:
+            raise CacheConfigError(
+                f"zarr-cache.read-timeout must be positive, got {read_timeout!r}"
+            )
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_max_age(max_age_seconds),
@@ -161,6 +173,7 @@ class CacheSettings:
             policy=policy,
             locality=bool(dask.config.get("zarr-cache.locality")),
             index_shards=shards,
+            read_timeout=float(read_timeout),
         )
 
 

@@ -1,8 +1,8 @@
 """How workers and the scheduler reach the index shards: one typed method per operation.
 
-The index is split into shards, one actor each, by key hash (:mod:`~._shards`).  The
-scheduler knows where they live (``zarr_cache_index``); callers ask it, then call each
-shard directly with the ``actor_execute`` handler, as a ``distributed.Actor`` handle does.
+The index is split into shards by key hash (:mod:`~._shards`), each hosted by a worker
+(:mod:`~._index_host`).  The scheduler knows where they live (``zarr_cache_index``);
+callers ask it, then call each shard's host directly, one handler per operation.
 Operations on keys are split by shard, the parts sent concurrently; others go to every
 shard.  A failed call makes its caller forget that shard's location only and ask again
 (how callers find a shard re-created elsewhere).
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed.protocol.serialize import Serialized, deserialize
 
 from dask_zarr_cache._coalescing import Coalescer
+from dask_zarr_cache._departures import Departures
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._protocol import FETCH, CommitReply, Decision, Item, pack, unpack
 from dask_zarr_cache._shards import group_by_shard, key_digest, shard_of
@@ -81,6 +81,7 @@ class IndexClient:
         self._locks: dict[int, asyncio.Lock] = {}
         self._connecting: dict[int, Location] = {}
         self._exchanging = Coalescer(self._send_exchange, self._give_back)
+        self._calls = Departures()  # by (shard, host address, shard name)
         self.timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
     @property
@@ -100,8 +101,14 @@ class IndexClient:
         connections): the readers behind them fall back to the source now instead.
         """
         self.reset(shard)
-        error = IndexUnavailableError(f"zarr cache index shard {shard} moved")
-        self._exchanging.abandon(lambda slot: shard is None or slot[0] == shard, error)
+        self._calls.left(lambda d: shard is None or d[0] == shard, "the shard moved")
+
+    def host_left(self, address: str) -> None:
+        """Worker ``address`` left: forget the shards it hosted, fail the calls to them now."""
+        for shard, location in enumerate(self._locations):
+            if location is not None and location["address"] == address:
+                self._locations[shard] = None
+        self._calls.left(lambda d: d[1] == address, "its worker left")
 
     def reset(self, shard: int | None = None) -> None:
         """Forget one shard's location (or all, and the layout); the next call asks again."""
@@ -153,7 +160,12 @@ class IndexClient:
         the shard no message of their own.
         """
         reply = await self._call(
-            shard, "exchange", self.worker, _digests(keys), unreachable, _rows(items)
+            shard,
+            "zarr_cache_index_exchange",
+            worker=self.worker,
+            digests=_digests(keys),
+            unreachable=unreachable,
+            commits=_rows(items),
         )
         decisions, rejected = unpack(reply)
         return [Decision(*d) for d in decisions], [items[i].key for i in rejected]
@@ -182,7 +194,12 @@ class IndexClient:
             return
         groups = group_by_shard(keys, await self.shard_count(), str)
         await self._fan_out(
-            {s: self._call(s, "abandon", self.worker, _digests(g)) for s, g in groups.items()}
+            {
+                s: self._call(
+                    s, "zarr_cache_index_abandon", worker=self.worker, digests=_digests(g)
+                )
+                for s, g in groups.items()
+            }
         )
 
     async def touch(self, dropped: Iterable[Item], everywhere: bool = False) -> bool:
@@ -203,7 +220,15 @@ class IndexClient:
             }
         )
         replies = await self._fan_out(
-            {s: self._call(s, "touch", self.worker, _rows(dropped.get(s, []))) for s in targets},
+            {
+                s: self._call(
+                    s,
+                    "zarr_cache_index_touch",
+                    worker=self.worker,
+                    dropped=_rows(dropped.get(s, [])),
+                )
+                for s in targets
+            },
             partial=True,
         )
         for shard, known in replies.items():
@@ -222,7 +247,14 @@ class IndexClient:
         to_delete: list[str] = []
         for n, part in enumerate(parts or [[]]):
             last = n == max(len(parts), 1) - 1
-            reply = await self._call(shard, "register", self.worker, _rows(part), n == 0, last)
+            reply = await self._call(
+                shard,
+                "zarr_cache_index_register",
+                worker=self.worker,
+                files=_rows(part),
+                first=n == 0,
+                last=last,
+            )
             to_delete += [part[i].key for i in unpack(reply)]
         return to_delete
 
@@ -230,7 +262,10 @@ class IndexClient:
         """Forget written keys (see ``CacheIndex.invalidate``); returns entries dropped."""
         groups = group_by_shard(keys, await self.shard_count(), str)
         replies = await self._fan_out(
-            {s: self._call(s, "invalidate", _digests(g)) for s, g in groups.items()}
+            {
+                s: self._call(s, "zarr_cache_index_invalidate", digests=_digests(g))
+                for s, g in groups.items()
+            }
         )
         return sum(replies.values())
 
@@ -238,7 +273,9 @@ class IndexClient:
         """Whether each key is cached on some worker."""
 
         async def ask(shard: int, part: list[str]) -> list[bool]:
-            return unpack(await self._call(shard, "cached", _digests(part)))
+            return unpack(
+                await self._call(shard, "zarr_cache_index_cached", digests=_digests(part))
+            )
 
         return await self._per_key(keys, ask)
 
@@ -246,7 +283,10 @@ class IndexClient:
     async def remove_worker(self, worker: str) -> int:
         """Forget a departed worker's entries and claims."""
         replies = await self._fan_out(
-            {s: self._call(s, "remove_worker", worker) for s in range(await self.shard_count())}
+            {
+                s: self._call(s, "zarr_cache_index_remove_worker", worker=worker)
+                for s in range(await self.shard_count())
+            }
         )
         return sum(replies.values())
 
@@ -254,7 +294,12 @@ class IndexClient:
         """Apply a new TTL and replacement policy."""
         shards = await self.shard_count()
         await self._fan_out(
-            {s: self._call(s, "configure", max_age_seconds, policy) for s in range(shards)}
+            {
+                s: self._call(
+                    s, "zarr_cache_index_configure", max_age_seconds=max_age_seconds, policy=policy
+                )
+                for s in range(shards)
+            }
         )
 
     async def summary(self) -> dict[str, Any]:
@@ -264,7 +309,7 @@ class IndexClient:
         """
         shards = await self.shard_count()
         replies = await self._fan_out(
-            {s: self._call(s, "summary") for s in range(shards)}, partial=True
+            {s: self._call(s, "zarr_cache_index_summary") for s in range(shards)}, partial=True
         )
         addresses = [self._location(s) and self._location(s)["address"] for s in range(shards)]
         return index_summary(replies, addresses)
@@ -313,8 +358,8 @@ class IndexClient:
     def _location(self, shard: int) -> Location | None:
         return self._locations[shard] if shard < len(self._locations) else None
 
-    async def _call(self, shard: int, function: str, *args: Any) -> Any:
-        """Call ``IndexActor.<function>(*args)`` on ``shard`` and return its result.
+    async def _call(self, shard: int, handler: str, **kwargs: Any) -> Any:
+        """Call the index handler ``handler(**kwargs)`` of ``shard``; return its reply.
 
         Raises
         ------
@@ -326,7 +371,7 @@ class IndexClient:
         if location is None:
             location = await self._ensure_location(shard)
         try:
-            return await self._execute(location, function, args)
+            return await self._execute(shard, location, handler, kwargs)
         except IndexUnavailableError:
             if self._location(shard) is location:
                 self._locations[shard] = None
@@ -368,22 +413,15 @@ class IndexClient:
     async def _ask_scheduler(self) -> list[Location | None] | None:
         return await self._scheduler.zarr_cache_index()
 
-    async def _execute(self, location: Location, function: str, args: tuple) -> Any:
+    async def _execute(
+        self, shard: int, location: Location, handler: str, kwargs: dict[str, Any]
+    ) -> Any:
+        address, key = location["address"], location["key"]
+        call = getattr(self._rpc(address), handler)(shard=key, **kwargs)
         try:
-            reply = await asyncio.wait_for(
-                self._rpc(location["address"]).actor_execute(
-                    actor=location["key"], function=function, args=list(args), kwargs={}
-                ),
-                self.timeout,
-            )
-        except (TimeoutError, OSError, KeyError) as err:
-            raise IndexUnavailableError(f"index at {location['address']}: {err!r}") from err
-        if reply.get("status") != "OK":
-            raise IndexUnavailableError(f"index call {function} failed: {reply.get('exception')!r}")
-        result = reply["result"]
-        if isinstance(result, Serialized):  # the scheduler's rpc does not deserialize
-            result = deserialize(result.header, result.frames)
-        return result
+            return await self._calls.call((shard, address, key), call, self.timeout)
+        except Exception as err:  # unreachable, gone, or the host has no such shard
+            raise IndexUnavailableError(f"index at {address}: {err!r}") from err
 
 
 def _digests(keys: Iterable[str]) -> bytes:

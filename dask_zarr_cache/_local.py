@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dask_zarr_cache._budget import Budget
-from dask_zarr_cache._invalidation import matcher
+from dask_zarr_cache._invalidation import UNSEQUENCED, WriteMarks, matcher
 from dask_zarr_cache._keys import base_key
 from dask_zarr_cache._protocol import Item
 from dask_zarr_cache._stats import CacheCounters
@@ -116,8 +116,10 @@ class LocalState:
         self._failed_peers: dict[str, float] = {}
         # Write history (see _invalidation): whose history, how far applied, when renewed.
         self.epoch: bytes | None = None
-        self.applied_seq = 0
+        self.applied_seq = 0  # every write up to here is applied
+        self._applied_above: set[int] = set()  # writes applied beyond a gap
         self._synced_at: float | None = None
+        self.marks = WriteMarks()  # which writes replaced which keys (for peers' bytes)
         # Files found on disk at start, not served until the write history clears them.
         self.unverified: dict[str, CacheFile] = {}
 
@@ -226,14 +228,19 @@ class LocalState:
         return self.remove(evicted, evicted=True)
 
     # -- writes --------------------------------------------------------------------------
-    def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> list[str]:
-        """Apply a write: poison and detach matching loads, drop matching entries.
+    def invalidate(
+        self, keys: Iterable[str], prefixes: Iterable[str], seq: int = UNSEQUENCED
+    ) -> list[str]:
+        """Apply write ``seq``: poison and detach matching loads, drop matching entries.
 
-        Returns the keys whose files must be deleted.
+        ``seq`` is :data:`UNSEQUENCED` for this worker's own write applied before the
+        scheduler numbered it (see :meth:`numbered`).  Returns the keys whose files must
+        be deleted.
         """
         keys, prefixes = list(keys), tuple(prefixes)
         matches = matcher(keys, prefixes)
         with self.lock:
+            self.marks.mark(seq, keys, prefixes)
             for key in [k for k in self._inflight if matches(k)]:  # few: loads in flight
                 self._inflight.pop(key).poisoned = True
             unverified = [k for k in self.unverified if matches(k)]  # only before a sync
@@ -245,6 +252,11 @@ class LocalState:
                 doomed += [k for k in self.entries if k.startswith(prefixes)]
         return unverified + self.remove(doomed)
 
+    def numbered(self, keys: Iterable[str], prefixes: Iterable[str], seq: int) -> None:
+        """Number this worker's own write, applied before it had a number, ``seq``."""
+        with self.lock:
+            self.marks.numbered(keys, prefixes, seq)
+
     def synced(self, epoch: bytes, seq: int, sent_at: float) -> None:
         """Record a catch-up with the scheduler sent at ``sent_at``.
 
@@ -254,6 +266,8 @@ class LocalState:
         with self.lock:
             same = epoch == self.epoch
             self.applied_seq = max(seq, self.applied_seq) if same else seq
+            self._applied_above = {s for s in self._applied_above if s > self.applied_seq}
+            self._advance()
             self.epoch = epoch
             self._synced_at = sent_at
 
@@ -266,14 +280,40 @@ class LocalState:
             return oldest.epoch, oldest.seq
 
     def applied(self, seq: int) -> None:
-        """A pushed write ``seq`` was applied; advance if it is the next one."""
+        """A pushed write ``seq`` was applied (pushes may arrive out of order)."""
         with self.lock:
-            if seq == self.applied_seq + 1:
-                self.applied_seq = seq
+            if seq > self.applied_seq:
+                self._applied_above.add(seq)
+                self._advance()
 
-    def forget_all(self) -> list[str]:
-        """Distrust every file (the write history was lost); returns keys to delete."""
+    def position(self) -> tuple[bytes | None, int]:
+        """Whose history, and up to which write every write is applied here.
+
+        A file this worker serves is current up to this position: a write up to it that
+        replaced the file's key deleted the file first.
+        """
         with self.lock:
+            return self.epoch, self.applied_seq
+
+    def current(self, key: str, epoch: object, seq: object) -> bool:
+        """Whether bytes of ``key`` a peer served at position ``(epoch, seq)`` are current.
+
+        They are if the peer had applied every write this worker applied to ``key``: a
+        write's invalidation may reach the peer after it reached this worker.
+        """
+        with self.lock:
+            if epoch != self.epoch or not isinstance(seq, int):
+                return False
+            return seq >= self.marks.needed(key)
+
+    def forget_all(self, seq: int) -> list[str]:
+        """Distrust every file (the write history up to ``seq`` was lost); keys to delete.
+
+        Peers' bytes are trusted again from their position ``seq`` on.
+        """
+        with self.lock:
+            self.marks = WriteMarks()
+            self.marks.floor = seq
             unverified = list(self.unverified)
             self.unverified.clear()
             for fetch in self._inflight.values():
@@ -371,6 +411,11 @@ class LocalState:
             self._owner_hints = {k: a for k, a in self._owner_hints.items() if a != address}
 
     # -- internals (lock held) -------------------------------------------------------------
+    def _advance(self) -> None:
+        while self.applied_seq + 1 in self._applied_above:
+            self.applied_seq += 1
+            self._applied_above.discard(self.applied_seq)
+
     def _unlink_range(self, key: str) -> None:
         base = base_key(key)
         ranges = self._ranges.get(base) if base != key else None

@@ -14,6 +14,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from dask_zarr_cache._config import CacheSettings, worker_directory
+from dask_zarr_cache._index_host import INDEX_HOST_NAME, IndexHost
 from dask_zarr_cache._names import (
     EXTENSION_NAME,
     METRIC_PREFIX,
@@ -175,10 +176,14 @@ class WorkerCachePlugin(WorkerPlugin):
             directory,
             timeout=timeout,
         )
-        await cache.start()
+        # Handlers first: the scheduler counts this worker in from its first catch-up (in
+        # start) and may call them from then on.
+        host = worker.extensions.setdefault(INDEX_HOST_NAME, IndexHost())
+        worker.handlers.update(host.handlers)
         worker.extensions[EXTENSION_NAME] = cache
         for op in WORKER_HANDLERS:
             worker.handlers[op] = getattr(cache, "handle_" + op.removeprefix("zarr_cache_"))
+        await cache.start()
         for name in cache.counters.as_dict():  # columns of the dashboard's Workers table
             worker.metrics[METRIC_PREFIX + name] = _counter_reader(cache, name)
         bind_prometheus(worker)

@@ -2,7 +2,7 @@
 
 Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 
-- ``zarr_cache_index()`` -> per index shard, ``{"address", "key"}`` of its actor or ``None``.
+- ``zarr_cache_index()`` -> per index shard, ``{"address", "key"}`` of its host or ``None``.
 - ``zarr_cache_sync(worker, epoch, seq)`` -> packed :class:`~._protocol.SyncReply`: the
   writes a worker has not applied yet; renews its lease.
 - ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
@@ -10,10 +10,10 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
-The index is split into shards (``zarr-cache.index-shards``), each a Dask Actor created by
-an internal client of the scheduler, on the worker hosting the fewest shards.  When a
-shard's worker leaves, a new (empty) actor for that shard is created on another worker and
-workers re-register their files of that shard; the other shards carry on.
+The index is split into shards (``zarr-cache.index-shards``), each hosted by a worker (the
+one hosting the fewest shards).  When a shard's worker leaves, a new (empty) shard is
+created on another worker and workers re-register their files of that shard; the other
+shards carry on.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ class ZarrCacheScheduler:
         self.settings = settings
         self.installed = False  # the worker plugin was registered with ``settings``
         self.log = InvalidationLog()
-        self.shards = IndexShards(scheduler, settings, self._index_created)
-        self.index = self.shards.client
         #: Workers with a cache, and the highest write each has confirmed.
         self.workers: dict[str, int] = {}
+        self.shards = IndexShards(scheduler, settings, self.workers.keys, self._index_created)
+        self.index = self.shards.client
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
         scheduler.handlers.update(
@@ -89,9 +89,15 @@ class ZarrCacheScheduler:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
         self.settings = settings
         self.installed = True
-        await self.scheduler.register_worker_plugin(
-            comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
-        )
+        # No shard is placed while the workers set up: the first to be ready would get
+        # every shard (shards stay where they are created).
+        self.shards.paused = True
+        try:
+            await self.scheduler.register_worker_plugin(
+                comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
+            )
+        finally:
+            self.shards.paused = False
         self.shards.settings = settings
         if settings.index_shards != len(self.shards.locations):
             await self.shards.reshard(settings.index_shards)
@@ -115,7 +121,10 @@ class ZarrCacheScheduler:
         else:  # files from another scheduler's history: nothing of theirs is provable
             invalidations = None
         if worker in self.scheduler.workers:
+            new = worker not in self.workers
             await self._acked(worker, applied)
+            if new:  # a worker that can host index shards
+                self.shards.ensure()
         return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
     async def handle_invalidate(

@@ -31,6 +31,7 @@ class CacheCounters:
     evictions: int = 0
     expired: int = 0
     fallbacks: int = 0  #: reads that went to the source because the index or a peer failed
+    stale_refused: int = 0  #: peer replies refused: older than a write this worker applied
     disk_errors: int = 0  #: cache writes that failed (disk full, unwritable, ...)
     caching_disabled: int = 0  #: 1 once disk trouble turned this worker to read-through
 

@@ -100,7 +100,7 @@ class WorkerCache:
         self.counters = self.state.counters
         self.disk = DiskCache(directory)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
-        self.peers = Peers(self.state, self.disk, rpc, loop, timeout)
+        self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
         self.handle_get = self.peers.serve
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
@@ -192,9 +192,12 @@ class WorkerCache:
     async def _load(
         self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
+        # However the index and peers answer (or not: a frozen host), this read waits for
+        # them at most ``read_timeout`` in all, then reads the source itself.
+        deadline = time.monotonic() + self.settings.read_timeout
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
-            status, data = await self.peers.fetch(owner, key)
+            status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
             if status != MISSING:
                 return data
             self.state.drop_hint(key)
@@ -202,8 +205,13 @@ class WorkerCache:
         # A second round only after a peer failed: the index then drops that peer's entry,
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
         for _ in range(2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             try:
-                decision = await run_on(self.loop, self.index.acquire_one(key, unreachable))
+                decision = await asyncio.wait_for(
+                    run_on(self.loop, self.index.acquire_one(key, unreachable)), remaining
+                )
             except UNAVAILABLE as err:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
@@ -212,7 +220,9 @@ class WorkerCache:
             unreachable = decision.address
             if self.state.peer_failed_lately(decision.address):
                 continue
-            status, data = await self.peers.fetch(decision.address, key)
+            status, data = await self.peers.fetch(
+                decision.address, key, deadline - time.monotonic()
+            )
             if status != MISSING:
                 return data
         return await self._read_source_uncached(read_source)
@@ -315,10 +325,10 @@ class WorkerCache:
         reply = SyncReply(*unpack(raw))
         doomed = []
         if reply.invalidations is None or self.state.epoch not in (None, reply.epoch):
-            doomed += self.state.forget_all()  # the history is lost, or it is another's
+            doomed += self.state.forget_all(reply.seq)  # the history is lost, or another's
         else:
-            for _seq, keys, prefixes in reply.invalidations:
-                doomed += self.state.invalidate(keys, prefixes)
+            for seq, keys, prefixes in reply.invalidations:
+                doomed += self.state.invalidate(keys, prefixes, seq)
         with self.state.lock:
             files, self.state.unverified = list(self.state.unverified.values()), {}
         good, bad = verify_files(files, reply.epoch, reply.invalidations)
@@ -332,13 +342,21 @@ class WorkerCache:
 
         Returns the highest write sequence this worker has applied without a gap.
         """
-        await self.drop_written(unpack(keys), unpack(prefixes))
+        await self._delete(self.state.invalidate(unpack(keys), unpack(prefixes), seq))
         self.state.applied(seq)
         return self.state.applied_seq
 
     async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
-        """Drop what a write replaced: files, entries, and fetches in flight (any loop)."""
+        """Drop what this worker's own write replaced, before the write has a number.
+
+        For a write whose announcement cannot go through this worker's loop (see
+        :mod:`~dask_zarr_cache._announce`); :meth:`written` gives it its number after.
+        """
         await self._delete(self.state.invalidate(keys, prefixes))
+
+    def written(self, keys: list[str], prefixes: list[str], seq: int) -> None:
+        """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
+        self.state.numbered(keys, prefixes, seq)
 
     async def handle_index_moved(self, shard: int | None = None) -> None:
         """A new index shard (or layout) exists: register this worker's files right away."""
@@ -346,8 +364,10 @@ class WorkerCache:
         await self.flush()
 
     async def handle_worker_left(self, address: str) -> None:
-        """A peer left the cluster: stop sending readers to it."""
+        """A peer left the cluster: stop asking it, and fail the calls waiting on it now."""
         self.state.peer_left(address)
+        self.index.host_left(address)
+        self.peers.host_left(address)
 
     async def handle_stats(self) -> dict[str, int]:
         """Return the counters of this worker."""

@@ -1,8 +1,9 @@
 """Fakes for unit tests of the worker cache: a clock, a scheduler and an rpc pool.
 
-The index behind the fake rpc is the real :class:`~dask_zarr_cache._index.IndexActor`, and
-the write history the real :class:`~dask_zarr_cache._invalidation.InvalidationLog`; only
-the network between them is replaced by direct calls.
+The index behind the fake rpc is the real :class:`~dask_zarr_cache._index_host.IndexHost`
+(one per shard, hosting a real :class:`~dask_zarr_cache._index.CacheIndex`), and the write
+history the real :class:`~dask_zarr_cache._invalidation.InvalidationLog`; only the network
+between them is replaced by direct calls.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import asyncio
 from typing import Any
 
 from dask_zarr_cache._config import CacheSettings
-from dask_zarr_cache._index_actor import IndexActor
+from dask_zarr_cache._index import CacheIndex
 from dask_zarr_cache._index_client import IndexClient
+from dask_zarr_cache._index_host import IndexHost
 from dask_zarr_cache._invalidation import InvalidationLog
 from dask_zarr_cache._protocol import SyncReply, pack, unpack
 from dask_zarr_cache._worker import WorkerCache
@@ -58,22 +60,35 @@ class _Endpoint:
     def __init__(self, pool: FakeNetwork, address: str) -> None:
         self.pool, self.address = pool, address
 
-    async def actor_execute(self, actor, function, args, kwargs):
-        self.pool.calls.append((self.address, function))
-        if self.address in self.pool.hung:  # a dead worker: connecting waits out the timeout
-            await asyncio.Event().wait()
-        if function == "exchange":  # (keys asked, objects committed) per message
-            self.pool.exchanges.append((len(unpack(args[1])), len(unpack(args[3]))))
-        if self.address in self.pool.down:
-            raise OSError(f"{self.address} is down")
-        index = self.pool.indexes[int(actor.rsplit("-", 1)[1])]
-        result = await getattr(index, function)(*args, **kwargs)
-        return {"status": "OK", "result": result}
+    def __getattr__(self, handler: str):
+        """An index handler of the shard host at this address (``rpc(address).<handler>``)."""
+        host = self.pool.hosts.get(self.address)
+        if host is None or handler not in host.handlers:
+            raise AttributeError(handler)
+        method = host.handlers[handler]
 
-    async def zarr_cache_get(self, key: str) -> dict[str, Any]:
+        async def call(**kwargs):
+            self.pool.calls.append((self.address, handler.removeprefix("zarr_cache_index_")))
+            if self.address in self.pool.hung:  # a dead worker: connecting waits out the timeout
+                await asyncio.Event().wait()
+            if handler == "zarr_cache_index_exchange":  # (keys asked, objects committed)
+                self.pool.exchanges.append(
+                    (len(unpack(kwargs["digests"])), len(unpack(kwargs["commits"])))
+                )
+            if self.address in self.pool.down:
+                raise OSError(f"{self.address} is down")
+            return await method(**kwargs)
+
+        return call
+
+    async def zarr_cache_get(self, key: str) -> dict[str, Any] | None:
         self.pool.calls.append((self.address, "get"))
+        if self.address in self.pool.hung:  # frozen, or dead with a connect still retried
+            await asyncio.Event().wait()
         if self.address in self.pool.down:
             raise OSError(f"{self.address} is down")
+        if self.address in self.pool.handlerless:  # restarted, its plugin not set up yet
+            return None
         reply = await self.pool.caches[self.address].handle_get(key)
         if "data" in reply:  # what the receiving end of a real comm gets
             reply = {**reply, "data": reply["data"].data}
@@ -84,17 +99,34 @@ class FakeNetwork:
     """``rpc(address)`` for every worker: the index actor and peers' handlers, in-process."""
 
     def __init__(self, max_age_seconds: float | None = None, shards: int = 1) -> None:
-        self.indexes = [IndexActor(max_age_seconds) for _ in range(shards)]
-        self.index = self.indexes[0]
+        self.hosts = {shard_address(s): IndexHost() for s in range(shards)}
+        for s in range(shards):
+            self.recreate(s, max_age_seconds)
         self.scheduler = FakeScheduler(shards)
         self.caches: dict[str, WorkerCache] = {}
         self.calls: list[tuple[str, str]] = []
         self.exchanges: list[tuple[int, int]] = []
         self.down: set[str] = set()
         self.hung: set[str] = set()
+        self.handlerless: set[str] = set()
 
     def __call__(self, address: str) -> _Endpoint:
         return _Endpoint(self, address)
+
+    @property
+    def indexes(self) -> list[CacheIndex]:
+        """Each shard's index."""
+        return [h.shards[f"index-{s}"] for s, h in enumerate(self.hosts.values())]
+
+    @property
+    def index(self) -> CacheIndex:
+        """Shard 0's index."""
+        return self.indexes[0]
+
+    def recreate(self, shard: int, max_age_seconds: float | None = None) -> None:
+        """The scheduler made ``shard`` again (empty), at the same address."""
+        index = CacheIndex(max_age_seconds)
+        self.hosts[shard_address(shard)].shards[f"index-{shard}"] = index
 
     async def worker(self, address, directory, clock, **settings) -> WorkerCache:
         cache = WorkerCache(
@@ -111,13 +143,25 @@ class FakeNetwork:
         self.caches[address] = cache
         return cache
 
-    async def write(self, keys=(), prefixes=()) -> None:
-        """What the scheduler does for a write: history, index, then every worker."""
+    async def write(self, keys=(), prefixes=(), late=()) -> int:
+        """What the scheduler does for a write: history, index, then every worker.
+
+        Workers in ``late`` are not told yet (their push is slow): :meth:`push` them later.
+        Returns the write's number.
+        """
         entry = self.scheduler.log.append(list(keys), list(prefixes))
         await IndexClient("", self.scheduler, self).invalidate(keys)
-        for address, cache in self.caches.items():
-            if address not in self.down:
-                await cache.handle_invalidate(entry.seq, pack(list(keys)), pack(list(prefixes)))
+        for address in self.caches:
+            if address not in self.down and address not in late:
+                await self.push(address, entry.seq)
+        return entry.seq
+
+    async def push(self, address: str, seq: int) -> None:
+        """Deliver write ``seq`` to worker ``address``."""
+        (entry,) = [e for e in self.scheduler.log.since(seq - 1) if e.seq == seq]
+        await self.caches[address].handle_invalidate(
+            seq, pack(list(entry.keys)), pack(list(entry.prefixes))
+        )
 
     def index_calls(self, function: str) -> int:
         return sum(1 for addr, f in self.calls if addr.startswith("tcp://index:") and f == function)

@@ -1,4 +1,4 @@
-"""The index client over several shards, with the real index actors behind a fake network."""
+"""The index client over several shards, with the real shard hosts behind a fake network."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from dask_zarr_cache import _index_client
-from dask_zarr_cache._index_actor import IndexActor
 from dask_zarr_cache._protocol import FETCH, PEER
 from dask_zarr_cache._shards import key_digest, shard_of
 from tests.fakes import FakeClock, FakeNetwork, Source, shard_address
@@ -35,10 +34,10 @@ async def test_each_shard_holds_exactly_its_keys(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     assert await read_all(a) == [k.encode() for k in KEYS]
     await asyncio.sleep(0.01)  # commits
-    for shard, actor in enumerate(net.indexes):
+    for shard, index in enumerate(net.indexes):
         mine = {k for k in KEYS if shard_of(k, SHARDS) == shard}
-        assert mine and {k for k in KEYS if key_digest(k) in actor.index} == mine
-        assert actor.index.pending_count == 0
+        assert mine and {k for k in KEYS if key_digest(k) in index} == mine
+        assert index.pending_count == 0
     # Concurrent misses cost one message per shard, not one per key; commits ride along
     # with later messages or go in a few of their own.
     assert sorted(n for n, _ in net.exchanges if n) == sorted(
@@ -58,14 +57,14 @@ async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
     assert await asyncio.gather(*(b.get(k, sources[k]) for k in KEYS)) == [k.encode() for k in KEYS]
     for k in KEYS:  # other shards still send b to a; the lost shard's keys come from source
         assert sources[k].reads == (1 if shard_of(k, SHARDS) == lost else 0), k
-    # The shard comes back empty (a new actor); a's files of that shard only are registered.
-    net.indexes[lost] = IndexActor()
+    # The shard comes back empty (a new shard); a's files of that shard only are registered.
+    net.recreate(lost)
     net.down.discard(shard_address(lost))
     registered = net.index_calls("register")
     await a.handle_index_moved(lost)
     assert net.index_calls("register") == registered + 1
     mine = {k for k in KEYS if shard_of(k, SHARDS) == lost}
-    assert {k for k in KEYS if key_digest(k) in net.indexes[lost].index} == mine
+    assert {k for k in KEYS if key_digest(k) in net.indexes[lost]} == mine
     b.state.remove(list(b.state.entries))  # b drops what it fetched meanwhile
     b.state._owner_hints.clear()
     again = {k: Source(b"never") for k in KEYS}
@@ -79,24 +78,21 @@ async def test_files_register_in_bounded_parts(net, clock, tmp_path, monkeypatch
     await read_all(a)
     await asyncio.sleep(0.01)
     for shard in range(SHARDS):
-        net.indexes[shard] = IndexActor()
+        net.recreate(shard)
     before = net.index_calls("register")
     a.index.reset()
     await a.flush()
     per_shard = [sum(1 for k in KEYS if shard_of(k, SHARDS) == s) for s in range(SHARDS)]
     assert net.index_calls("register") - before == sum(-(-n // 4) for n in per_shard)
-    for shard, actor in enumerate(net.indexes):
-        assert len(actor.index) == per_shard[shard]
+    for shard, index in enumerate(net.indexes):
+        assert len(index) == per_shard[shard]
     # An entry whose file is gone is forgotten at the last part of the next registration.
     gone = next(k for k in KEYS if shard_of(k, SHARDS) == 0)
     a.state.remove([gone])
     a.state.take_reports()  # as if the file vanished unreported
     a.index.reset(0)
     await a.flush()
-    assert (
-        key_digest(gone) not in net.indexes[0].index
-        and len(net.indexes[0].index) == per_shard[0] - 1
-    )
+    assert key_digest(gone) not in net.indexes[0] and len(net.indexes[0]) == per_shard[0] - 1
 
 
 async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_path):
@@ -109,7 +105,7 @@ async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_pa
     held = set(a.state.entries)
     assert len(held) == 10 and a.state.budget.used == 10 * size  # the worker's whole budget
     await a.flush()  # reports the evicted copies, each to its own shard
-    indexed = {k for k in KEYS if any(key_digest(k) in actor.index for actor in net.indexes)}
+    indexed = {k for k in KEYS if any(key_digest(k) in index for index in net.indexes)}
     assert indexed == held
 
 
@@ -118,10 +114,10 @@ async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clo
     gate = asyncio.Event()
     real = client._execute
 
-    async def slow_first(location, function, args):
+    async def slow_first(*args):
         if not gate.is_set():
             await gate.wait()
-        return await real(location, function, args)
+        return await real(*args)
 
     client._execute = slow_first
     shard0 = [k for k in KEYS if shard_of(k, SHARDS) == 0]
@@ -166,7 +162,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
     queued = asyncio.ensure_future(a.index.acquire_one(shard0[1]))  # behind the stuck one
     await asyncio.sleep(0.01)
     assert not stuck.done() and not queued.done()
-    net.indexes[0] = IndexActor()  # the scheduler made it again elsewhere and told us
+    net.recreate(0)  # the scheduler made it again elsewhere and told us
     net.hung.discard(shard_address(0))
     started = asyncio.get_running_loop().time()
     await a.handle_index_moved(0)

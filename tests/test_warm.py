@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ def _tmux(*args: str) -> str:
 def tmux_session():
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
-    name = f"dzc-{os.getpid()}"
+    name = f"dzc-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the last session's may linger
     _tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "20")
     try:
         yield name

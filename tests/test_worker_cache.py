@@ -54,7 +54,7 @@ async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, cloc
     assert await early == b"old"  # started before the write: may see the old bytes
     await asyncio.sleep(0.01)
     assert await a.get(K, Source(b"never read")) == b"new"  # the old bytes were not kept
-    assert net.index.index.owner(key_digest(K)) == A
+    assert net.index.owner(key_digest(K)) == A
 
 
 async def test_every_way_out_of_a_fetch_releases_the_claim(net, clock, tmp_path):
@@ -64,25 +64,25 @@ async def test_every_way_out_of_a_fetch_releases_the_claim(net, clock, tmp_path)
     with pytest.raises(PermissionError):
         await a.get(K, failing)
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 0
+    assert net.index.pending_count == 0
     absent = Source(None)
     assert await a.get(K, absent) is None
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 0
+    assert net.index.pending_count == 0
     slow = Source()
     slow.gate = asyncio.Event()
     task = asyncio.ensure_future(a.get(K, slow))
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 1
+    assert net.index.pending_count == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 0
+    assert net.index.pending_count == 0
     too_big = Source(b"x" * 20_000)  # over max_size: served, not cached
     assert await a.get(K, too_big) == b"x" * 20_000
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 0 and K not in a.state.entries
+    assert net.index.pending_count == 0 and K not in a.state.entries
 
 
 async def test_index_trouble_falls_back_to_the_source(net, clock, tmp_path):
@@ -126,7 +126,7 @@ async def test_a_departed_peer_is_forgotten_without_asking_it(net, clock, tmp_pa
     await b.get(K, Source())
     b.state.remove([K])
     await b.handle_worker_left(A)
-    await net.index.remove_worker(A)
+    net.index.remove_worker(A)
     before = sum(1 for addr, _ in net.calls if addr == A)
     assert await b.get(K, Source(b"again")) == b"again"
     assert sum(1 for addr, _ in net.calls if addr == A) == before
@@ -246,10 +246,10 @@ async def test_register_reports_only_verified_files(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock)
     await a.get(K, Source())
     await asyncio.sleep(0.01)
-    await net.index.remove_worker(A)
+    net.index.remove_worker(A)
     a.index.reset()
     await a.flush()
-    assert net.index.index.owner(key_digest(K)) == A
+    assert net.index.owner(key_digest(K)) == A
 
 
 async def test_concurrent_misses_share_one_index_call(net, clock, tmp_path):
@@ -260,7 +260,7 @@ async def test_concurrent_misses_share_one_index_call(net, clock, tmp_path):
     await asyncio.sleep(0.01)
     assert [n for n, _ in net.exchanges if n] == [20]  # one message for the 20 misses
     assert sum(c for _, c in net.exchanges) == 20
-    assert all(net.index.index.owner(key_digest(k)) == A for k in keys)
+    assert all(net.index.owner(key_digest(k)) == A for k in keys)
 
 
 async def test_a_cancelled_miss_gives_its_claim_back(net, clock, tmp_path):
@@ -269,7 +269,7 @@ async def test_a_cancelled_miss_gives_its_claim_back(net, clock, tmp_path):
     await asyncio.sleep(0)  # queued in the batch, not yet sent
     task.cancel()
     await asyncio.sleep(0.01)
-    assert net.index.index.pending_count == 0
+    assert net.index.pending_count == 0
 
 
 async def test_a_closing_worker_neither_calls_out_nor_waits_for_loads(net, clock, tmp_path):
@@ -293,3 +293,82 @@ async def test_a_closing_worker_neither_calls_out_nor_waits_for_loads(net, clock
     assert set(a2.state.entries) == {K}
     stuck.gate.set()
     assert await load == b"bytes"
+
+
+async def peer_holds(net, clock, tmp_path):
+    """a holds K (fetched from the source), b read K from a once (b's hint names a)."""
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    await a.get(K, Source(b"old"))
+    await asyncio.sleep(0.01)  # the commit
+    assert await b.get(K, Source(b"never")) == b"old" and b.counters.peer_reads == 1
+    return a, b
+
+
+async def test_a_peer_behind_on_writes_is_never_believed(net, clock, tmp_path):
+    # The write reaches b, not yet a (a slow link); a read on b starts a fetch, asks a
+    # by its hint, and a still serves what the write replaced: b must refuse those bytes.
+    a, b = await peer_holds(net, clock, tmp_path)
+    seq = await net.write([K], late={A})
+    new = Source(b"new")
+    assert await b.get(K, new) == b"new" and new.reads == 1
+    assert b.counters.stale_refused >= 1
+    await net.push(A, seq)
+    assert K not in a.state.entries  # a dropped its copy; b holds the new bytes now
+    assert bytes(await a.get(K, Source(b"never"))) == b"new"
+
+
+async def test_a_peer_behind_on_another_key_is_believed(net, clock, tmp_path):
+    # Only writes of the key itself count: a write elsewhere does not cost peer reads.
+    _a, b = await peer_holds(net, clock, tmp_path)
+    await net.write(["ns\x00data.zarr/c/9"], late={A})
+    assert await b.get(K, Source(b"never")) == b"old"
+    assert b.counters.stale_refused == 0 and b.counters.peer_reads == 2
+
+
+async def test_a_prefix_write_counts_for_every_key_below_it(net, clock, tmp_path):
+    _a, b = await peer_holds(net, clock, tmp_path)
+    await net.write(prefixes=["ns\x00data.zarr/"], late={A})
+    assert await b.get(K, Source(b"new")) == b"new" and b.counters.stale_refused >= 1
+
+
+async def test_a_peer_that_answers_none_is_treated_as_missing(net, clock, tmp_path):
+    _a, b = await peer_holds(net, clock, tmp_path)
+    net.handlerless.add(A)  # a restarted under the same address, handlers not there yet
+    b.state.remove([K])
+    source = Source(b"fresh")
+    assert await b.get(K, source) in (b"old", b"fresh")  # never an AttributeError
+
+
+async def test_a_departed_index_host_fails_the_waiting_reads_at_once(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    net.hung.add(INDEX)  # dead: connecting would be retried until the connect timeout
+    reads = [asyncio.ensure_future(a.get(f"ns\x00d/{i}", Source())) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert not any(r.done() for r in reads)
+    await a.handle_worker_left(INDEX)  # the scheduler noticed at once and said so
+    done, _ = await asyncio.wait(reads, timeout=0.5)
+    assert len(done) == 5 and all(r.result() == b"bytes" for r in reads)
+
+
+async def test_a_departed_peer_fails_the_waiting_reads_at_once(net, clock, tmp_path):
+    _a, b = await peer_holds(net, clock, tmp_path)
+    b.state.remove([K])
+    net.hung.add(A)
+    read = asyncio.ensure_future(b.get(K, Source(b"from source")))
+    await asyncio.sleep(0.05)
+    assert not read.done()
+    await b.handle_worker_left(A)
+    assert await asyncio.wait_for(read, 0.5) == b"from source"
+
+
+async def test_a_frozen_host_costs_a_read_at_most_the_read_timeout(net, clock, tmp_path):
+    _a, _b = await peer_holds(net, clock, tmp_path)
+    b2 = await net.worker("tcp://c:1", tmp_path / "c", clock, read_timeout=0.2)
+    await b2.get(K, Source(b"never"))  # a hint naming a, like b's
+    b2.state.remove([K])
+    net.hung.update({A, INDEX})  # frozen: no answer, no departure notice
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await b2.get(K, Source(b"from source")) == b"from source"
+    assert loop.time() - started < 0.5
