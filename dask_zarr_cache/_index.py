@@ -1,7 +1,7 @@
 """The index of one shard: which worker holds which cached object, who fetches what.
 
 :class:`CacheIndex` is the pure logic (no I/O, testable without a cluster);
-:class:`~dask_zarr_cache._index_actor.IndexActor` is the Dask Actor shell around it.
+:class:`~dask_zarr_cache._index_host.IndexHost` hosts it on a worker.
 
 The index is a directory, not a cache manager.  Keys arrive as 64-bit digests
 (:func:`~dask_zarr_cache._shards.key_digest`), and each entry is a row of a
@@ -22,6 +22,7 @@ import numpy as np
 from dask_zarr_cache._admission import Admission
 from dask_zarr_cache._exceptions import ZarrCacheError
 from dask_zarr_cache._protocol import FETCH, PEER, PENDING, Decision
+from dask_zarr_cache._shards import IMMUTABLE_BIT
 from dask_zarr_cache._table import DigestTable
 
 if TYPE_CHECKING:
@@ -278,18 +279,6 @@ class CacheIndex:
         now = self._clock()
         return [self._live_slot(d, now) >= 0 for d in digests]
 
-    def expire_all(self) -> int:
-        """Drop every expired entry now (also done lazily by :meth:`acquire`)."""
-        if self.max_age_seconds is None:
-            return 0
-        oldest = np.float32(self._clock() - self._epoch - self.max_age_seconds)
-        dropped = self._table.drop(self._table.created < oldest)
-        if dropped:
-            counts = np.bincount(self._table.owners[self._table.digests != 0])
-            for state in self._workers.values():
-                state.entries = int(counts[state.id]) if state.id < len(counts) else 0
-        return dropped
-
     # -- internals -----------------------------------------------------------------
     def _worker(self, worker: str) -> _Worker:
         state = self._workers.get(worker)
@@ -303,7 +292,7 @@ class CacheIndex:
     def _live_slot(self, digest: int, now: float) -> int:
         """Slot of ``digest``'s entry; an expired one is removed and -1 returned."""
         slot = self._table.find(digest)
-        if slot >= 0 and self.max_age_seconds is not None:
+        if slot >= 0 and self.max_age_seconds is not None and not digest & IMMUTABLE_BIT:
             if now - self._epoch - self._table.row(slot)[2] > self.max_age_seconds:
                 self._remove(slot)
                 return -1

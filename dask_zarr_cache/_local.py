@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from dask_zarr_cache._budget import Budget
 from dask_zarr_cache._invalidation import UNSEQUENCED, WriteMarks, matcher
-from dask_zarr_cache._keys import base_key
+from dask_zarr_cache._keys import base_key, is_immutable
 from dask_zarr_cache._protocol import Item
 from dask_zarr_cache._stats import CacheCounters
 
@@ -104,8 +104,10 @@ class LocalState:
         self.clock = clock
         self.counters = CacheCounters(capacity=capacity)
         self.lock = threading.Lock()
-        # Insertion order is creation order: the TTL sweep walks it from the front.
         self.entries: dict[str, LocalEntry] = {}
+        # Entries a TTL applies to (not a snapshot's), in creation order: the TTL sweep
+        # walks it from the front.
+        self._mortal: dict[str, None] = {}
         self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
         self._inflight: dict[str, Fetch] = {}
         self.budget = Budget(capacity, policy)
@@ -137,7 +139,7 @@ class LocalState:
         """The live entry of ``key``, and whether it just expired (its file must go)."""
         with self.lock:
             entry = self.entries.get(key)
-            if entry is None or not self._is_expired(entry):
+            if entry is None or not self._is_expired(key, entry):
                 return entry, False
         return None, bool(self.remove([key], expired=True))
 
@@ -333,6 +335,7 @@ class LocalState:
                 if entry is None:
                     continue
                 removed.append(key)
+                self._mortal.pop(key, None)
                 self._unlink_range(key)
                 self.budget.remove(key)
                 self.counters.bytes -= entry.size
@@ -356,8 +359,8 @@ class LocalState:
             return []
         keys = []
         with self.lock:
-            for key, entry in self.entries.items():
-                if not self._is_expired(entry):
+            for key in self._mortal:
+                if not self._is_expired(key, self.entries[key]):
                     break
                 keys.append(key)
         return self.remove(keys, expired=True)
@@ -428,15 +431,18 @@ class LocalState:
         since = self._failed_peers.get(address)
         return since is not None and self.clock() - since < PEER_BACKOFF
 
-    def _is_expired(self, entry: LocalEntry) -> bool:
+    def _is_expired(self, key: str, entry: LocalEntry) -> bool:
         ttl = self.max_age_seconds
-        return ttl is not None and self.clock() - entry.created > ttl
+        return ttl is not None and not is_immutable(key) and self.clock() - entry.created > ttl
 
     def _add(self, key: str, entry: LocalEntry) -> None:
         old = self.entries.pop(key, None)
         if old is not None:
             self.counters.bytes -= old.size
         self.entries[key] = entry
+        if not is_immutable(key):
+            self._mortal.pop(key, None)
+            self._mortal[key] = None
         base = base_key(key)
         if base != key:
             self._ranges.setdefault(base, set()).add(key)

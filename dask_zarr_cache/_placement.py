@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from dask_zarr_cache._keys import SourceLocation, cache_key
+from dask_zarr_cache._identity import SourceIdentity
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -95,13 +95,14 @@ def chunk_cache_keys(spec: Any, resolve: Resolve) -> list[str]:
     keys: list[str] = []
     for getter, scope in _getters(spec, resolve):
         array = _zarr_array(_value(getter.args[0], scope))
-        location = getattr(getattr(array, "store", None), "location", None)
-        if not isinstance(location, SourceLocation):  # not read through the cluster cache
+        store = getattr(array, "store", None)
+        location = getattr(store, "location", None)
+        if not isinstance(location, SourceIdentity):  # not read through the cluster cache
             continue
         prefix = f"{array.path}/" if array.path else ""
         index = _value(getter.args[1], scope)
         for c in itertools.islice(_object_coords(array, index), _MAX_CHUNKS):
-            key = cache_key(location, prefix + array.metadata.encode_chunk_key(c))
+            key = location.read_key(store._store, prefix + array.metadata.encode_chunk_key(c))
             if key is not None:
                 keys.append(key)
         if len(keys) >= _MAX_CHUNKS:

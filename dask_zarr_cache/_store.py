@@ -13,13 +13,8 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from dask_zarr_cache._announce import announce_write
 from dask_zarr_cache._exceptions import CacheConfigError, InvalidationError
-from dask_zarr_cache._keys import (
-    SourceLocation,
-    cache_key,
-    cache_prefix,
-    source_location,
-    validate_namespace,
-)
+from dask_zarr_cache._identity import SourceLocation, source_identity
+from dask_zarr_cache._keys import validate_namespace
 from dask_zarr_cache._plugin import worker_cache
 
 if TYPE_CHECKING:
@@ -43,23 +38,27 @@ class ClusterCacheStore(WrapperStore[Store]):
     process, a worker without the plugin) reads go straight to the source.  Writes go to
     the source first and return once no worker can serve the bytes they replaced.
 
-    Objects are cached under their canonical location (storage endpoint + full path), so
-    every store opened on the same data shares cache entries and invalidations, whatever
-    its credentials, ``read_only`` flag or root.
+    Objects are cached under where their bytes live (storage endpoint + full path; an
+    Icechunk snapshot; the file and byte range a reference points to), so every store
+    opened on the same data shares cache entries and invalidations, whatever its class,
+    credentials, ``read_only`` flag or root (see :mod:`dask_zarr_cache._identity`).
 
     Parameters
     ----------
     store : zarr.abc.store.Store
-        The source store (``FsspecStore``, ``LocalStore``, ``ZipStore``, ``MemoryStore``,
-        ...).
+        The source store (``FsspecStore``, ``ObjectStore``, ``LocalStore``, ``ZipStore``,
+        ``MemoryStore``, an Icechunk session's store, VirtualiZarr's ``ManifestStore``, ...).
     namespace : str, optional
-        Name of the source's data in the cache.  Needed only for stores whose location the
-        cache cannot know (it says so); stores given the same namespace share entries.
+        Name of the source's data in the cache, for stores whose location the cache cannot
+        know (it says so); stores given the same namespace share entries.  It promises that
+        the data does not change under that name except through the cache: versioned data
+        needs a new namespace per version.
 
     Raises
     ------
     CacheConfigError
-        If ``namespace`` is invalid, or needed and not given.
+        If ``namespace`` is invalid, needed and not given, or given for a store that names
+        its own versions (Icechunk).
 
     Examples
     --------
@@ -73,9 +72,8 @@ class ClusterCacheStore(WrapperStore[Store]):
             raise TypeError(f"ClusterCacheStore wraps a zarr Store, got {type(store).__name__}")
         super().__init__(store)
         if namespace is not None:
-            self.location = SourceLocation(validate_namespace(namespace))
-        else:
-            self.location = source_location(store)
+            namespace = validate_namespace(namespace)
+        self.location = source_identity(store, namespace)
 
     @classmethod
     def from_url(
@@ -107,6 +105,17 @@ class ClusterCacheStore(WrapperStore[Store]):
     def namespace(self) -> str:
         """The cache namespace of the source (its storage system, or the given name)."""
         return self.location.namespace
+
+    def cache_key(self, key: str, byte_range: ByteRequest | None = None) -> str | None:
+        """The cache key of a read of ``key``; ``None`` if such a read is not cached.
+
+        Raises
+        ------
+        InvalidCacheKeyError
+            If ``key`` is absolute, holds NUL or has empty, ``.`` or ``..`` components.
+
+        """
+        return self.location.read_key(self._store, key, byte_range)
 
     def _with_store(self, store: Store) -> ClusterCacheStore:
         new = type(self).__new__(type(self))
@@ -150,13 +159,17 @@ class ClusterCacheStore(WrapperStore[Store]):
         """
         if key == "":  # the root itself: not an object the cache names
             return await self._store.get(key, prototype, byte_range)
-        ckey = cache_key(self.location, key, byte_range)
+        ckey = self.cache_key(key, byte_range)
         cache = worker_cache() if ckey is not None else None
         if cache is None:
             return await self._store.get(key, prototype, byte_range)
 
         source_range = byte_range
-        if byte_range is None and isinstance(_unwrapped(self._store), FsspecStore):
+        if (
+            byte_range is None
+            and isinstance(self.location, SourceLocation)
+            and isinstance(_unwrapped(self._store), FsspecStore)
+        ):
             # For a whole object s3fs sends HEAD (to split big objects) and then GET: two
             # round trips. "From byte 0" is the same bytes in one GET.
             source_range = OffsetByteRequest(0)
@@ -291,14 +304,13 @@ class ClusterCacheStore(WrapperStore[Store]):
 
         """
         try:
-            ckeys = [cache_key(self.location, k) for k in keys if k]  # validates each key
+            ckeys, cprefixes = self.location.written(keys, prefixes)  # validates each key
         except BaseException:
             write.close()
             raise
         await write
-        cprefixes = [cache_prefix(self.location, p) for p in prefixes]
-        if "" in keys:
-            cprefixes.append(cache_prefix(self.location, ""))
+        if not ckeys and not cprefixes:
+            return  # nothing of this source can be cached
         try:
             await announce_write(ckeys, cprefixes)
         except Exception as err:

@@ -27,7 +27,6 @@ from zarr.storage import FsspecStore, LocalStore
 
 from dask_zarr_cache._client import cluster_stats
 from dask_zarr_cache._exceptions import ZarrCacheError
-from dask_zarr_cache._keys import cache_key
 from dask_zarr_cache._names import WARM_METADATA
 from dask_zarr_cache._placement import HashRing
 
@@ -110,13 +109,18 @@ def warm(
         raise ValueError("fit must be 'refuse' or 'trim' and concurrency at least 1")
     start = time.perf_counter()
     stats = cluster_stats(client)
-    sizes = object_sizes(store, variables, selection)
-    ckeys = {k: cache_key(store.location, k) for k in sizes}
+    # Objects the cache does not name (in-memory metadata, inlined chunks) are read
+    # through anyway: nothing to warm.
+    sizes, ckeys = {}, {}
+    for key, size in object_sizes(store, variables, selection).items():
+        ckey = store.cache_key(key)
+        if ckey is not None:
+            sizes[key], ckeys[key] = size, ckey
     cached = [c == "1" for c in client.sync(_cached, client, json.dumps(list(ckeys.values())))]
     todo = {k: n for (k, n), hit in zip(sizes.items(), cached, strict=True) if not hit}
     free = {addr: max(0, w["capacity"] - w["bytes"]) for addr, w in stats["workers"].items()}
     ring = HashRing(stats["workers"])
-    homes = {k: ring.home(ckeys[k] or "") for k in todo}
+    homes = {k: ring.home(ckeys[k]) for k in todo}
     plan, left_out = _spread(todo, free, homes)
     if left_out and fit == "refuse":
         raise ZarrCacheError(

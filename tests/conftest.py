@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import dask.config
@@ -51,6 +51,22 @@ def s3_store(s3: LocalS3Server, path: str, read_only: bool = False) -> FsspecSto
         f"s3://{path}",
         read_only=read_only,
         storage_options={**s3.storage_options, "skip_instance_cache": True},
+    )
+
+
+def obstore_s3(s3: LocalS3Server, path: str) -> Any:
+    """An obstore ``S3Store`` for ``path`` (``bucket/prefix``) on the loopback server."""
+    from obstore.store import S3Store
+
+    bucket, prefix = path.split("/", 1)
+    return S3Store(
+        bucket,
+        prefix=prefix,
+        endpoint=s3.endpoint_url,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+        client_options={"allow_http": True},
     )
 
 
@@ -155,3 +171,25 @@ def dask_processes(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture
+async def worker_cache(tmp_path, monkeypatch):
+    """A real scheduler, worker, index shard and ``WorkerCache`` in this test's loop.
+
+    ``ClusterCacheStore`` finds its cache through ``get_worker()``, which only answers
+    inside a task; here the lookup is pointed at this worker's real cache instead.
+    """
+    from distributed import Client, Scheduler, Worker
+
+    from dask_zarr_cache import ZarrCachePlugin
+
+    async with (
+        Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler,
+        Worker(scheduler.address, host="127.0.0.1", nthreads=2) as worker,
+        Client(scheduler.address, asynchronous=True) as client,
+    ):
+        await client.register_plugin(ZarrCachePlugin(max_size="10MiB", directory=tmp_path / "c"))
+        cache = worker.extensions["zarr_cache"]
+        monkeypatch.setattr("dask_zarr_cache._store.worker_cache", lambda: cache)
+        yield cache

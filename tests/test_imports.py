@@ -22,6 +22,7 @@ LAYERS = {
     "_stats": 0,
     "_config": 0,
     "_keys": 0,
+    "_identity": 0,
     "_invalidation": 0,
     "_admission": 0,
     "_budget": 0,

@@ -86,17 +86,6 @@ def test_ttl_makes_entries_absent():
     assert index.workers()["A"]["entries"] == 0 and index.cached(d("k")) == [False]
 
 
-def test_expire_all_sweeps_old_entries():
-    clock = Clock()
-    index = CacheIndex(max_age_seconds=5, clock=clock)
-    fill(index, "A", ["k0", "k1"])
-    clock.now += 3
-    fill(index, "B", ["k2"])
-    clock.now += 3
-    assert index.expire_all() == 2
-    assert len(index) == 1 and index.workers() == {"A": {"entries": 0}, "B": {"entries": 1}}
-
-
 def test_invalidate_drops_entries_and_pending_claims():
     index = CacheIndex()
     fill(index, "A", ["k", "other"])

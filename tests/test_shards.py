@@ -6,7 +6,7 @@ import collections
 
 from zarr.abc.store import RangeByteRequest
 
-from dask_zarr_cache._keys import SourceLocation, cache_key
+from dask_zarr_cache._identity import SourceLocation
 from dask_zarr_cache._shards import group_by_shard, key_digest, shard_of
 
 
@@ -22,9 +22,9 @@ def test_keys_spread_evenly_and_stably_over_shards():
 
 def test_byte_ranges_live_in_their_objects_shard():
     location = SourceLocation("ns")
-    key = cache_key(location, "c/0/0")
+    key = location.read_key(None, "c/0/0")
     for start in range(0, 4096, 512):
-        ranged = cache_key(location, "c/0/0", RangeByteRequest(start, start + 512))
+        ranged = location.read_key(None, "c/0/0", RangeByteRequest(start, start + 512))
         assert ranged != key and shard_of(ranged, 7) == shard_of(key, 7)
 
 

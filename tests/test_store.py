@@ -16,6 +16,7 @@ from zarr.storage import FsspecStore, LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
 from dask_zarr_cache import ClusterCacheStore, InvalidCacheKeyError
+from tests.conftest import obstore_s3
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,28 +84,6 @@ async def test_escaping_keys_are_rejected_for_reads_and_writes(tmp_path, key):
     with pytest.raises(InvalidCacheKeyError):
         await store.delete(key)
     assert not any((tmp_path).rglob("secret"))
-
-
-@pytest.fixture
-async def worker_cache(tmp_path, monkeypatch):
-    """A real scheduler, worker, index actor and ``WorkerCache`` in this test's loop.
-
-    ``ClusterCacheStore`` finds its cache through ``get_worker()``, which only answers
-    inside a task; here the lookup is pointed at this worker's real cache instead.
-    """
-    from distributed import Client, Scheduler, Worker
-
-    from dask_zarr_cache import ZarrCachePlugin
-
-    async with (
-        Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler,
-        Worker(scheduler.address, host="127.0.0.1", nthreads=2) as worker,
-        Client(scheduler.address, asynchronous=True) as client,
-    ):
-        await client.register_plugin(ZarrCachePlugin(max_size="10MiB", directory=tmp_path / "c"))
-        cache = worker.extensions["zarr_cache"]
-        monkeypatch.setattr("dask_zarr_cache._store.worker_cache", lambda: cache)
-        yield cache
 
 
 def _in_a_thread(test):
@@ -270,3 +249,114 @@ async def test_a_source_refusing_a_range_from_byte_0_is_read_plainly(tmp_path, w
     assert _RangeRefusingStore.refused == 3  # each whole read tried one GET first
     assert (await store.get("full", proto)).to_bytes() == b"abcdef"  # now from the cache
     assert worker_cache.counters.hits >= 1 and _RangeRefusingStore.refused == 3
+
+
+class _OnWorkerOverAnySource(TestClusterCacheStoreOnWorker):
+    """Helpers read and write through the source store itself, not the cache."""
+
+    async def get(self, store: ClusterCacheStore, key: str) -> Buffer:
+        return await store._store.get(key, default_buffer_prototype())
+
+    async def set(self, store: ClusterCacheStore, key: str, value: Buffer) -> None:
+        await store._store.set(key, value)
+
+    def test_store_repr(self, store: ClusterCacheStore) -> None:
+        assert repr(store) == f"ClusterCacheStore({store._store!r})"
+
+    async def test_reads_were_cached(self, store, worker_cache) -> None:
+        proto = default_buffer_prototype()
+        await self.set(store, "c/0", Buffer.from_bytes(b"abcdef"))
+        assert (await store.get("c/0", proto)).to_bytes() == b"abcdef"
+        await store._store.delete("c/0")  # the source no longer has it ...
+        assert (await store.get("c/0", proto)).to_bytes() == b"abcdef"  # ... the cache has
+        assert worker_cache.counters.hits == 1 and worker_cache.counters.remote_reads == 1
+
+
+class TestOverMemoryStore(_OnWorkerOverAnySource):
+    """StoreTests through a worker's cache over a MemoryStore (stores over one dict agree)."""
+
+    @pytest.fixture
+    def store_dict(self) -> dict:
+        return {}
+
+    @pytest.fixture
+    def store_kwargs(self, store_dict: dict) -> dict[str, object]:
+        return {"store": MemoryStore(store_dict)}
+
+    @pytest.fixture
+    def open_kwargs(self, store_dict: dict) -> dict[str, object]:
+        return {"store_cls": MemoryStore, "store_dict": store_dict}
+
+    def test_store_supports_listing(self, store: ClusterCacheStore) -> None:
+        assert store.supports_listing
+
+
+@pytest.fixture
+def s3_prefix(s3) -> str:
+    import uuid
+
+    return f"test/storetests-{uuid.uuid4().hex[:8]}"
+
+
+class TestOverFsspecS3(_OnWorkerOverAnySource):
+    """StoreTests through a worker's cache over FsspecStore (s3fs) on the loopback S3."""
+
+    @pytest.fixture
+    def store_kwargs(self, s3, s3_prefix) -> dict[str, object]:
+        return {"store": FsspecStore(_s3fs(s3), path=s3_prefix)}
+
+    @pytest.fixture
+    def open_kwargs(self, s3, s3_prefix) -> dict[str, object]:
+        return {"store_cls": FsspecStore, "fs": _s3fs(s3), "path": s3_prefix}
+
+    def test_serializable_store(self, store: ClusterCacheStore) -> None:
+        # An FsspecStore over s3fs is not equal to its own unpickled copy (a new s3fs
+        # instance): the identity is what must survive.
+        clone = pickle.loads(pickle.dumps(store))
+        assert clone.location == store.location and clone._store.path == store._store.path
+
+
+def _s3fs(s3):
+    import s3fs
+
+    return s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True, **s3.storage_options)
+
+
+class TestOverObjectStoreS3(_OnWorkerOverAnySource):
+    """StoreTests through a worker's cache over zarr's ObjectStore (obstore's S3Store)."""
+
+    @pytest.fixture
+    def store_kwargs(self, s3, s3_prefix) -> dict[str, object]:
+        from zarr.storage import ObjectStore
+
+        return {"store": ObjectStore(_obstore_s3(s3, s3_prefix))}
+
+    @pytest.fixture
+    def open_kwargs(self, s3, s3_prefix) -> dict[str, object]:
+        from zarr.storage import ObjectStore
+
+        return {"store_cls": ObjectStore, "store": _obstore_s3(s3, s3_prefix)}
+
+
+def _obstore_s3(s3, prefix):
+    pytest.importorskip("obstore")
+    return obstore_s3(s3, prefix)
+
+
+def _not_for_this_source(test):
+    @functools.wraps(test)
+    def skipped(*args, **kwargs):
+        pytest.skip(
+            "the source has no synchronous API (zarr skips these tests for it), and its "
+            "s3 sessions belong to one event loop; the sync API through the cache is "
+            "tested over LocalStore and MemoryStore"
+        )
+
+    return skipped
+
+
+for _name, _test in vars(StoreTests).items():
+    if _name.startswith("test_") and "sync" in _name:
+        setattr(TestOverMemoryStore, _name, _in_a_thread(_test))
+        for _cls in (TestOverFsspecS3, TestOverObjectStoreS3):
+            setattr(_cls, _name, _not_for_this_source(_test))

@@ -17,7 +17,6 @@ import zarr
 from distributed import wait
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
-from dask_zarr_cache._keys import cache_key
 from tests.conftest import cache_cluster, cached, chunk_gets, s3_store, write_array
 
 
@@ -147,7 +146,7 @@ def test_eviction_keeps_disk_within_budget_and_follows_the_policy(s3, s3_path, p
         client.submit(_read_chunks, store, [0], workers=[b], pure=False).result()
         time.sleep(0.5)  # let the owners flush their access records
         client.submit(_read_chunks, store, [4], workers=[a], pure=False).result()
-        keys = [cache_key(store.location, f"c/{i}/0") for i in range(5)]
+        keys = [store.cache_key(f"c/{i}/0") for i in range(5)]
         present = {i: client.run(_has_file, key=k, workers=[a])[a] for i, k in enumerate(keys)}
         assert {i: present[i] for i in expected} == expected, present
 

@@ -20,7 +20,6 @@ from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
 from dask_zarr_cache import InvalidCacheKeyError, cluster_stats
-from dask_zarr_cache._keys import cache_prefix
 from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
 
 
@@ -147,9 +146,9 @@ def test_damaged_cache_files_are_detected_and_refetched(s3, s3_path, client, mod
     owner = next(
         addr
         for addr, keys in client.run(cache_keys).items()
-        if any(k.startswith(cache_prefix(store.location, "")) for k in keys)
+        if any(k.startswith(store.location.prefix("")) for k in keys)
     )
-    prefix = cache_prefix(store.location, "")
+    prefix = store.location.prefix("")
     damaged = client.run(damage_one, prefix=prefix, mode=mode, workers=[owner])
     damaged = damaged[owner]
     for _ in range(2):
@@ -354,7 +353,7 @@ def test_peer_handler_serves_only_cache_entries(s3, s3_path, client):
         replies = client.run(_ask_peer, key=key)
         assert all(r == {"status": "missing"} for r in replies.values()), (key, replies)
     # A real entry is served, with its checksum.
-    prefix = cache_prefix(cached(s3, s3_path).location, "")
+    prefix = cached(s3, s3_path).location.prefix("")
     owners = client.run(cache_keys)
     owner, key = next((a, k) for a, keys in owners.items() for k in keys if k.startswith(prefix))
     reply = client.run(_ask_peer, key=key, workers=[owner])[owner]
