@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dask_zarr_cache._index import CacheIndex
+from dask_zarr_cache._keys import IMMUTABLE
 from dask_zarr_cache._protocol import FETCH, PEER, PENDING, Decision, Item, pack, unpack
 from dask_zarr_cache._shards import key_digest
 
@@ -84,6 +85,16 @@ def test_ttl_makes_entries_absent():
     clock.now += 2
     assert index.acquire("B", d("k"))[0][:2] == (FETCH, "B")
     assert index.workers()["A"]["entries"] == 0 and index.cached(d("k")) == [False]
+
+
+def test_entries_of_immutable_data_never_expire():
+    clock = Clock()
+    index = CacheIndex(max_age_seconds=5, clock=clock)
+    snapshot = IMMUTABLE + "snap\x00a/c/0"
+    fill(index, "A", [snapshot, "k"])
+    clock.now += 3600
+    assert index.acquire("B", d(snapshot, "k"))[0] == Decision(PEER, "A")
+    assert index.acquire("B", d("k"))[0][:2] == (FETCH, "B")  # the mortal one expired
 
 
 def test_invalidate_drops_entries_and_pending_claims():

@@ -11,6 +11,7 @@ import errno
 
 import pytest
 
+from dask_zarr_cache._keys import IMMUTABLE
 from dask_zarr_cache._shards import key_digest
 from tests.fakes import INDEX, FakeClock, FakeNetwork, Source
 
@@ -146,6 +147,19 @@ async def test_ttl_with_a_fake_clock(clock, tmp_path):
     assert K not in a.state.entries and not a.disk.path_of(K).exists()
     await a.get(K, source)
     assert source.reads == 2 and a.counters.expired == 1
+
+
+async def test_a_snapshot_s_objects_never_expire(clock, tmp_path):
+    net = FakeNetwork(max_age_seconds=60)
+    a = await net.worker(A, tmp_path / "a", clock, max_age_seconds=60)
+    snapshot, mortal = IMMUTABLE + "snap\x00a/c/0", "ns\x00a/c/0"
+    source = Source()
+    await a.get(snapshot, source)
+    await a.get(mortal, source)
+    clock.now += 3600
+    await a.flush()  # the TTL sweep
+    assert set(a.state.entries) == {snapshot}
+    assert await a.get(snapshot, Source(b"never")) == b"bytes" and a.counters.expired == 1
 
 
 async def test_a_worker_that_cannot_catch_up_serves_nothing(net, clock, tmp_path):
