@@ -45,6 +45,13 @@ dask.config.update_defaults(
             # The longest a read waits for the rest of the cluster (the index, peers) in
             # all before it reads the source itself: what a frozen host costs a read.
             "read-timeout": "5s",
+            # Mode of cache files (directories get the matching search bits), whatever the
+            # umask: this user only. "0640" shares them with the group, deliberately.
+            "file-mode": "0600",
+            # Accept a cache directory whose parent other users may write to without the
+            # sticky bit (a Kubernetes emptyDir or fsGroup volume, written only by the
+            # pod's own containers). Such users could swap the cache's directory.
+            "trusted-parent": False,
         }
     }
 )
@@ -82,6 +89,43 @@ def _parse_max_age(value: float | int | str | None) -> float | None:
     return float(value)
 
 
+def _parse_file_mode(value: object) -> int:
+    """Parse a file mode: ``0o600``, ``384``, ``"0600"``, ``"600"`` or ``"0o600"``.
+
+    The owner must be able to read and write; nobody gets more than read and write.
+    """
+    mode = value
+    if isinstance(value, str):
+        try:
+            mode = int(value.removeprefix("0o"), 8)
+        except ValueError:
+            mode = None
+    if (
+        isinstance(mode, bool)
+        or not isinstance(mode, int)
+        or mode & ~0o666
+        or mode & 0o600 != 0o600
+    ):
+        raise CacheConfigError(
+            f"zarr-cache.file-mode must be an octal mode like '0600' that lets the owner read "
+            f"and write and grants nothing beyond read and write, got {value!r}"
+        )
+    return mode
+
+
+def _parse_flag(name: str) -> bool:
+    """A yes/no setting: a bool, or ``true``/``false``/``1``/``0`` from the environment."""
+    value = dask.config.get(f"zarr-cache.{name}")
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise CacheConfigError(f"zarr-cache.{name} must be true or false, got {value!r}")
+
+
 def _parse_directory(value: object) -> str | None:
     if value is None:
         return None
@@ -116,6 +160,10 @@ class CacheSettings:
     read_timeout : float
         Seconds a read waits for the index and peers in all before it reads the source
         (``zarr-cache.read-timeout``).
+    file_mode : int
+        Mode of cache files (``zarr-cache.file-mode``).
+    trusted_parent : bool
+        Accept a parent directory other users may write to (``zarr-cache.trusted-parent``).
 
     """
 
@@ -127,6 +175,8 @@ class CacheSettings:
     locality: bool = True
     index_shards: int = 1
     read_timeout: float = 5.0
+    file_mode: int = 0o600
+    trusted_parent: bool = False
 
     @classmethod
     def from_arguments(
@@ -165,6 +215,7 @@ class CacheSettings:
             raise CacheConfigError(
                 f"zarr-cache.read-timeout must be positive, got {read_timeout!r}"
             )
+        file_mode = _parse_file_mode(dask.config.get("zarr-cache.file-mode"))
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_max_age(max_age_seconds),
@@ -174,6 +225,8 @@ class CacheSettings:
             locality=bool(dask.config.get("zarr-cache.locality")),
             index_shards=shards,
             read_timeout=float(read_timeout),
+            file_mode=file_mode,
+            trusted_parent=_parse_flag("trusted-parent"),
         )
 
 

@@ -98,7 +98,7 @@ class WorkerCache:
             policy=settings.policy,
         )
         self.counters = self.state.counters
-        self.disk = DiskCache(directory)
+        self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
         self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
         self.handle_get = self.peers.serve

@@ -80,3 +80,28 @@ def test_policy_and_locality_come_from_dask_config():
         pytest.raises(CacheConfigError, match="policy must be one of"),
     ):
         CacheSettings.from_arguments(1)
+
+
+@pytest.mark.parametrize(
+    ("given", "mode"), [("0600", 0o600), ("640", 0o640), ("0o660", 0o660), (0o644, 0o644)]
+)
+def test_file_modes_are_octal(given, mode):
+    with dask.config.set({"zarr-cache.file-mode": given}):
+        assert CacheSettings.from_arguments(1).file_mode == mode
+
+
+@pytest.mark.parametrize("given", ["0400", "0700", "0777", "rw", 600, True])
+def test_file_modes_that_lock_out_the_owner_or_grant_execution_are_refused(given):
+    with dask.config.set({"zarr-cache.file-mode": given}), pytest.raises(CacheConfigError):
+        CacheSettings.from_arguments(1)
+
+
+@pytest.mark.parametrize(
+    ("given", "trusted"), [(False, False), ("false", False), ("True", True), ("1", True)]
+)
+def test_trusted_parent_is_a_flag(given, trusted):
+    assert CacheSettings.from_arguments(1).trusted_parent is False
+    with dask.config.set({"zarr-cache.trusted-parent": given}):
+        assert CacheSettings.from_arguments(1).trusted_parent is trusted
+    with dask.config.set({"zarr-cache.trusted-parent": "maybe"}), pytest.raises(CacheConfigError):
+        CacheSettings.from_arguments(1)

@@ -48,6 +48,8 @@ CACHE_VARS = (
     "DASK_ZARR_CACHE__DIRECTORY",
     "DASK_ZARR_CACHE__MAX_AGE_SECONDS",
     "DASK_ZARR_CACHE__INDEX_SHARDS",
+    "DASK_ZARR_CACHE__FILE_MODE",
+    "DASK_ZARR_CACHE__TRUSTED_PARENT",
 )
 UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
@@ -215,6 +217,9 @@ def test_default_render() -> None:
     assert env["DASK_ZARR_CACHE__DIRECTORY"] == "/cache"
     assert "DASK_ZARR_CACHE__MAX_AGE_SECONDS" not in env  # no TTL unless asked
     assert env["DASK_ZARR_CACHE__INDEX_SHARDS"] == "1"
+    assert env["DASK_ZARR_CACHE__FILE_MODE"] == "0600"  # private chunks by default
+    assert env["DASK_ZARR_CACHE__TRUSTED_PARENT"] == "true"  # an emptyDir is the pod's own
+    assert "securityContext" not in find(docs, "Deployment", "worker")["spec"]["template"]["spec"]
     assert parse_bytes(env["DASK_ZARR_CACHE__MAX_SIZE"]) == math.floor(50 * 2**30 * 0.9)
     # $(POD_NAME) in args only expands if POD_NAME is defined before use.
     assert worker["env"][0]["name"] == "POD_NAME"
@@ -265,6 +270,21 @@ def test_host_path_volume() -> None:
         "hostPath": {"path": "/mnt/nvme", "type": "DirectoryOrCreate"},
     }
     assert container(docs, "worker")["volumeMounts"] == [{"name": "cache", "mountPath": "/cache"}]
+    # A node's directory other pods may share: its parent is not trusted by default.
+    assert env_of(container(docs, "worker"))["DASK_ZARR_CACHE__TRUSTED_PARENT"] == "false"
+
+
+def test_shared_node_settings_render() -> None:
+    values = {
+        "cache": {"fileMode": "0640", "trustedParent": False},
+        "worker": {"podSecurityContext": {"runAsUser": 1000, "fsGroup": 2000}},
+    }
+    docs, _ = render(values)
+    env = env_of(container(docs, "worker"))
+    assert env["DASK_ZARR_CACHE__FILE_MODE"] == "0640"
+    assert env["DASK_ZARR_CACHE__TRUSTED_PARENT"] == "false"
+    pod = find(docs, "Deployment", "worker")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsUser": 1000, "fsGroup": 2000}
 
 
 def test_ephemeral_volume() -> None:
@@ -301,6 +321,8 @@ def test_max_size_derived_from_volume_size(size: str, fraction: float) -> None:
         {"cache": {"fillFraction": 1.5}},
         {"cache": {"maxAgeSeconds": -1}},
         {"cache": {"indexShards": 0}},
+        {"cache": {"fileMode": "0777x"}},
+        {"cache": {"trustedParent": "yes"}},
         {"worker": {"replicas": "three"}},
         {"scheduler": {"serviceType": "Ingress"}},
         {"unknownTopLevel": True},

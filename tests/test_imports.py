@@ -31,6 +31,7 @@ LAYERS = {
     "_coalescing": 0,
     "_index": 0,
     "_index_host": 0,
+    "_private_dir": 0,
     "_disk": 0,
     "_local": 0,
     "_loops": 0,

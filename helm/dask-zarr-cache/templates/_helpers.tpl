@@ -112,6 +112,14 @@ registers the plugin with the scheduler's settings.
   value: {{ .Values.cache.mountPath | quote }}
 - name: DASK_ZARR_CACHE__INDEX_SHARDS
   value: {{ int64 .Values.cache.indexShards | toString | quote }}
+- name: DASK_ZARR_CACHE__FILE_MODE
+  value: {{ .Values.cache.fileMode | toString | quote }}
+- name: DASK_ZARR_CACHE__TRUSTED_PARENT
+  {{- $trusted := .Values.cache.trustedParent }}
+  {{- if kindIs "invalid" $trusted }}
+  {{- $trusted = ne .Values.cache.volume.type "hostPath" }}
+  {{- end }}
+  value: {{ ternary "true" "false" $trusted | quote }}
 {{- if not (kindIs "invalid" .Values.cache.maxAgeSeconds) }}
 - name: DASK_ZARR_CACHE__MAX_AGE_SECONDS
   {{- $age := float64 .Values.cache.maxAgeSeconds }}
