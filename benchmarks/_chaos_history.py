@@ -235,7 +235,9 @@ FAILURE_KINDS = (
 )
 
 
-def check(history: History, read_stall_bound: float, write_stall_bound: float) -> Report:
+def check(
+    history: History, read_stall_bound: float, write_stall_bound: float, lease_wait: float = 0.0
+) -> Report:
     """Check a history for the failures the cache promises never happen.
 
     Parameters
@@ -244,6 +246,10 @@ def check(history: History, read_stall_bound: float, write_stall_bound: float) -
         Reads, writes (include each chunk's initial version as a write) and nemesis events.
     read_stall_bound, write_stall_bound : float
         Seconds a read or write may take, unless a SIGSTOP of its own worker overlaps it.
+    lease_wait : float
+        Seconds a write may wait for one frozen worker's lease to run out: a write during
+        which ``n`` workers were frozen may take ``(n - 1) * lease_wait`` longer (writes
+        from one process go one batch at a time, so each can wait out another freeze).
 
     Returns
     -------
@@ -282,6 +288,9 @@ def check(history: History, read_stall_bound: float, write_stall_bound: float) -
         died = op.error is not None and is_worker_death(op.error)  # no times from a task
         if op.error is not None and not died:
             found["cache_errors"].append(_describe(op))
+        if isinstance(op, WriteOp):
+            frozen = sum(frozen_during(w, op.t_invoke, op.t_return) for w in stops)
+            bound += lease_wait * max(0, frozen - 1)
         if (
             not died
             and op.duration > bound

@@ -171,9 +171,19 @@ def read_chunks(
 
 
 def write_chunk(
-    url: str, storage_options: dict[str, Any], chunk: int, chunk_size: int, version: int
+    url: str,
+    storage_options: dict[str, Any],
+    chunk: int,
+    chunk_size: int,
+    version: int,
+    claim: str,
 ) -> dict[str, Any]:
-    """Write ``chunk`` at ``version`` through the cache.
+    """Write ``chunk`` at ``version`` through the cache, once.
+
+    Dask runs a finished task again when its result dies with its worker; a second run
+    would put an old version back after newer ones (right for Dask, wrong for a history
+    whose versions only grow).  The first run creates the file ``claim`` (every process
+    of the suite shares this machine's disk); a later run finds it and writes nothing.
 
     Parameters
     ----------
@@ -185,23 +195,29 @@ def write_chunk(
         Elements per chunk.
     version : int
         Version to write (see :func:`~benchmarks._chaos_history.encode`).
+    claim : str
+        Path this write's first run creates.
 
     Returns
     -------
     dict
-        ``t_return`` (right after the store write returned), ``worker`` (name) and
-        ``error`` (text, or ``None``).
+        ``t_return`` (right after the store write returned), ``worker`` (name),
+        ``error`` (text, or ``None``) and ``rerun`` (this run wrote nothing).
 
     """
     worker = _worker_name()
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return {"t_return": time.time(), "worker": worker, "error": None, "rerun": True}
     try:
         arr = open_cached_array(url, storage_options, "r+")
         arr[chunk_selection(chunk, chunk_size)] = np.full(
             chunk_size, encode(chunk, version), dtype="int64"
         )
     except Exception as err:
-        return {"t_return": time.time(), "worker": worker, "error": _error(err)}
-    return {"t_return": time.time(), "worker": worker, "error": None}
+        return {"t_return": time.time(), "worker": worker, "error": _error(err), "rerun": False}
+    return {"t_return": time.time(), "worker": worker, "error": None, "rerun": False}
 
 
 class StackDumps(WorkerPlugin):

@@ -4,6 +4,8 @@
   threads writing through a ``ClusterCacheStore`` in this process, and threads submitting
   write tasks to random workers.  A write's invoke time is taken here before it is
   submitted; its return time right after the store write returned (in the task, or here).
+  A write task runs at most once (Dask re-runs a task whose result died with its worker);
+  a re-run writes nothing and makes the write's outcome "maybe".
 - **Readers**: one-chunk read tasks pinned (loosely) to a worker, at most
   ``max_reads_in_flight`` at a time, each recorded when it is done; times are taken inside
   the task.  *Random* readers pick a chunk and a worker at random (part of them twice in a
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -110,6 +114,8 @@ class Workload:
         self._stop = threading.Event()
         self._give_up_at = float("inf")  # once stopping: when waiting ops are abandoned
         self._threads: list[threading.Thread] = []
+        #: Where write tasks claim their first run (see ``write_chunk``).
+        self._claims = tempfile.mkdtemp(prefix="dzc-chaos-claims-")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,6 +159,7 @@ class Workload:
         for future, chunk, name, t_submit in abandoned:
             future.cancel()
             self.reads.append(ReadOp(chunk, None, False, t_submit, now, name, completed=False))
+        shutil.rmtree(self._claims, ignore_errors=True)
         return len(abandoned) + sum(t.is_alive() for t in self._threads)
 
     # -- choices -------------------------------------------------------------------------------
@@ -329,13 +336,17 @@ class Workload:
                 chunk,
                 s.chunk_size,
                 version,
+                os.path.join(self._claims, f"{chunk}-{version}"),
                 workers=[target[0]],
                 allow_other_workers=True,
                 pure=False,
             )
             result, err, completed = self._wait(future)
+            future.release()  # else Dask runs it again if its result's worker dies
             if result is not None:
-                outcome = "ok" if result["error"] is None else "failed"
+                outcome = "failed" if result["error"] is not None else "ok"
+                if result["rerun"]:  # the first run died: its write may have landed
+                    outcome = "maybe"
                 op = WriteOp(
                     chunk,
                     version,

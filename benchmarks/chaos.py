@@ -3,7 +3,7 @@
 ::
 
     python -m benchmarks.chaos [--seconds 120] [--seed N] [--mode kills|slow|both]
-        [--workers 4] [--chunks 32] [--read-stall-bound 8] [--write-stall-bound 20]
+        [--workers 4] [--chunks 32] [--read-stall-bound 12] [--write-stall-bound 20]
         [--json PATH] [--history PATH]
 
 A scheduler and ``--workers`` nanny workers (``python -m dask ...``, the cache installed by
@@ -16,11 +16,11 @@ must be read at most once per chunk.  The history is checked by
 :func:`benchmarks._chaos_history.check`; exit status 0 when it found nothing, 1 when it
 found something, 2 when the run itself could not be carried out.
 
-Stall bounds: a read on a healthy worker should never wait more than ~2 s for a dead index
-host or peer; one waiting for a *frozen* peer is bounded by a timeout the project is to
-add (assumed 5 s): 8 s leaves room for both and for a busy 2-core machine.  A write may
-legitimately wait for a frozen worker's lease (``zarr-cache.write-lease`` 10 s x 1.1 +
-0.5 s, plus the scheduler's bounded index call): 20 s.
+Stall bounds: a cache read waits for a frozen index host or peer at most
+``zarr-cache.read-timeout`` (5 s), and a read task makes two (the array's metadata, then
+its chunk): 12 s.  A write may legitimately wait for a frozen worker's lease
+(``zarr-cache.write-lease`` 10 s x 1.1 + 0.5 s) behind one batch of its own process: 20 s,
+and 11.5 s more for each further worker frozen during it.
 """
 
 from __future__ import annotations
@@ -63,8 +63,14 @@ from benchmarks._chaos_workload import Workload, WorkloadSettings
 
 __all__ = ["main", "run"]
 
-DEFAULT_READ_STALL_BOUND = 8.0
+#: A read task makes two cache reads (the array's metadata, then its chunk), each of which
+#: waits for frozen hosts at most zarr-cache.read-timeout (5 s).
+DEFAULT_READ_STALL_BOUND = 12.0
+#: A write waits for a frozen worker's lease (10 s) at most 11.5 s, behind at most one
+#: batch of the same process (see ``check``'s ``lease_wait`` for more frozen workers).
 DEFAULT_WRITE_STALL_BOUND = 20.0
+#: How long a write waits for one unreachable worker: write-lease * 1.1 + 0.5 s.
+LEASE_WAIT = 11.5
 CHUNK_SIZE = 256
 BUCKET = "chaos"
 URL = f"s3://{BUCKET}/data.zarr"
@@ -341,7 +347,7 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
                 NemesisEvent(d["kind"], d["worker"], d["t_start"], d["t_end"]) for d in delays
             ]
             history = History(workload.reads + final, initial + workload.writes, events, final_gets)
-            report = check(history, args.read_stall_bound, args.write_stall_bound)
+            report = check(history, args.read_stall_bound, args.write_stall_bound, LEASE_WAIT)
             report.failures["recovery"] = 0 if recovered else 1
             facts["final_gets"] = final_gets
             facts["history"] = history

@@ -134,7 +134,7 @@ class Peers:
         fetch = self.state.inflight(key)
         if fetch is not None:
             try:
-                data = await asyncio.wait_for(asyncio.wrap_future(fetch.future), self.read_timeout)
+                data = await asyncio.wait_for(fetch.outcome(), self.read_timeout)
             except Exception:
                 return {"status": MISSING}
             if data is None:

@@ -162,7 +162,7 @@ class WorkerCache:
         fetch, leader = self.state.begin_fetch(key)
         if not leader:
             try:
-                return await asyncio.wrap_future(fetch.future)
+                return await fetch.outcome()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():

@@ -143,6 +143,24 @@ def test_a_read_during_a_stop_of_its_own_worker_is_not_a_stall():
     assert report.stats["stops"] == 1
 
 
+def test_a_write_may_wait_out_one_lease_per_further_frozen_worker():
+    lease_wait = 11.5
+    stops = [NemesisEvent("stop", "w2", 2.0, 12.0), NemesisEvent("stop", "w3", 13.0, 24.0)]
+    history = History(
+        [],
+        initial()
+        + [
+            write(0, 2, 1.0, 1.0 + WRITE_BOUND + lease_wait - 0.5),  # two frozen: allowed
+            write(1, 2, 13.5, 13.5 + WRITE_BOUND + 0.5),  # one frozen: a stall
+        ],
+        stops,
+        None,
+    )
+    report = check(history, READ_BOUND, WRITE_BOUND, lease_wait)
+    assert report.failures["write_stalls"] == 1
+    assert report.examples["write_stalls"][0]["chunk"] == 1
+
+
 def test_errors_the_cache_caused_are_found_and_worker_deaths_are_not():
     report = run(
         reads=[

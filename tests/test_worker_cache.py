@@ -42,6 +42,25 @@ async def test_concurrent_readers_of_one_key_make_one_source_read(net, clock, tm
     assert a.counters.hits == 1
 
 
+async def test_a_reader_that_gives_up_leaves_the_load_to_the_others(net, clock, tmp_path):
+    # A reader joined to a load can be cancelled (its task, or a peer's wait for it timed
+    # out); the load and everyone else waiting on it must not notice.
+    a = await net.worker(A, tmp_path / "a", clock)
+    source = Source()
+    source.gate = asyncio.Event()
+    leader = asyncio.ensure_future(a.get(K, source))
+    await asyncio.sleep(0.01)
+    quitter, stayer = (asyncio.ensure_future(a.get(K, source)) for _ in range(2))
+    await asyncio.sleep(0.01)
+    quitter.cancel()
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert await leader == b"bytes"
+    assert await stayer == b"bytes"
+    assert quitter.cancelled()
+    assert source.reads == 1
+
+
 async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock)
     old = Source(b"old")
