@@ -1,7 +1,7 @@
 """Simulated workers that drive the real index shards over real comms.
 
 A load process runs many simulated workers on one event loop.  Each is what a worker's
-cache is to the index: a real :class:`~dask_zarr_cache._index_client.IndexClient` (its
+cache is to the index: a real :class:`~dask_zarr_cache.index.client.IndexClient` (its
 batching, routing and registration), an address, and the keys it holds.  Its callers
 (the worker's task threads) ask for keys from a trace, one at a time, as fast as answers
 come: a fetch decision is committed in the background, as a worker commits after its
@@ -31,8 +31,8 @@ from typing import Any
 import psutil
 from distributed.core import ConnectionPool
 
-from dask_zarr_cache._index_client import IndexClient, IndexUnavailableError
-from dask_zarr_cache._protocol import FETCH, Item
+from dask_zarr_cache.core.protocol import FETCH, Item
+from dask_zarr_cache.index.client import IndexClient, IndexUnavailableError
 
 TRACES = ("cold", "warm", "skewed")
 

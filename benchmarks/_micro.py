@@ -10,10 +10,10 @@ import tracemalloc
 from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
-from dask_zarr_cache._index import CacheIndex
-from dask_zarr_cache._index_host import IndexHost
-from dask_zarr_cache._protocol import pack
-from dask_zarr_cache._shards import key_digest
+from dask_zarr_cache.core.protocol import pack
+from dask_zarr_cache.index.digests import key_digest
+from dask_zarr_cache.index.host import IndexHost
+from dask_zarr_cache.index.shard import CacheIndex
 from dask_zarr_cache.testing import loopback_cluster
 
 BATCH = 1000
@@ -101,7 +101,7 @@ def _fill_cache(n: int, size: int, dask_worker=None) -> list[str]:
     import os
     import time as _time
 
-    from dask_zarr_cache._local import LocalEntry
+    from dask_zarr_cache.worker.state import LocalEntry
 
     cache = dask_worker.extensions["zarr_cache"]
     payload = os.urandom(size)

@@ -1,7 +1,7 @@
 """Trace simulator: hit ratios of the replacement policies on synthetic traces.
 
-Drives a worker's real :class:`~dask_zarr_cache._budget.Budget` and the real
-:class:`~dask_zarr_cache._index.CacheIndex` the way a worker does (one worker, unit-size
+Drives a worker's real :class:`~dask_zarr_cache.worker.budget.Budget` and the real
+:class:`~dask_zarr_cache.index.shard.CacheIndex` the way a worker does (one worker, unit-size
 objects) with the access sequences that matter for a chunk cache:
 
 - ``scan``: a dataset twice the cache, read in full 4 times (the cyclic pattern that
@@ -17,11 +17,11 @@ import random
 from typing import TYPE_CHECKING
 
 from benchmarks import _report
-from dask_zarr_cache._budget import Budget
-from dask_zarr_cache._index import CacheIndex
-from dask_zarr_cache._names import POLICIES
-from dask_zarr_cache._protocol import FETCH
-from dask_zarr_cache._shards import key_digest
+from dask_zarr_cache.core.names import POLICIES
+from dask_zarr_cache.core.protocol import FETCH
+from dask_zarr_cache.index.digests import key_digest
+from dask_zarr_cache.index.shard import CacheIndex
+from dask_zarr_cache.worker.budget import Budget
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -58,7 +58,7 @@ def simulate(policy: str, trace: Iterable[str], capacity: int) -> tuple[int, int
 
     A miss asks the index (which counts it), and the worker admits the object or not
     given the index's count, then commits it or gives its claim back, and reports what
-    it evicted, as :class:`~dask_zarr_cache._worker.WorkerCache` does.
+    it evicted, as :class:`~dask_zarr_cache.worker.cache.WorkerCache` does.
     """
     budget = Budget(capacity, policy)
     index = CacheIndex(policy=policy, clock=lambda: 0.0)

@@ -36,7 +36,7 @@ from zarr.storage import LocalStore
 from benchmarks import _micro, _report, _stores, _traces, _workloads
 from benchmarks._s3 import ParallelS3Server, ServiceTimes
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, cluster_stats, warm
-from dask_zarr_cache._names import POLICIES
+from dask_zarr_cache.core.names import POLICIES
 from dask_zarr_cache.testing import loopback_cluster
 
 RESULTS = Path(__file__).parent / "results"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dask_zarr_cache._client import cluster_stats
-from dask_zarr_cache._exceptions import (
+from dask_zarr_cache.client import cluster_stats
+from dask_zarr_cache.core.exceptions import (
     CacheConfigError,
     CacheDirectoryError,
     InvalidationError,
     InvalidCacheKeyError,
     ZarrCacheError,
 )
-from dask_zarr_cache._plugin import ZarrCachePlugin
-from dask_zarr_cache._store import ClusterCacheStore
-from dask_zarr_cache._warm import WarmJob, WarmReport, warm
+from dask_zarr_cache.plugin import ZarrCachePlugin
+from dask_zarr_cache.store import ClusterCacheStore
+from dask_zarr_cache.warm import WarmJob, WarmReport, warm
 
 __all__ = [
     "CacheConfigError",

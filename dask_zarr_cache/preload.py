@@ -24,8 +24,8 @@ from typing import Any
 from distributed import Scheduler, Worker
 from distributed.protocol.pickle import dumps
 
-from dask_zarr_cache._plugin import ZarrCachePlugin
-from dask_zarr_cache.dashboard import register_dashboard_page
+from dask_zarr_cache.observe.dashboard import register_dashboard_page
+from dask_zarr_cache.plugin import ZarrCachePlugin
 
 __all__ = ["dask_setup"]
 

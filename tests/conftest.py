@@ -191,5 +191,5 @@ async def worker_cache(tmp_path, monkeypatch):
     ):
         await client.register_plugin(ZarrCachePlugin(max_size="10MiB", directory=tmp_path / "c"))
         cache = worker.extensions["zarr_cache"]
-        monkeypatch.setattr("dask_zarr_cache._store.worker_cache", lambda: cache)
+        monkeypatch.setattr("dask_zarr_cache.store.worker_cache", lambda: cache)
         yield cache

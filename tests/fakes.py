@@ -1,8 +1,8 @@
 """Fakes for unit tests of the worker cache: a clock, a scheduler and an rpc pool.
 
-The index behind the fake rpc is the real :class:`~dask_zarr_cache._index_host.IndexHost`
-(one per shard, hosting a real :class:`~dask_zarr_cache._index.CacheIndex`), and the write
-history the real :class:`~dask_zarr_cache._invalidation.InvalidationLog`; only the network
+The index behind the fake rpc is the real :class:`~dask_zarr_cache.index.host.IndexHost`
+(one per shard, hosting a real :class:`~dask_zarr_cache.index.shard.CacheIndex`), and the write
+history the real :class:`~dask_zarr_cache.writes.log.InvalidationLog`; only the network
 between them is replaced by direct calls.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dask_zarr_cache._config import CacheSettings
-from dask_zarr_cache._index import CacheIndex
-from dask_zarr_cache._index_client import IndexClient
-from dask_zarr_cache._index_host import IndexHost
-from dask_zarr_cache._invalidation import InvalidationLog
-from dask_zarr_cache._protocol import SyncReply, pack, unpack
-from dask_zarr_cache._worker import WorkerCache
+from dask_zarr_cache.core.config import CacheSettings
+from dask_zarr_cache.core.protocol import SyncReply, pack, unpack
+from dask_zarr_cache.index.client import IndexClient
+from dask_zarr_cache.index.host import IndexHost
+from dask_zarr_cache.index.shard import CacheIndex
+from dask_zarr_cache.worker.cache import WorkerCache
+from dask_zarr_cache.writes.log import InvalidationLog
 
 INDEX = "tcp://index:1"  # shard 0
 

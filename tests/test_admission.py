@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dask_zarr_cache._admission import FrequencySketch
+from dask_zarr_cache.index.admission import FrequencySketch
 
 
 def test_counts_accesses_and_saturates_at_fifteen():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dask_zarr_cache._budget import Budget
+from dask_zarr_cache.worker.budget import Budget
 
 
 def filled(keys, size=10, capacity=30, policy="lru") -> Budget:

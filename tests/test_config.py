@@ -6,7 +6,7 @@ import dask.config
 import pytest
 
 from dask_zarr_cache import CacheConfigError, ZarrCachePlugin
-from dask_zarr_cache._config import CacheSettings
+from dask_zarr_cache.core.config import CacheSettings
 
 
 def test_sizes_parse_from_int_and_dask_strings():
@@ -58,7 +58,7 @@ def test_plugin_pickles_to_its_settings_only():
     "names", [["..", "."], ["a b", "a_b"], ["x" * 300, "x" * 301], ["w/../../etc", "w"]]
 )
 def test_worker_directories_stay_inside_and_apart(tmp_path, names):
-    from dask_zarr_cache._config import worker_directory
+    from dask_zarr_cache.core.config import worker_directory
 
     settings = CacheSettings.from_arguments(directory=tmp_path)
     dirs = [worker_directory(settings, name, "/unused") for name in names]

@@ -479,7 +479,7 @@ def test_every_legal_key_works_as_through_the_source(s3, s3_path, client, source
 
 
 def test_pointing_directory_at_a_data_folder_loses_nothing(s3, s3_path, tmp_path):
-    from dask_zarr_cache._config import CacheSettings, worker_directory
+    from dask_zarr_cache.core.config import CacheSettings, worker_directory
 
     data = tmp_path / "my-data"
     data.mkdir()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dask_zarr_cache import cluster_stats
-from dask_zarr_cache._history import cost_saving
+from dask_zarr_cache.observe.history import cost_saving
 from tests.conftest import cache_cluster, cached, read_all, write_array
 from tests.test_worker_faults import wait_for
 

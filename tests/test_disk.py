@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from dask_zarr_cache import CacheDirectoryError
-from dask_zarr_cache._disk import MARKER, DiskCache, checksum
+from dask_zarr_cache.worker.disk import MARKER, DiskCache, checksum
 
 EPOCH = b"e" * 16
 

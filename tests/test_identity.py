@@ -19,13 +19,13 @@ from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteReques
 from zarr.storage import FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 
 from dask_zarr_cache import CacheConfigError, ClusterCacheStore
-from dask_zarr_cache._identity import (
+from dask_zarr_cache.identity.keys import is_immutable
+from dask_zarr_cache.identity.stores import (
     ReadThrough,
     ReferenceTargets,
     SourceLocation,
     source_identity,
 )
-from dask_zarr_cache._keys import is_immutable
 from tests.conftest import chunk_gets, obstore_s3, read_all, s3_store, write_array
 
 obstore = pytest.importorskip("obstore")

@@ -1,4 +1,4 @@
-"""The package's imports run one way: core <- worker <- scheduler <- plugin/store <- CLI.
+"""The package's imports run one way, subpackage by subpackage.
 
 Read from the source (every import statement, including ones inside functions and under
 ``TYPE_CHECKING``), so a loop or an upward import fails here before it is held together
@@ -14,59 +14,27 @@ import dask_zarr_cache
 
 PACKAGE = Path(dask_zarr_cache.__file__).parent
 
-#: Each module's layer; a module may import only from its own layer or lower ones.
-LAYERS = {
-    "_names": 0,
-    "_exceptions": 0,
-    "_protocol": 0,
-    "_stats": 0,
-    "_config": 0,
-    "_keys": 0,
-    "_identity": 0,
-    "_invalidation": 0,
-    "_admission": 0,
-    "_budget": 0,
-    "_shards": 0,
-    "_table": 0,
-    "_coalescing": 0,
-    "_index": 0,
-    "_index_host": 0,
-    "_private_dir": 0,
-    "_disk": 0,
-    "_local": 0,
-    "_loops": 0,
-    "_departures": 0,
-    "_index_client": 1,
-    "_guarded_disk": 1,
-    "_peers": 1,
-    "_worker": 1,
-    "_history": 2,
-    "_prometheus": 2,
-    "dashboard": 2,
-    "_scheduler": 2,
-    "_index_shards": 2,
-    "_plugin": 3,
-    "_announce": 3,
-    "_store": 3,
-    "_client": 3,
-    "_warm": 3,
-    "__init__": 3,
-    "preload": 3,
-    "testing": 3,
-    "_placement": 2,
-    "_demo": 4,
-    "cli": 4,
-}
+#: The subpackages, lowest first; a module may import from its own folder and lower ones.
+#: The top (store, plugin, client, warm, cli, ...) may import from every folder.
+FOLDERS = ["core", "identity", "writes", "index", "worker", "observe", "scheduler"]
+TOP = len(FOLDERS)
+
+
+def rank(module: str) -> int:
+    """Position of a module (``"index.shard"``, ``"store"``) in the one-way order."""
+    folder = module.split(".")[0]
+    return FOLDERS.index(folder) if folder in FOLDERS else TOP
 
 
 def package_imports() -> dict[str, set[str]]:
     """Module -> the package modules it imports (``dask_zarr_cache`` itself is ``__init__``)."""
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
@@ -75,23 +43,33 @@ def package_imports() -> dict[str, set[str]]:
                 if name == "dask_zarr_cache":
                     found.add("__init__")
                 elif name.startswith("dask_zarr_cache."):
-                    found.add(name.split(".")[1])
-        graph[path.stem] = found - {path.stem}
+                    inner = name.removeprefix("dask_zarr_cache.")
+                    if (PACKAGE / (inner.replace(".", "/") + ".py")).exists():
+                        found.add(inner)
+        graph[module] = found - {module}
     return graph
 
 
-def test_every_module_has_a_layer():
-    assert set(package_imports()) <= set(LAYERS), set(package_imports()) - set(LAYERS)
+def test_every_module_lives_in_a_known_place():
+    folders = {m.split(".")[0] for m in package_imports() if "." in m}
+    assert folders <= set(FOLDERS), folders - set(FOLDERS)
 
 
-def test_imports_never_go_up_a_layer():
+def test_imports_never_go_up():
     upward = [
         (module, imported)
         for module, imports in package_imports().items()
         for imported in imports
-        if LAYERS[imported] > LAYERS[module]
+        if rank(imported) > rank(module)
     ]
     assert not upward, upward
+
+
+def test_the_lower_folders_import_nothing_of_the_top():
+    graph = package_imports()
+    for module, imports in graph.items():
+        if rank(module) < TOP:
+            assert all(rank(i) < TOP for i in imports), (module, imports)
 
 
 def test_there_is_no_import_loop():
@@ -108,3 +86,9 @@ def test_there_is_no_import_loop():
 
     for module in sorted(graph):
         visit(module, ())
+
+
+def test_the_package_top_reexports_only_the_public_names():
+    public = set(dask_zarr_cache.__all__)
+    assert {"ZarrCachePlugin", "ClusterCacheStore", "cluster_stats", "warm"} <= public
+    assert all(not name.startswith("_") for name in public)

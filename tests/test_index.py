@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dask_zarr_cache._index import CacheIndex
-from dask_zarr_cache._keys import IMMUTABLE
-from dask_zarr_cache._protocol import FETCH, PEER, PENDING, Decision, Item, pack, unpack
-from dask_zarr_cache._shards import key_digest
+from dask_zarr_cache.core.protocol import FETCH, PEER, PENDING, Decision, Item, pack, unpack
+from dask_zarr_cache.identity.keys import IMMUTABLE
+from dask_zarr_cache.index.digests import key_digest
+from dask_zarr_cache.index.shard import CacheIndex
 
 
 class Clock:

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from dask_zarr_cache import _index_client
-from dask_zarr_cache._protocol import FETCH, PEER
-from dask_zarr_cache._shards import key_digest, shard_of
+from dask_zarr_cache.core.protocol import FETCH, PEER
+from dask_zarr_cache.index import client as index_client
+from dask_zarr_cache.index.digests import key_digest, shard_of
 from tests.fakes import FakeClock, FakeNetwork, Source, shard_address
 
 A, B = "tcp://a:1", "tcp://b:1"
@@ -73,7 +73,7 @@ async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
 
 
 async def test_files_register_in_bounded_parts(net, clock, tmp_path, monkeypatch):
-    monkeypatch.setattr(_index_client, "REGISTER_BATCH", 4)
+    monkeypatch.setattr(index_client, "REGISTER_BATCH", 4)
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     await read_all(a)
     await asyncio.sleep(0.01)
@@ -110,7 +110,7 @@ async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_pa
 
 
 async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clock, tmp_path):
-    client = _index_client.IndexClient(A, net.scheduler, net)
+    client = index_client.IndexClient(A, net.scheduler, net)
     gate = asyncio.Event()
     real = client._execute
 
@@ -131,7 +131,7 @@ async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clo
     decisions = await asyncio.gather(first, *rest)
     assert all(d.kind == FETCH for d in decisions)
     assert net.index_calls("exchange") == 2  # the held one, then all the others together
-    other = _index_client.IndexClient(B, net.scheduler, net)
+    other = index_client.IndexClient(B, net.scheduler, net)
     assert {d.kind for d in await other.acquire(shard0)} == {"pending"}
 
 
@@ -147,7 +147,7 @@ async def test_summary_adds_up_shards_and_survives_a_lost_one(net, clock, tmp_pa
     summary = await a.index.summary()
     assert summary["shards"][2] is None
     assert summary["entries"] == sum(1 for k in KEYS if shard_of(k, SHARDS) != 2)
-    b = _index_client.IndexClient(B, net.scheduler, net)
+    b = index_client.IndexClient(B, net.scheduler, net)
     decisions = await b.acquire([k for k in KEYS if shard_of(k, SHARDS) != 2])
     assert set(decisions) == {(PEER, A, 0)}
 
@@ -166,7 +166,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
     net.hung.discard(shard_address(0))
     started = asyncio.get_running_loop().time()
     await a.handle_index_moved(0)
-    with pytest.raises(_index_client.IndexUnavailableError):
+    with pytest.raises(index_client.IndexUnavailableError):
         await asyncio.wait_for(stuck, 1)  # this reader goes to the source now
     assert (await asyncio.wait_for(queued, 1)).kind == FETCH  # sent to the new shard
     assert asyncio.get_running_loop().time() - started < 0.5

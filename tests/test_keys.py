@@ -7,8 +7,14 @@ from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteReques
 from zarr.storage import MemoryStore
 
 from dask_zarr_cache import CacheConfigError, ClusterCacheStore, InvalidCacheKeyError
-from dask_zarr_cache._identity import SourceLocation
-from dask_zarr_cache._keys import IMMUTABLE, base_key, is_immutable, object_key, validate_key
+from dask_zarr_cache.identity.keys import (
+    IMMUTABLE,
+    base_key,
+    is_immutable,
+    object_key,
+    validate_key,
+)
+from dask_zarr_cache.identity.stores import SourceLocation
 
 LOC = SourceLocation("ns", "bucket/data.zarr")
 

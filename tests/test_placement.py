@@ -16,8 +16,8 @@ from dask._task_spec import convert_legacy_graph
 from zarr.storage import LocalStore
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
-from dask_zarr_cache._keys import SEPARATOR
-from dask_zarr_cache._placement import HashRing, chunk_cache_keys, steer_reads
+from dask_zarr_cache.identity.keys import SEPARATOR
+from dask_zarr_cache.scheduler.locality import HashRing, chunk_cache_keys, steer_reads
 
 from .conftest import cache_cluster, cached, chunk_gets, write_array
 

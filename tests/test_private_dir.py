@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from dask_zarr_cache import CacheDirectoryError
-from dask_zarr_cache._disk import DiskCache, _footer, checksum
-from dask_zarr_cache._private_dir import directory_mode
+from dask_zarr_cache.worker.disk import DiskCache, _footer, checksum
+from dask_zarr_cache.worker.private_dir import directory_mode
 from tests.fakes import FakeClock, FakeNetwork, Source
 
 NOBODY = 65534

@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from dask_zarr_cache import ZarrCachePlugin, cluster_stats
-from dask_zarr_cache._shards import shard_of
+from dask_zarr_cache.index.digests import shard_of
 from tests.conftest import cache_cluster, cached, chunk_gets, read_all, write_array
 from tests.test_worker_faults import index_host, kill_worker, wait_for
 

@@ -6,8 +6,8 @@ import collections
 
 from zarr.abc.store import RangeByteRequest
 
-from dask_zarr_cache._identity import SourceLocation
-from dask_zarr_cache._shards import group_by_shard, key_digest, shard_of
+from dask_zarr_cache.identity.stores import SourceLocation
+from dask_zarr_cache.index.digests import group_by_shard, key_digest, shard_of
 
 
 def test_keys_spread_evenly_and_stably_over_shards():

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from dask_zarr_cache._table import MAX_LOAD, DigestTable
+from dask_zarr_cache.index.table import MAX_LOAD, DigestTable
 
 
 def check(table: DigestTable, model: dict[int, tuple[int, int, float]]) -> None:

@@ -11,8 +11,8 @@ import errno
 
 import pytest
 
-from dask_zarr_cache._keys import IMMUTABLE
-from dask_zarr_cache._shards import key_digest
+from dask_zarr_cache.identity.keys import IMMUTABLE
+from dask_zarr_cache.index.digests import key_digest
 from tests.fakes import INDEX, FakeClock, FakeNetwork, Source
 
 A, B = "tcp://a:1", "tcp://b:1"

@@ -1,0 +1,246 @@
+"""Settings of the cache: validation, size parsing and dask config defaults.
+
+Settings come from the ``ZarrCachePlugin`` arguments; arguments left as ``None`` fall back
+to dask config (``zarr-cache.max-size`` etc., i.e. ``DASK_ZARR_CACHE__MAX_SIZE`` in the
+environment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import dask.config
+from dask.utils import parse_bytes, parse_timedelta
+
+from dask_zarr_cache.core.exceptions import CacheConfigError
+from dask_zarr_cache.core.names import POLICIES
+
+__all__ = ["CacheSettings", "worker_directory"]
+
+dask.config.update_defaults(
+    {
+        "zarr-cache": {
+            "max-size": "10GiB",
+            "max-age-seconds": None,
+            "directory": None,
+            # How often a worker flushes its batched access records to the index and
+            # catches up with the scheduler's write history.
+            "flush-interval": "1s",
+            # A worker serves its files only while it caught up with the write history
+            # within this time; a write waits at most this long for a worker it cannot
+            # reach (that worker serves nothing until it catches up).
+            "write-lease": "10s",
+            # Which objects stay when a worker's budget is full: "tinylfu" (an LRU victim
+            # leaves only for a more frequently read newcomer; scan resistant) or "lru".
+            "policy": "tinylfu",
+            # Ask Dask to run each chunk read on the worker that holds that chunk (loosely).
+            "locality": True,
+            # Shards the index is split over (by key hash), each on its own worker when
+            # there are enough.
+            "index-shards": 1,
+            # The longest a read waits for the rest of the cluster (the index, peers) in
+            # all before it reads the source itself: what a frozen host costs a read.
+            "read-timeout": "5s",
+            # Mode of cache files (directories get the matching search bits), whatever the
+            # umask: this user only. "0640" shares them with the group, deliberately.
+            "file-mode": "0600",
+            # Accept a cache directory whose parent other users may write to without the
+            # sticky bit (a Kubernetes emptyDir or fsGroup volume, written only by the
+            # pod's own containers). Such users could swap the cache's directory.
+            "trusted-parent": False,
+        }
+    }
+)
+
+
+def _parse_max_size(value: int | str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise CacheConfigError(
+            f"max_size must be an int number of bytes or a size string like '2GiB', got {value!r}"
+        )
+    if isinstance(value, str):
+        if not value.strip():
+            raise CacheConfigError("max_size is an empty string; give a size like '2GiB'")
+        try:
+            value = parse_bytes(value)
+        except (ValueError, TypeError) as err:
+            raise CacheConfigError(f"max_size {value!r} is not a size like '2GiB'") from err
+    if value <= 0:
+        raise CacheConfigError(f"max_size must be positive, got {value!r} bytes")
+    return int(value)
+
+
+def _parse_max_age(value: float | int | str | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError as err:
+            raise CacheConfigError(f"max_age_seconds {value!r} is not a number") from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CacheConfigError(f"max_age_seconds must be a number or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise CacheConfigError(f"max_age_seconds must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def _parse_file_mode(value: object) -> int:
+    """Parse a file mode: ``0o600``, ``384``, ``"0600"``, ``"600"`` or ``"0o600"``.
+
+    The owner must be able to read and write; nobody gets more than read and write.
+    """
+    mode = value
+    if isinstance(value, str):
+        try:
+            mode = int(value.removeprefix("0o"), 8)
+        except ValueError:
+            mode = None
+    if (
+        isinstance(mode, bool)
+        or not isinstance(mode, int)
+        or mode & ~0o666
+        or mode & 0o600 != 0o600
+    ):
+        raise CacheConfigError(
+            f"zarr-cache.file-mode must be an octal mode like '0600' that lets the owner read "
+            f"and write and grants nothing beyond read and write, got {value!r}"
+        )
+    return mode
+
+
+def _parse_flag(name: str) -> bool:
+    """A yes/no setting: a bool, or ``true``/``false``/``1``/``0`` from the environment."""
+    value = dask.config.get(f"zarr-cache.{name}")
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise CacheConfigError(f"zarr-cache.{name} must be true or false, got {value!r}")
+
+
+def _parse_directory(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise CacheConfigError(f"directory must be a path string or None, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Validated settings of one cluster cache.
+
+    Parameters
+    ----------
+    max_size : int
+        Bytes of cached objects each worker may keep on its local disk.
+    max_age_seconds : float or None
+        Time to live of a cached object; ``None`` means objects never expire.
+    directory : str or None
+        Parent directory of the worker caches; ``None`` means
+        ``<worker.local_directory>/zarr-cache``.
+    write_lease : float
+        Seconds a worker may serve its files after its last catch-up with the write history.
+    policy : {"tinylfu", "lru"}
+        Replacement policy of the index (dask config ``zarr-cache.policy``).
+    locality : bool
+        Whether chunk reads are steered to their chunk's worker (``zarr-cache.locality``).
+    index_shards : int
+        Shards the index is split over (``zarr-cache.index-shards``).
+    read_timeout : float
+        Seconds a read waits for the index and peers in all before it reads the source
+        (``zarr-cache.read-timeout``).
+    file_mode : int
+        Mode of cache files (``zarr-cache.file-mode``).
+    trusted_parent : bool
+        Accept a parent directory other users may write to (``zarr-cache.trusted-parent``).
+
+    """
+
+    max_size: int
+    max_age_seconds: float | None = None
+    directory: str | None = None
+    write_lease: float = 10.0
+    policy: str = "tinylfu"
+    locality: bool = True
+    index_shards: int = 1
+    read_timeout: float = 5.0
+    file_mode: int = 0o600
+    trusted_parent: bool = False
+
+    @classmethod
+    def from_arguments(
+        cls,
+        max_size: int | str | None = None,
+        max_age_seconds: float | int | str | None = None,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> CacheSettings:
+        """Validate user arguments; ``None`` falls back to dask config ``zarr-cache.*``.
+
+        Raises
+        ------
+        CacheConfigError
+            If a value is malformed, non-positive or of the wrong type.
+
+        """
+        if max_size is None:
+            max_size = dask.config.get("zarr-cache.max-size")
+        if max_age_seconds is None:
+            max_age_seconds = dask.config.get("zarr-cache.max-age-seconds")
+        if directory is None:
+            directory = dask.config.get("zarr-cache.directory")
+        lease = parse_timedelta(dask.config.get("zarr-cache.write-lease"))
+        if not lease or lease <= 0:
+            raise CacheConfigError(f"zarr-cache.write-lease must be positive, got {lease!r}")
+        policy = dask.config.get("zarr-cache.policy")
+        if policy not in POLICIES:
+            raise CacheConfigError(f"zarr-cache.policy must be one of {POLICIES}, got {policy!r}")
+        shards = dask.config.get("zarr-cache.index-shards")
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise CacheConfigError(
+                f"zarr-cache.index-shards must be a positive integer, got {shards!r}"
+            )
+        read_timeout = parse_timedelta(dask.config.get("zarr-cache.read-timeout"))
+        if not read_timeout or read_timeout <= 0:
+            raise CacheConfigError(
+                f"zarr-cache.read-timeout must be positive, got {read_timeout!r}"
+            )
+        file_mode = _parse_file_mode(dask.config.get("zarr-cache.file-mode"))
+        return cls(
+            max_size=_parse_max_size(max_size),
+            max_age_seconds=_parse_max_age(max_age_seconds),
+            directory=_parse_directory(directory),
+            write_lease=float(lease),
+            policy=policy,
+            locality=bool(dask.config.get("zarr-cache.locality")),
+            index_shards=shards,
+            read_timeout=float(read_timeout),
+            file_mode=file_mode,
+            trusted_parent=_parse_flag("trusted-parent"),
+        )
+
+
+def worker_directory(settings: CacheSettings, worker_name: object, local_directory: str) -> str:
+    """The cache directory of one worker.
+
+    Without ``settings.directory``: ``<local_directory>/zarr-cache``.  With it, a
+    subdirectory per worker name: readable part + a hash of the exact name, so no name
+    (``..``, ``a b`` vs ``a_b``, very long ones) leaves ``directory`` or shares another
+    worker's subdirectory, and a restarted worker with the same name finds its files.
+    """
+    if settings.directory is None:
+        return os.path.join(local_directory, "zarr-cache")
+    name = str(worker_name)
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "worker"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return os.path.join(settings.directory, f"{readable}-{digest}")

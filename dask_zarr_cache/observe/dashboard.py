@@ -1,0 +1,267 @@
+"""The cache on the Dask dashboard: the "Zarr Cache" page and a JSON route.
+
+- :func:`zarr_cache_doc` is the Bokeh page served at ``/individual-zarr-cache``.
+- :class:`StatsHandler` serves the latest sample as JSON at ``/zarr-cache/stats.json``.
+
+Both read the scheduler's :class:`~dask_zarr_cache.observe.history.CacheHistory`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import TYPE_CHECKING, Any
+
+from dask_zarr_cache.core.names import WARM_METADATA
+from dask_zarr_cache.observe.history import history_of, hit_ratio
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+__all__ = [
+    "PAGE_ROUTE",
+    "StatsHandler",
+    "add_http_routes",
+    "register_dashboard_page",
+    "zarr_cache_doc",
+]
+
+#: Where the page is served; ``individual-`` puts it in the "More..." menu when it is
+#: registered before the dashboard starts (preload).
+PAGE_ROUTE = "/individual-zarr-cache"
+
+
+# -- JSON -------------------------------------------------------------------------------
+def _json_handler_class() -> type:
+    from tornado.web import RequestHandler
+
+    class _StatsHandler(RequestHandler):
+        def initialize(self, server: Scheduler) -> None:
+            self.server = server
+
+        def get(self) -> None:
+            history = history_of(self.server)
+            self.set_header("Content-Type", "application/json")
+            if history is None:
+                self.set_status(404)
+                self.write(json.dumps({"error": "ZarrCachePlugin is not registered"}))
+                return
+            self.write(json.dumps(history.latest()))
+
+    return _StatsHandler
+
+
+StatsHandler = _json_handler_class()
+
+
+def add_http_routes(scheduler: Scheduler) -> None:
+    """Serve ``/zarr-cache/stats.json`` and the page on a running scheduler (idempotent).
+
+    A page added at runtime is served at :data:`PAGE_ROUTE` but not listed in the
+    "More..." menu, which distributed builds from its own dashboard application only;
+    :func:`register_dashboard_page` (the preload) lists it there.
+    """
+    from tornado import web
+    from tornado.ioloop import IOLoop
+
+    http = getattr(scheduler, "http_application", None)
+    if http is None or getattr(scheduler, "_zarr_cache_routes", False):
+        return
+    scheduler._zarr_cache_routes = True
+    prefix = _dashboard_prefix(scheduler)
+    http.add_application(
+        web.Application(
+            [(rf"{prefix}/zarr-cache/stats\.json", StatsHandler, {"server": scheduler})]
+        )
+    )
+    if _page_already_served(scheduler):
+        return
+    try:
+        from distributed.dashboard.core import BokehApplication
+    except ImportError:  # no bokeh: JSON and Prometheus only
+        return
+    page = BokehApplication({PAGE_ROUTE: zarr_cache_doc}, scheduler, prefix=prefix)
+    http.add_application(page)
+    page.initialize(IOLoop.current())
+
+
+def _dashboard_prefix(scheduler: Scheduler) -> str:
+    for app in scheduler.http_application.applications:
+        prefix = getattr(app, "_prefix", None)
+        if isinstance(prefix, str) and hasattr(app, "app_paths"):
+            return prefix.rstrip("/")
+    return ""
+
+
+def _page_already_served(scheduler: Scheduler) -> bool:
+    return any(
+        PAGE_ROUTE in getattr(app, "app_paths", ())
+        for app in scheduler.http_application.applications
+    )
+
+
+def register_dashboard_page() -> None:
+    """Add the page to distributed's dashboard applications (before the scheduler starts).
+
+    Pages registered this way are listed in the dashboard's "More..." menu.
+    """
+    try:
+        from distributed.dashboard.scheduler import applications
+    except ImportError:
+        return
+    applications.setdefault(PAGE_ROUTE, zarr_cache_doc)
+
+
+def _warm_line(scheduler: Scheduler) -> str:
+    """A line about the running (or last) ``warm()``, from the metadata it publishes."""
+    state = scheduler.get_metadata(keys=list(WARM_METADATA), default=None)
+    if not isinstance(state, dict):
+        return ""
+    verb = "warmed" if state.get("finished") else "warming"
+    return (
+        f"<p id='zarr-cache-warm'>{verb}: <b>{state['done']:,} / {state['total']:,}</b> "
+        f"objects ({state['bytes_done'] / 2**20:,.1f} / {state['bytes_total'] / 2**20:,.1f} "
+        "MiB)</p>"
+    )
+
+
+# -- the Bokeh page ---------------------------------------------------------------------
+def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> None:
+    """Build the "Zarr Cache" dashboard page for one browser session."""
+    from bokeh.layouts import column, row
+    from bokeh.models import ColumnDataSource, Div, NumeralTickFormatter
+    from bokeh.plotting import figure
+
+    history_source = ColumnDataSource(
+        {k: [] for k in ("time", "local", "peer", "remote", "evictions", "expired")}
+    )
+    # Only seconds with reads: an idle second is neither a gap nor a 0% hit ratio.
+    ratio_source = ColumnDataSource({"time": [], "ratio": []})
+    fill_source = ColumnDataSource({"worker": [], "bytes": [], "capacity": []})
+    summary = Div(text="", sizing_mode="stretch_width")
+
+    ratio = figure(
+        title="Cluster hit ratio (reads not sent to the source, per second)",
+        x_axis_type="datetime",
+        height=220,
+        sizing_mode="stretch_width",
+        y_range=(0, 1.05),
+    )
+    ratio.line("time", "ratio", source=ratio_source, line_width=2)
+    ratio.yaxis.formatter = NumeralTickFormatter(format="0%")
+
+    origin = figure(
+        title="Bytes served by origin (per second)",
+        x_axis_type="datetime",
+        height=240,
+        sizing_mode="stretch_width",
+    )
+    for name, color, label in (
+        ("local", "#2ca02c", "local disk"),
+        ("peer", "#1f77b4", "peer"),
+        ("remote", "#d62728", "remote source"),
+    ):
+        origin.line(
+            "time", name, source=history_source, color=color, line_width=2, legend_label=label
+        )
+    origin.yaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    origin.legend.location = "top_left"
+
+    churn = figure(
+        title="Evictions and expirations (cumulative)",
+        x_axis_type="datetime",
+        height=200,
+        sizing_mode="stretch_width",
+    )
+    churn.line(
+        "time",
+        "evictions",
+        source=history_source,
+        color="#9467bd",
+        line_width=2,
+        legend_label="evictions",
+    )
+    churn.line(
+        "time",
+        "expired",
+        source=history_source,
+        color="#8c564b",
+        line_width=2,
+        legend_label="expired",
+    )
+    churn.legend.location = "top_left"
+
+    fill = figure(
+        title="Cache fill per worker vs max_size",
+        y_range=[],
+        height=260,
+        sizing_mode="stretch_width",
+    )
+    for field_name, color, label in (
+        ("capacity", "#dddddd", "max_size"),
+        ("bytes", "#1f77b4", "cached bytes"),
+    ):
+        fill.hbar(
+            y="worker",
+            right=field_name,
+            height=0.8,
+            source=fill_source,
+            color=color,
+            legend_label=label,
+        )
+    fill.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    fill.legend.orientation = "horizontal"
+    fill.add_layout(fill.legend[0], "above")  # beside the title, never over the bars
+
+    def update() -> None:
+        history = history_of(scheduler)
+        if history is None or not history.samples:
+            summary.text = "<b>ZarrCachePlugin is not registered on this cluster.</b>"
+            return
+        samples = list(history.samples)
+        data: dict[str, list[float]] = {k: [] for k in history_source.data}
+        ratios: dict[str, list[float]] = {"time": [], "ratio": []}
+        for prev, cur in itertools.pairwise(samples):
+            dt = max(cur["time"] - prev["time"], 1e-3)
+            d = {k: cur["total"][k] - prev["total"][k] for k in cur["total"]}
+            data["time"].append(cur["time"] * 1000)
+            if d["hits"] + d["peer_reads"] + d["remote_reads"]:
+                ratios["time"].append(cur["time"] * 1000)
+                ratios["ratio"].append(hit_ratio(d))
+            data["local"].append(d["hit_bytes"] / dt)
+            data["peer"].append(d["peer_bytes"] / dt)
+            data["remote"].append(d["remote_bytes"] / dt)
+            data["evictions"].append(cur["total"]["evictions"])
+            data["expired"].append(cur["total"]["expired"])
+        history_source.data = data
+        ratio_source.data = ratios
+        latest = history.latest()
+        workers = sorted(latest["workers"])
+        fill.y_range.factors = workers
+        fill_source.data = {
+            "worker": workers,
+            "bytes": [latest["workers"][w]["bytes"] for w in workers],
+            "capacity": [latest["workers"][w]["capacity"] for w in workers],
+        }
+        total = latest["total"]
+        summary.text = (
+            f"<h3>Zarr Cache</h3><p>hit ratio <b>{latest['hit_ratio']:.1%}</b> &middot; "
+            f"remote GETs <b>{total['remote_reads']:,}</b> &middot; "
+            f"S3 GETs avoided <b>{latest['gets_avoided']:,}</b> "
+            f"({latest['bytes_avoided'] / 2**20:,.1f} MiB) &middot; estimated saving "
+            f"<b>${latest['usd_saved']:,.4f}</b> &middot; entries {total['entries']:,} "
+            f"&middot; evictions {total['evictions']:,} &middot; expired {total['expired']:,}"
+            f"</p>{_warm_line(scheduler)}"
+        )
+
+    update()
+    doc.title = "Dask: Zarr Cache"
+    doc.add_root(
+        column(
+            summary,
+            row(ratio, churn, sizing_mode="stretch_width"),
+            row(origin, fill, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+    )
+    doc.add_periodic_callback(update, 1000)

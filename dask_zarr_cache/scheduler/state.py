@@ -1,0 +1,291 @@
+"""Scheduler side: settings, the write history, the index actor's lifecycle, handlers.
+
+Handlers (``scheduler.handlers``), each a named operation with a typed reply:
+
+- ``zarr_cache_index()`` -> per index shard, ``{"address", "key"}`` of its host or ``None``.
+- ``zarr_cache_sync(worker, epoch, seq)`` -> packed
+  :class:`~dask_zarr_cache.core.protocol.SyncReply`: the writes a worker has not applied
+  yet; renews its lease.
+- ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
+  drop it from the index and every worker, return once no worker can serve the old bytes.
+- ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
+- ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
+
+The index is split into shards (``zarr-cache.index-shards``), each hosted by a worker (the
+one hosting the fewest shards).  When a shard's worker leaves, a new (empty) shard is
+created on another worker and workers re-register their files of that shard; the other
+shards carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from distributed.protocol.pickle import dumps
+
+from dask_zarr_cache.core.names import EXTENSION_NAME, WORKER_PLUGIN_NAME
+from dask_zarr_cache.core.protocol import SyncReply, pack, unpack
+from dask_zarr_cache.index.client import IndexUnavailableError
+from dask_zarr_cache.index.placement import IndexShards
+from dask_zarr_cache.observe.dashboard import add_http_routes
+from dask_zarr_cache.observe.history import CacheHistory
+from dask_zarr_cache.observe.prometheus import bind_prometheus
+from dask_zarr_cache.worker.counters import total_of
+from dask_zarr_cache.writes.log import InvalidationLog
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    from dask_zarr_cache.core.config import CacheSettings
+
+__all__ = ["ZarrCacheScheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+class ZarrCacheScheduler:
+    """Scheduler-side state of the cluster cache (one per scheduler).
+
+    Parameters
+    ----------
+    scheduler : distributed.Scheduler
+        The scheduler.
+    settings : CacheSettings
+        Initial settings; :meth:`apply` replaces them.
+
+    """
+
+    def __init__(self, scheduler: Scheduler, settings: CacheSettings) -> None:
+        self.scheduler = scheduler
+        self.settings = settings
+        self.installed = False  # the worker plugin was registered with ``settings``
+        self.log = InvalidationLog()
+        #: Workers with a cache, and the highest write each has confirmed.
+        self.workers: dict[str, int] = {}
+        self.shards = IndexShards(scheduler, settings, self.workers.keys, self._index_created)
+        self.index = self.shards.client
+        self._changed = asyncio.Condition()
+        self._background: set[asyncio.Task[Any]] = set()
+        scheduler.handlers.update(
+            {
+                "zarr_cache_index": self.shards.locate,
+                "zarr_cache_sync": self.handle_sync,
+                "zarr_cache_invalidate": self.handle_invalidate,
+                "zarr_cache_stats": self.handle_stats,
+                "zarr_cache_cached": self.handle_cached,
+            }
+        )
+        self.history = CacheHistory(scheduler)
+        self.history.start()
+        add_http_routes(scheduler)
+        bind_prometheus(scheduler)
+
+    async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
+        """Install (or re-install) the worker plugin with ``settings`` on every worker."""
+        self.settings = settings
+        self.installed = True
+        # No shard is placed while the workers set up: the first to be ready would get
+        # every shard (shards stay where they are created).
+        self.shards.paused = True
+        try:
+            await self.scheduler.register_worker_plugin(
+                comm=None, plugin=dumps(worker_plugin), name=WORKER_PLUGIN_NAME, idempotent=False
+            )
+        finally:
+            self.shards.paused = False
+        self.shards.settings = settings
+        if settings.index_shards != len(self.shards.locations):
+            await self.shards.reshard(settings.index_shards)
+        elif any(loc is not None for loc in self.shards.locations):
+            with contextlib.suppress(IndexUnavailableError):
+                await self.index.configure(settings.max_age_seconds, settings.policy)
+
+    # -- the write history -----------------------------------------------------------------
+    async def handle_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
+        """A worker catches up: the writes after ``seq`` (of ``epoch``), and renews its lease.
+
+        ``seq`` is also what the worker has applied: it counts as its acknowledgement.
+        """
+        applied = 0
+        if epoch == self.log.epoch:
+            history = self.log.since(seq)
+            invalidations = None if history is None else [e.as_message() for e in history]
+            applied = seq
+        elif epoch is None and seq == 0:  # a new worker without files: nothing to drop
+            invalidations, applied = [], self.log.seq
+        else:  # files from another scheduler's history: nothing of theirs is provable
+            invalidations = None
+        if worker in self.scheduler.workers:
+            new = worker not in self.workers
+            await self._acked(worker, applied)
+            if new:  # a worker that can host index shards
+                self.shards.ensure()
+        return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
+
+    async def handle_invalidate(
+        self, keys: bytes, prefixes: bytes, origin: str | None = None
+    ) -> dict[str, Any]:
+        """Record a write and make sure no worker serves the bytes it replaced.
+
+        Order: the write history first (workers that are away learn it when they catch
+        up), then the index (drops entries and pending claims, so no new reader joins a
+        fetch that started before the write), then every worker (drops files, poisons
+        fetches in flight).  Returns when every worker has applied it, or, for a worker it
+        cannot reach, once that worker's lease has run out (it then serves nothing until
+        it catches up).  ``origin``, a worker that already applied the write itself (its
+        loop is blocked waiting for it), is not asked.
+        """
+        key_list, prefix_list = unpack(keys), unpack(prefixes)
+        started = time.monotonic()
+        entry = self.log.append(key_list, prefix_list)
+        timeout = min(self.settings.write_lease, 10.0)
+        # Bounded: the index may live on the very worker whose loop waits for this write.
+        # Correctness does not rest on it (workers drop their files and fetches below).
+        with contextlib.suppress(IndexUnavailableError, TimeoutError):
+            await asyncio.wait_for(self.index.invalidate(key_list), timeout / 4)
+        replies = await self.broadcast(
+            "zarr_cache_invalidate",
+            skip=origin,
+            timeout=timeout,
+            seq=entry.seq,
+            keys=keys,
+            prefixes=prefixes,
+        )
+        reached = {origin}
+        for worker, applied in replies.items():
+            if isinstance(applied, int):  # its highest write applied without a gap
+                reached.add(worker)
+                await self._acked(worker, applied)
+        deadline = started + self.settings.write_lease * 1.1 + 0.5
+        unreached = await self._wait_for_acks(entry.seq, reached, deadline)
+        if unreached:
+            logger.warning(
+                "zarr cache: workers %s did not confirm write %d; their leases ran out, so "
+                "they serve nothing until they catch up",
+                unreached,
+                entry.seq,
+            )
+        return {"seq": entry.seq, "unreached": unreached}
+
+    async def _acked(self, worker: str, seq: int) -> None:
+        """``worker`` confirmed every write up to ``seq``."""
+        async with self._changed:
+            self.workers[worker] = max(seq, self.workers.get(worker, 0))
+            self._changed.notify_all()
+
+    async def _wait_for_acks(self, seq: int, reached: set[str], deadline: float) -> list[str]:
+        """Wait until every worker with a cache applied write ``seq`` (or the deadline)."""
+
+        def pending() -> list[str]:
+            return [
+                w
+                for w, applied in self.workers.items()
+                if applied < seq and w not in reached and w in self.scheduler.workers
+            ]
+
+        async with self._changed:
+            while pending() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait(), max(0.0, deadline - time.monotonic())
+                    )
+            return pending()
+
+    # -- the index shards ------------------------------------------------------------------
+    async def _index_created(self, shard: int | None) -> None:
+        """Workers register their files with a new shard (every shard: ``None``) now.
+
+        Not at their next miss: until then the new shard would send other workers to the
+        source for those keys.
+        """
+        await self.broadcast("zarr_cache_index_moved", shard=shard)
+
+    def remove_worker(self, worker: str) -> None:
+        """A worker left: forget it, tell the others, drop its index entries.
+
+        Shards it hosted are created again elsewhere; the other shards keep their entries
+        except the departed worker's.
+        """
+        self.workers.pop(worker, None)
+        self._spawn(self.broadcast("zarr_cache_worker_left", address=worker))
+        if len(self.shards.lost(worker)) < len(self.shards.locations):
+            self._spawn(self._remove_from_index(worker))
+
+    async def _remove_from_index(self, worker: str) -> None:
+        with contextlib.suppress(IndexUnavailableError):
+            await self.index.remove_worker(worker)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Stop background work and close the internal client."""
+        self.history.stop()
+        for task in self._background:
+            task.cancel()
+        await self.shards.close()
+
+    # -- cluster-wide operations ---------------------------------------------------------
+    async def broadcast(
+        self, op: str, *, skip: str | None = None, timeout: float | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Call worker handler ``op`` on every worker with a cache; replies by address.
+
+        Only workers that caught up with the write history at least once (so have the
+        handlers) are asked, all but ``skip``, each for at most ``timeout`` seconds (default:
+        the write lease).  Unreachable workers are left out.
+        """
+        targets = [w for w in self.workers if w in self.scheduler.workers and w != skip]
+        timeout = self.settings.write_lease if timeout is None else timeout
+
+        async def one(worker: str) -> Any:
+            try:
+                return await asyncio.wait_for(
+                    getattr(self.scheduler.rpc(worker), op)(**kwargs), timeout
+                )
+            except (OSError, TimeoutError) as err:
+                logger.info("zarr cache %s did not reach %s: %s", op, worker, err)
+                return _UNREACHED
+
+        replies = await asyncio.gather(*(one(w) for w in targets))
+        return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
+
+    async def handle_cached(self, keys: str) -> str:
+        """Whether each cache key has a ready copy on some worker: ``"0"``/``"1"`` each.
+
+        ``keys`` is a JSON list, and the reply a string: bytes between a client and the
+        scheduler arrive still serialized.  All ``"0"`` without an index.
+        """
+        key_list = json.loads(keys)
+        try:
+            cached = await self.index.cached(key_list)
+        except IndexUnavailableError:
+            cached = [False] * len(key_list)
+        return "".join("1" if c else "0" for c in cached)
+
+    async def handle_stats(self) -> dict[str, Any]:
+        """Counters of every worker, their totals, and the index's own summary."""
+        replies = await self.broadcast("zarr_cache_stats")
+        workers = {addr: r for addr, r in replies.items() if isinstance(r, dict)}
+        try:
+            index = await self.index.summary()
+        except IndexUnavailableError:
+            index = None
+        return {"total": total_of(workers), "workers": workers, "index": index}
+
+
+_UNREACHED = object()
+
+
+def scheduler_state(scheduler: Scheduler) -> ZarrCacheScheduler | None:
+    """The cache's state on ``scheduler``, if the plugin is registered."""
+    state = scheduler.extensions.get(EXTENSION_NAME)
+    return state if isinstance(state, ZarrCacheScheduler) else None

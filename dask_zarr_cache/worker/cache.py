@@ -1,0 +1,408 @@
+"""``WorkerCache``: the I/O shell of one worker's share of the cluster cache.
+
+One instance per worker process, shared by all its task threads.  The bookkeeping lives in
+:class:`~dask_zarr_cache.worker.state.LocalState` (pure); this class does the disk I/O (in
+threads), the index and peer calls and the catch-up with the scheduler's write history.
+Store reads arrive on zarr's own event loop; everything that talks to other processes runs
+on the worker's loop, reached with :func:`~dask_zarr_cache.core.loops.run_on`.  It takes what
+it needs (address, rpcs, loop, directory) as arguments, so tests can drive it with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from distributed.metrics import context_meter
+
+from dask_zarr_cache.core.loops import run_on, spawn_on
+from dask_zarr_cache.core.protocol import FETCH, SyncReply, unpack
+from dask_zarr_cache.index.client import IndexClient
+from dask_zarr_cache.worker.disk import DiskCache
+from dask_zarr_cache.worker.guarded_disk import GuardedDisk
+from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
+from dask_zarr_cache.worker.state import LocalEntry, LocalState, Payload
+from dask_zarr_cache.writes.log import verify_files
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterable
+
+    from dask_zarr_cache.core.config import CacheSettings
+    from dask_zarr_cache.core.protocol import Item
+
+__all__ = ["WorkerCache"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between flushes that ask every index shard whether it knows this worker (a
+#: shard that forgot it, e.g. after the scheduler dropped it for a while, then gets its
+#: files again); other flushes call only the shards they have drops for.
+KNOWN_CHECK_INTERVAL = 10.0
+#: Seconds a flush waits for its report to the index before returning (it goes on).
+REPORT_WAIT = 1.0
+
+
+class WorkerCache:
+    """A worker's cache: local files, in-process single-flight, index and peer traffic.
+
+    Parameters
+    ----------
+    address : str
+        This worker's address (how the index and peers name it).
+    scheduler : rpc
+        An rpc to the scheduler (``worker.scheduler``).
+    rpc : callable
+        Connection pool: ``rpc(address)`` returns an rpc to a peer (``worker.rpc``).
+    loop : asyncio.AbstractEventLoop
+        The worker's event loop, where ``scheduler`` and ``rpc`` may be used.
+    settings : CacheSettings
+        Budget, TTL, lease.
+    directory : str
+        This worker's cache directory.
+    timeout : float
+        Seconds to wait for the scheduler, the index or a peer.
+    clock : callable
+        Seconds (wall clock); tests inject their own.
+
+    """
+
+    def __init__(
+        self,
+        address: str,
+        scheduler: Any,
+        rpc: Callable[[str], Any],
+        loop: asyncio.AbstractEventLoop,
+        settings: CacheSettings,
+        directory: str,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.address = address
+        self.pid = os.getpid()  # a process forked from a task has the object, not the loop
+        self.scheduler = scheduler
+        self.rpc = rpc
+        self.loop = loop
+        self.settings = settings
+        self.timeout = timeout
+        self.clock = clock
+        self.state = LocalState(
+            settings.max_age_seconds,
+            settings.write_lease,
+            clock,
+            capacity=settings.max_size,
+            policy=settings.policy,
+        )
+        self.counters = self.state.counters
+        self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
+        self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
+        self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
+        self.handle_get = self.peers.serve
+        self.index.timeout = timeout
+        self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
+        self._flush_lock = asyncio.Lock()
+        self._reporting: asyncio.Future[None] | None = None
+        self._checked_at = clock()
+        self._closed = False
+        self._background: set[concurrent.futures.Future[Any]] = set()
+
+    # -- lifecycle (worker loop) ---------------------------------------------------------
+    async def start(self) -> None:
+        """Claim the directory, find the files on it, and catch up with the write history.
+
+        Files found on disk are served only once the scheduler's write history shows no
+        write replaced them since they were read (see :meth:`sync`).
+        """
+        if await asyncio.to_thread(self.guarded_disk.usable):
+            files = await asyncio.to_thread(lambda: list(self.disk.scan()))
+            with self.state.lock:
+                self.state.unverified = {f.key: f for f in files}
+        await self.flush()  # catches up with the write history first
+
+    async def close(self, finish_loads: bool = True) -> None:
+        """Stop caching and release the directory; the files stay for the next start.
+
+        With ``finish_loads`` (a new cache takes this directory over in this process),
+        loads in flight finish first, so every file is complete when the next cache scans
+        it.  A closing worker does not wait for them: a file half-written stays in
+        ``tmp/``, which the next start clears.  Nothing is sent anywhere: the next cache
+        registers what is on disk (the index takes the disk as the truth), and a closing
+        worker's scheduler may already be gone (connecting would wait out the timeout).
+        """
+        self._closed = True  # loads still running read on, but write no more files
+        pending = self.state.pending_fetches() if finish_loads else []
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=self.timeout)
+        await asyncio.to_thread(self.disk.close)
+
+    # -- the read path (zarr's loop or the worker's) ---------------------------------------
+    async def get(
+        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
+        """Return the bytes of cache key ``key``, reading the source at most once cluster-wide.
+
+        Parameters
+        ----------
+        key : str
+            Cache key (see :func:`dask_zarr_cache.identity.keys.cache_key`).
+        read_source : callable
+            Coroutine function reading the object from the source store; ``None`` if absent.
+            Its exceptions propagate to the caller unchanged.
+
+        """
+        if not self.state.can_serve():  # may have missed a write: do not trust the files
+            return await self._read_source_uncached(read_source)
+        data = await self._read_local(key)
+        if data is not None:
+            return data
+        fetch, leader = self.state.begin_fetch(key)
+        if not leader:
+            try:
+                return await fetch.outcome()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                return await self._read_source_uncached(read_source)  # the leader was cancelled
+        try:
+            data = await self._load(key, fetch, read_source)
+        except BaseException as err:
+            fetch.future.set_exception(err)
+            raise
+        else:
+            fetch.future.set_result(data)
+            return data
+        finally:
+            self.state.end_fetch(key, fetch)
+
+    async def _read_local(self, key: str) -> Payload | None:
+        with context_meter.meter("zarr-cache-local-read"):
+            found = await read_cached(self.state, self.disk, key)
+        if found is None:  # not here, expired, or damaged on disk: fetch it
+            return None
+        data = found[0]
+        self.state.record_hit(key, len(data))
+        context_meter.digest_metric("zarr-cache-hit", 1, "count")
+        return data
+
+    async def _load(
+        self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
+        # However the index and peers answer (or not: a frozen host), this read waits for
+        # them at most ``read_timeout`` in all, then reads the source itself.
+        deadline = time.monotonic() + self.settings.read_timeout
+        owner = self.state.owner_hint(key)
+        if owner is not None:  # warm path: straight to the peer that served it last time
+            status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
+            if status != MISSING:
+                return data
+            self.state.drop_hint(key)
+        unreachable = ""
+        # A second round only after a peer failed: the index then drops that peer's entry,
+        # so one asker (maybe this one) re-fetches instead of everyone reading the source.
+        for _ in range(2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                decision = await asyncio.wait_for(
+                    run_on(self.loop, self.index.acquire_one(key, unreachable)), remaining
+                )
+            except UNAVAILABLE as err:
+                logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
+                break
+            if decision.kind == FETCH:
+                return await self._fetch_and_cache(key, fetch, read_source, decision.reads)
+            unreachable = decision.address
+            if self.state.peer_failed_lately(decision.address):
+                continue
+            status, data = await self.peers.fetch(
+                decision.address, key, deadline - time.monotonic()
+            )
+            if status != MISSING:
+                return data
+        return await self._read_source_uncached(read_source)
+
+    async def _read_source_uncached(
+        self, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
+        with context_meter.meter("zarr-cache-source-fetch"):
+            data = await read_source()
+        self.state.count(fallbacks=1)
+        if data is not None:
+            self.state.count(remote_reads=1, remote_bytes=len(data))
+        return data
+
+    async def _fetch_and_cache(
+        self,
+        key: str,
+        fetch: Any,
+        read_source: Callable[[], Awaitable[Payload | None]],
+        reads: int = 0,
+    ) -> Payload | None:
+        """Read the source as the cluster's one fetcher of ``key``; keep the bytes if we may.
+
+        Every way out releases the cluster-wide claim at once, except a successful commit,
+        which happens in the background after the reader has its bytes.
+        """
+        claimed = True
+        try:
+            created = self.clock()
+            with context_meter.meter("zarr-cache-source-fetch"):
+                data = await read_source()
+            if data is None:
+                return None
+            self.state.count(remote_reads=1, remote_bytes=len(data))
+            if len(data) > self.settings.max_size or fetch.poisoned:
+                return data
+            epoch = self.state.epoch
+            if epoch is None or self._closed:
+                return data
+            crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, fetch.seq)
+            if crc is None:
+                return data
+            entry = LocalEntry(len(data), crc, created)
+            admitted, doomed = self.state.admit(key, entry, fetch, reads)
+            await self._delete(doomed)
+            if not admitted:  # a write came in meanwhile, or the budget keeps the others
+                return data
+            claimed = False
+            self._in_background(self._commit(entry.item(key)))
+            return data
+        finally:
+            if claimed and not self.state.superseded(key, fetch):
+                self._in_background(self._abandon(key))
+
+    def _in_background(self, coro: Any) -> None:
+        """Run an index call on the worker's loop without making the reader wait for it."""
+        future = spawn_on(self.loop, coro)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    async def _delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys:
+            await asyncio.to_thread(lambda: [self.disk.delete(k) for k in keys])
+
+    # -- index calls (worker loop) -------------------------------------------------------
+    async def _commit(self, item: Item) -> None:
+        try:
+            reply = await self.index.commit_one(item)
+        except UNAVAILABLE as err:
+            logger.debug("zarr cache commit of %s failed: %s", item.key, err)
+            return
+        for key in reply.rejected:  # the claim was lost (index rebuilt, taken over)
+            await self._delete(self.state.remove_copy(key, item.tag))
+
+    async def _abandon(self, key: str) -> None:
+        try:
+            await self.index.abandon([key])
+        except UNAVAILABLE as err:
+            logger.debug("zarr cache abandon of %s failed: %s", key, err)
+
+    async def _register(self, index: IndexClient, shard: int) -> None:
+        """Tell a newly found index shard which files on this worker's disk are its keys."""
+        await self._delete(self.state.remove(await index.register(shard, self.state.items())))
+
+    # -- the write history (worker loop) ---------------------------------------------------
+    async def sync(self) -> None:
+        """Catch up with the scheduler's write history, and renew this worker's lease.
+
+        The first call also decides which files found on disk at start may be served.
+        """
+        epoch, seq = self.state.sync_position()
+        sent_at = self.clock()
+        raw = await asyncio.wait_for(
+            self.scheduler.zarr_cache_sync(worker=self.address, epoch=epoch, seq=seq),
+            self.timeout,
+        )
+        if raw is None:  # a scheduler without the plugin
+            return
+        reply = SyncReply(*unpack(raw))
+        doomed = []
+        if reply.invalidations is None or self.state.epoch not in (None, reply.epoch):
+            doomed += self.state.forget_all(reply.seq)  # the history is lost, or another's
+        else:
+            for seq, keys, prefixes in reply.invalidations:
+                doomed += self.state.invalidate(keys, prefixes, seq)
+        with self.state.lock:
+            files, self.state.unverified = list(self.state.unverified.values()), {}
+        good, bad = verify_files(files, reply.epoch, reply.invalidations)
+        doomed += bad + self.state.adopt(good)
+        self.state.synced(reply.epoch, reply.seq, sent_at)
+        await self._delete(doomed)
+
+    # -- handlers for peers and the scheduler (worker loop) --------------------------------
+    async def handle_invalidate(self, seq: int, keys: bytes, prefixes: bytes) -> int:
+        """Apply write ``seq``: drop matching files, poison matching fetches in flight.
+
+        Returns the highest write sequence this worker has applied without a gap.
+        """
+        await self._delete(self.state.invalidate(unpack(keys), unpack(prefixes), seq))
+        self.state.applied(seq)
+        return self.state.applied_seq
+
+    async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
+        """Drop what this worker's own write replaced, before the write has a number.
+
+        For a write whose announcement cannot go through this worker's loop (see
+        :mod:`~dask_zarr_cache.writes.announce`); :meth:`written` gives it its number after.
+        """
+        await self._delete(self.state.invalidate(keys, prefixes))
+
+    def written(self, keys: list[str], prefixes: list[str], seq: int) -> None:
+        """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
+        self.state.numbered(keys, prefixes, seq)
+
+    async def handle_index_moved(self, shard: int | None = None) -> None:
+        """A new index shard (or layout) exists: register this worker's files right away."""
+        self.index.moved(shard)
+        await self.flush()
+
+    async def handle_worker_left(self, address: str) -> None:
+        """A peer left the cluster: stop asking it, and fail the calls waiting on it now."""
+        self.state.peer_left(address)
+        self.index.host_left(address)
+        self.peers.host_left(address)
+
+    async def handle_stats(self) -> dict[str, int]:
+        """Return the counters of this worker."""
+        with self.state.lock:
+            return self.counters.as_dict()
+
+    # -- periodic flush (worker loop) ------------------------------------------------------
+    async def flush(self) -> None:
+        """Catch up on writes, expire old files, report dropped copies to the index.
+
+        The report runs beside: a shard that does not answer (its worker just died, and
+        connecting waits out the timeout) must not hold up the catch-up, or this worker's
+        lease would run out and it would stop serving its files.  A flush waits at most
+        :data:`REPORT_WAIT` for it, and starts none while one is still out.
+        """
+        if self._flush_lock.locked():
+            return
+        async with self._flush_lock:
+            try:
+                await self.sync()
+            except UNAVAILABLE as err:
+                logger.debug("zarr cache could not reach the scheduler: %s", err)
+            await self._delete(self.state.expired_keys())
+        if self._reporting is None or self._reporting.done():
+            self._reporting = asyncio.ensure_future(self._report())
+            await asyncio.wait([self._reporting], timeout=REPORT_WAIT)
+
+    async def _report(self) -> None:
+        dropped = self.state.take_reports()
+        check = self.clock() - self._checked_at >= KNOWN_CHECK_INTERVAL
+        if not dropped and self.index.connected and not check:
+            return
+        if self.state.epoch is None:
+            return  # nothing verified to register yet
+        if check:
+            self._checked_at = self.clock()
+        with contextlib.suppress(*UNAVAILABLE):
+            await self.index.touch(dropped, everywhere=check)

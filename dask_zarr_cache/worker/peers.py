@@ -1,0 +1,175 @@
+"""Peer transfer: asking another worker for an object, and answering such requests.
+
+Bytes travel as ``to_serialize(memoryview)`` (one frame, no copy) with their CRC32C,
+which the receiver verifies.  A peer serves only what it holds now, or the result of its
+fetch in flight (cluster-wide single-flight), and only while it may serve at all (see
+``LocalState.can_serve``).  Each reply carries the peer's position in the write history,
+and the asker refuses bytes older than a write it has applied itself
+(``LocalState.current``): an invalidation can reach the peer after it reached the asker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from distributed.metrics import context_meter
+from distributed.protocol import to_serialize
+
+from dask_zarr_cache.core.departures import Departures
+from dask_zarr_cache.core.loops import LoopBlockedError, run_on
+from dask_zarr_cache.index.client import IndexUnavailableError
+from dask_zarr_cache.worker.disk import checksum
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dask_zarr_cache.worker.disk import DiskCache
+    from dask_zarr_cache.worker.state import LocalState, Payload
+
+__all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
+
+logger = logging.getLogger(__name__)
+
+#: Answers of ``zarr_cache_get``: bytes follow; the source has no such key; not served.
+OK, ABSENT, MISSING = "ok", "absent", "missing"
+#: What makes the cache give up on the index or a peer and read the source instead.
+UNAVAILABLE = (IndexUnavailableError, LoopBlockedError, OSError, TimeoutError)
+
+
+class Peers:
+    """One worker's side of peer transfers.
+
+    Parameters
+    ----------
+    state : LocalState
+        This worker's bookkeeping.
+    disk : DiskCache
+        This worker's files.
+    rpc : callable
+        ``rpc(address)`` to a peer, usable on ``loop``.
+    loop : asyncio.AbstractEventLoop
+        The worker's event loop.
+    read_timeout : float
+        Seconds this worker serves a peer's request at most (waiting for its own fetch).
+
+    """
+
+    def __init__(
+        self,
+        state: LocalState,
+        disk: DiskCache,
+        rpc: Callable[[str], Any],
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float,
+    ) -> None:
+        self.state, self.disk, self.rpc, self.loop = state, disk, rpc, loop
+        self.read_timeout = read_timeout
+        self._calls = Departures()  # by peer address
+
+    def host_left(self, address: str) -> None:
+        """Peer ``address`` left: the requests still waiting on it fail now."""
+        self._calls.left(lambda a: a == address, "it left the cluster")
+
+    async def fetch(self, address: str, key: str, timeout: float) -> tuple[str, Payload | None]:
+        """Ask peer ``address`` for ``key`` (from any loop), waiting at most ``timeout``.
+
+        Returns ``(OK, bytes)``, ``(ABSENT, None)`` if the source has no such key, or
+        ``(MISSING, None)`` if the peer could not serve it, or served what may predate a
+        write this worker applied (a peer that did not answer is not asked again for a
+        while).
+        """
+        with context_meter.meter("zarr-cache-peer-fetch"):
+            try:
+                reply = await run_on(self.loop, self.request(address, key, timeout))
+            except UNAVAILABLE as err:
+                logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
+                if not isinstance(err, LoopBlockedError):
+                    self.state.peer_failed(address)
+                return MISSING, None
+        # A peer without the cache's handlers (just restarted) answers None.
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if status not in (OK, ABSENT):
+            return MISSING, None
+        if not self.state.current(key, reply.get("epoch"), reply.get("seq")):
+            # The peer had not applied a write this worker applied to key: its bytes (or
+            # its "absent") may be what the write replaced.
+            self.state.count(stale_refused=1)
+            return MISSING, None
+        if status == ABSENT:
+            return ABSENT, None
+        data = reply["data"]
+        if checksum(data) != reply["checksum"]:
+            logger.warning("zarr cache peer %s sent corrupt bytes for %s", address, key)
+            return MISSING, None
+        context_meter.digest_metric("zarr-cache-peer-bytes", len(data), "bytes")
+        self.state.served_by(key, address, len(data))
+        return OK, data
+
+    async def request(self, address: str, key: str, timeout: float) -> Any:
+        """The raw ``zarr_cache_get`` reply of ``address`` (worker loop).
+
+        Raises
+        ------
+        OSError
+            If the peer cannot be reached, or left meanwhile.
+        TimeoutError
+            If it did not answer within ``timeout`` (a frozen peer).
+
+        """
+        call = self.rpc(address).zarr_cache_get(key=key)
+        return await self._calls.call(address, call, max(0.0, timeout))
+
+    async def serve(self, key: str) -> dict[str, Any]:
+        """Handler ``zarr_cache_get``: a cached object, or its fetch in flight, to a peer.
+
+        Only keys in this cache are served; anything else gets ``{"status": "missing"}``.
+        Bytes (and "absent") come with this worker's position in the write history when
+        it looked the key up, so the asker can tell whether they predate a write it knows.
+        """
+        if not self.state.can_serve():
+            return {"status": MISSING}
+        epoch, seq = self.state.position()  # before the lookup: the file is current up to it
+        fetch = self.state.inflight(key)
+        if fetch is not None:
+            try:
+                data = await asyncio.wait_for(fetch.outcome(), self.read_timeout)
+            except Exception:
+                return {"status": MISSING}
+            if data is None:
+                return {"status": ABSENT, "epoch": epoch, "seq": seq}
+            return self._reply(key, data, checksum(data), epoch, seq)
+        found = await read_cached(self.state, self.disk, key)
+        if found is None:
+            return {"status": MISSING}
+        return self._reply(key, *found, epoch, seq)
+
+    def _reply(
+        self, key: str, data: Payload, crc: int, epoch: bytes | None, seq: int
+    ) -> dict[str, Any]:
+        self.state.record_served(key, len(data))
+        return {
+            "status": OK,
+            "data": to_serialize(data),
+            "checksum": crc,
+            "epoch": epoch,
+            "seq": seq,
+        }
+
+
+async def read_cached(state: LocalState, disk: DiskCache, key: str) -> tuple[Payload, int] | None:
+    """Return the worker's verified copy of ``key`` and its checksum, or ``None``.
+
+    An expired entry, or one whose file is gone or damaged, is forgotten on the way.
+    """
+    entry, expired = state.lookup(key)
+    if expired:
+        await asyncio.to_thread(disk.delete, key)
+    if entry is None:
+        return None
+    data = await asyncio.to_thread(disk.read, key, entry.checksum)
+    if data is None:
+        state.remove_copy(key, entry.tag)
+        return None
+    return data, entry.checksum
