@@ -66,7 +66,7 @@ async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
     mine = {k for k in KEYS if shard_of(k, SHARDS) == lost}
     assert {k for k in KEYS if key_digest(k) in net.indexes[lost]} == mine
     b.state.remove(list(b.state.entries))  # b drops what it fetched meanwhile
-    b.state._owner_hints.clear()
+    b.state.hints._owners.clear()
     again = {k: Source(b"never") for k in KEYS}
     assert await asyncio.gather(*(b.get(k, again[k]) for k in KEYS)) == [k.encode() for k in KEYS]
     assert sum(s.reads for s in again.values()) == 0  # read once again
@@ -103,7 +103,7 @@ async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_pa
         await asyncio.sleep(0)
     await asyncio.sleep(0.01)  # commits
     held = set(a.state.entries)
-    assert len(held) == 10 and a.state.budget.used == 10 * size  # the worker's whole budget
+    assert len(held) == 10 and a.state.entries.budget.used == 10 * size  # the worker's whole budget
     await a.flush()  # reports the evicted copies, each to its own shard
     indexed = {k for k in KEYS if any(key_digest(k) in index for index in net.indexes)}
     assert indexed == held

@@ -30,7 +30,7 @@ def _read_whole(store):
 
 
 def _forget_owner_hints(dask_worker):
-    dask_worker.extensions["zarr_cache"].state._owner_hints.clear()
+    dask_worker.extensions["zarr_cache"].state.hints._owners.clear()
 
 
 def index_location(client):

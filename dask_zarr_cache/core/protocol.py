@@ -18,10 +18,14 @@ __all__ = [
     "CommitReply",
     "Decision",
     "Item",
+    "Payload",
     "SyncReply",
     "pack",
     "unpack",
 ]
+
+#: Object bytes as the cache hands them around: file reads are zero-copy memoryviews.
+Payload = bytes | memoryview
 
 #: Decision of an acquire: nobody holds the key; the asker fetches it.
 FETCH = "fetch"

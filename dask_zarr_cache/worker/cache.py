@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from distributed.metrics import context_meter
 
 from dask_zarr_cache.core.loops import run_on, spawn_on
-from dask_zarr_cache.core.protocol import FETCH, SyncReply, unpack
+from dask_zarr_cache.core.protocol import FETCH, Payload, SyncReply, unpack
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
-from dask_zarr_cache.worker.state import LocalEntry, LocalState, Payload
+from dask_zarr_cache.worker.state import LocalEntry, LocalState
 from dask_zarr_cache.writes.log import verify_files
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class WorkerCache:
         self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
         self.handle_get = self.peers.serve
         self.index.timeout = timeout
-        self.guarded_disk = GuardedDisk(self.disk, self.counters, clock)
+        self.guarded_disk = GuardedDisk(self.disk, self.state, clock)
         self._flush_lock = asyncio.Lock()
         self._reporting: asyncio.Future[None] | None = None
         self._checked_at = clock()
@@ -371,8 +371,7 @@ class WorkerCache:
 
     async def handle_stats(self) -> dict[str, int]:
         """Return the counters of this worker."""
-        with self.state.lock:
-            return self.counters.as_dict()
+        return self.state.counts()
 
     # -- periodic flush (worker loop) ------------------------------------------------------
     async def flush(self) -> None:

@@ -20,8 +20,8 @@ from dask_zarr_cache.worker.disk import DiskCache, is_disk_failure
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dask_zarr_cache.worker.counters import CacheCounters
-    from dask_zarr_cache.worker.state import Payload
+    from dask_zarr_cache.core.protocol import Payload
+    from dask_zarr_cache.worker.state import LocalState
 
 __all__ = ["DISK_RETRY", "GuardedDisk"]
 
@@ -38,18 +38,18 @@ class GuardedDisk:
     ----------
     disk : DiskCache
         The directory.
-    counters : CacheCounters
-        Where ``disk_errors`` and ``caching_disabled`` are kept.
+    state : LocalState
+        Where ``disk_errors`` and ``caching_disabled`` are counted (under its lock).
     clock : callable
         Seconds; tests inject their own.
 
     """
 
     def __init__(
-        self, disk: DiskCache, counters: CacheCounters, clock: Callable[[], float] = time.time
+        self, disk: DiskCache, state: LocalState, clock: Callable[[], float] = time.time
     ) -> None:
         self.disk = disk
-        self.counters = counters
+        self.state = state
         self.clock = clock
         self._open = False  # until the directory is claimed (start, or a later write)
         self._refused = False  # the directory is not ours: never write there
@@ -82,7 +82,7 @@ class GuardedDisk:
         try:
             crc = self.disk.write(key, data, epoch, seq)
         except OSError as err:
-            self.counters.disk_errors += 1
+            self.state.count(disk_errors=1)
             if is_disk_failure(err):
                 self._trouble(err)
             else:  # this object only
@@ -90,13 +90,13 @@ class GuardedDisk:
             return None
         if self._paused_until is not None:
             self._paused_until = None
-            self.counters.caching_disabled = 0
+            self.state.gauge(caching_disabled=0)
             logger.warning("zarr cache directory %s takes writes again", self.disk.root)
         return crc
 
     def _trouble(self, err: Exception, permanent: bool = False) -> None:
-        first = self.counters.caching_disabled == 0
-        self.counters.caching_disabled = 1
+        first = self.state.counts()["caching_disabled"] == 0
+        self.state.gauge(caching_disabled=1)
         if permanent:
             self._refused = True
         else:

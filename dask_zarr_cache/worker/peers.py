@@ -25,8 +25,9 @@ from dask_zarr_cache.worker.disk import checksum
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from dask_zarr_cache.core.protocol import Payload
     from dask_zarr_cache.worker.disk import DiskCache
-    from dask_zarr_cache.worker.state import LocalState, Payload
+    from dask_zarr_cache.worker.state import LocalState
 
 __all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
 

@@ -1,0 +1,162 @@
+"""The objects on one worker's disk: sizes, checksums, TTL order, budget, drop reports.
+
+Not thread-safe on its own: :class:`~dask_zarr_cache.worker.state.LocalState` calls it
+with its one lock held.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dask_zarr_cache.core.protocol import Item
+from dask_zarr_cache.identity.keys import base_key, is_immutable
+from dask_zarr_cache.worker.budget import Budget
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from dask_zarr_cache.worker.counters import CacheCounters
+
+__all__ = ["Entries", "LocalEntry"]
+
+_tags = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalEntry:
+    """One object on this worker's disk."""
+
+    size: int
+    checksum: int
+    created: float  #: clock time of the source read (TTL counts from here)
+    tag: int = field(default_factory=lambda: next(_tags))
+
+    def item(self, key: str) -> Item:
+        """How the index knows this copy."""
+        return Item(key, self.size, self.tag)
+
+
+class Entries(Mapping[str, LocalEntry]):
+    """The entries by cache key, with what keeps them in budget and in their TTL.
+
+    Parameters
+    ----------
+    max_age_seconds : float or None
+        TTL of entries (snapshots' never expire).
+    clock : callable
+        Seconds, wall-clock-like.
+    budget : Budget
+        Which entries stay when the disk budget is full.
+    counters : CacheCounters
+        ``entries``, ``bytes``, ``evictions`` and ``expired`` are kept here.
+
+    """
+
+    def __init__(
+        self,
+        max_age_seconds: float | None,
+        clock: Callable[[], float],
+        budget: Budget,
+        counters: CacheCounters,
+    ) -> None:
+        self.max_age_seconds = max_age_seconds
+        self.clock = clock
+        self.budget = budget
+        self.counters = counters
+        self._by_key: dict[str, LocalEntry] = {}
+        # Entries a TTL applies to (not a snapshot's), in creation order: the TTL sweep
+        # walks it from the front.
+        self._mortal: dict[str, None] = {}
+        self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
+        self._dropped: dict[str, Item] = {}  # removed since the last report to the index
+
+    # -- a mapping of key -> entry ---------------------------------------------------------
+    def __getitem__(self, key: str) -> LocalEntry:
+        return self._by_key[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    # -- changes -----------------------------------------------------------------------------
+    def add(self, key: str, entry: LocalEntry) -> None:
+        """Add (or replace) the entry of ``key``."""
+        old = self._by_key.pop(key, None)
+        if old is not None:
+            self.counters.bytes -= old.size
+        self._by_key[key] = entry
+        if not is_immutable(key):
+            self._mortal.pop(key, None)
+            self._mortal[key] = None
+        base = base_key(key)
+        if base != key:
+            self._ranges.setdefault(base, set()).add(key)
+        self.counters.bytes += entry.size
+        self.counters.entries = len(self._by_key)
+
+    def remove(
+        self, keys: Iterable[str], *, evicted: bool = False, expired: bool = False
+    ) -> list[str]:
+        """Forget entries; returns those that were (their files must go, the index is told)."""
+        removed = []
+        for key in keys:
+            entry = self._by_key.pop(key, None)
+            if entry is None:
+                continue
+            removed.append(key)
+            self._mortal.pop(key, None)
+            self._unlink_range(key)
+            self.budget.remove(key)
+            self.counters.bytes -= entry.size
+            self.counters.evictions += evicted
+            self.counters.expired += expired
+            self._dropped[key] = entry.item(key)
+        self.counters.entries = len(self._by_key)
+        return removed
+
+    # -- queries -----------------------------------------------------------------------------
+    def is_expired(self, key: str, entry: LocalEntry) -> bool:
+        """Whether ``entry`` of ``key`` is past its TTL."""
+        ttl = self.max_age_seconds
+        return ttl is not None and not is_immutable(key) and self.clock() - entry.created > ttl
+
+    def expired(self) -> list[str]:
+        """The keys past their TTL (oldest first)."""
+        if self.max_age_seconds is None:
+            return []
+        keys = []
+        for key in self._mortal:
+            if not self.is_expired(key, self._by_key[key]):
+                break
+            keys.append(key)
+        return keys
+
+    def written(self, keys: Iterable[str], prefixes: tuple[str, ...]) -> list[str]:
+        """The keys a write of whole objects ``keys`` and key ``prefixes`` replaced."""
+        # Entries can be millions: look written keys up, scan only for prefixes.
+        doomed = [k for key in keys for k in (key, *self._ranges.get(key, ())) if k in self]
+        if prefixes:
+            doomed += [k for k in self._by_key if k.startswith(prefixes)]
+        return doomed
+
+    def take_reports(self) -> list[Item]:
+        """Copies removed since the last call (for the index)."""
+        dropped, self._dropped = list(self._dropped.values()), {}
+        return dropped
+
+    def items_for_index(self) -> list[Item]:
+        """Every entry as the index knows it (for registration)."""
+        return [e.item(k) for k, e in self._by_key.items()]
+
+    def _unlink_range(self, key: str) -> None:
+        base = base_key(key)
+        ranges = self._ranges.get(base) if base != key else None
+        if ranges is not None:
+            ranges.discard(key)
+            if not ranges:
+                del self._ranges[base]

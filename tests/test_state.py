@@ -1,0 +1,73 @@
+"""A worker's bookkeeping under one lock: what spans its parts happens in one step."""
+
+from __future__ import annotations
+
+import threading
+
+from dask_zarr_cache.worker.entries import LocalEntry
+from dask_zarr_cache.worker.state import LocalState
+
+K = "ns\x00data.zarr/c/0"
+
+
+class OtherThreadBetweenHolds:
+    """A lock that lets "another thread" act the first time it is released.
+
+    What runs in ``between`` is exactly what another thread could do in the window where
+    the lock is free; a method that must act in one hold gives it no such window.
+    """
+
+    def __init__(self, between) -> None:
+        self._lock = threading.Lock()
+        self._between = between
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        self._lock.__exit__(*exc)
+        between, self._between = self._between, None
+        if between is not None:
+            between()
+
+
+def test_removing_an_old_copy_never_removes_a_newer_one_admitted_meanwhile():
+    state = LocalState(None, lease=10.0, capacity=1_000)
+    old = LocalEntry(3, 1, 0.0)
+    state.adopt([])
+    fetch, _ = state.begin_fetch(K)
+    state.admit(K, old, fetch)
+    state.end_fetch(K, fetch)
+    newer = LocalEntry(3, 2, 1.0)
+
+    def admit_newer() -> None:  # another thread's fetch completes in the window
+        refetch, _ = state.begin_fetch(K)
+        state.admit(K, newer, refetch)
+        state.end_fetch(K, refetch)
+
+    state.lock = OtherThreadBetweenHolds(admit_newer)
+    state.remove_copy(K, old.tag)  # the old copy's file was found damaged
+    assert state.entries[K] is newer
+
+
+def test_a_write_poisons_the_load_and_drops_the_entry_in_one_step():
+    state = LocalState(None, lease=10.0, capacity=1_000)
+    fetch, leader = state.begin_fetch(K)
+    assert leader
+    state.invalidate([K], [], seq=1)
+    stays, doomed = state.admit(K, LocalEntry(3, 1, 0.0), fetch)
+    assert not stays and doomed == [K] and K not in state.entries
+    assert state.inflight(K) is None  # readers that start now do not join it
+
+
+def test_counters_are_read_and_updated_under_the_lock():
+    state = LocalState(None, lease=10.0)
+    threads = [threading.Thread(target=lambda: [state.count(hits=1) for _ in range(10_000)])]
+    threads += [
+        threading.Thread(target=lambda: [state.gauge(caching_disabled=1) for _ in range(100)])
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state.counts()["hits"] == 10_000 and state.counts()["caching_disabled"] == 1
