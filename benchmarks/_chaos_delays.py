@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: The cache's worker handler applying a write pushed by the scheduler.
-INVALIDATE_HANDLER = "zarr_cache_invalidate"
+INVALIDATE_HANDLER = "zarr_cache_apply_write"
 #: The cache's worker handler serving an object's bytes to a peer.
 PEER_GET_HANDLER = "zarr_cache_get"
 #: Name of the plugin on the workers.

@@ -125,9 +125,13 @@ def cache_stats(client: Any) -> dict[str, Any]:
 
     """
     try:
-        stats = client.sync(client.scheduler.zarr_cache_stats, callback_timeout=CALL_TIMEOUT)
+        stats = client.sync(
+            client.scheduler.zarr_cache_cluster_stats, callback_timeout=CALL_TIMEOUT
+        )
     except TimeoutError as err:
-        raise HarnessError(f"zarr_cache_stats did not answer within {CALL_TIMEOUT} s") from err
+        raise HarnessError(
+            f"zarr_cache_cluster_stats did not answer within {CALL_TIMEOUT} s"
+        ) from err
     if not isinstance(stats, dict):
         raise HarnessError("the cache's scheduler plugin is not installed")
     return stats

@@ -42,7 +42,7 @@ def cluster_stats(client: Client) -> dict[str, Any]:
         If the plugin is not registered.
 
     """
-    stats = client.sync(client.scheduler.zarr_cache_stats)
+    stats = client.sync(client.scheduler.zarr_cache_cluster_stats)
     if not isinstance(stats, dict):  # distributed answers None for an unknown handler
         raise ZarrCacheError(_NOT_REGISTERED)
     return stats

@@ -18,7 +18,6 @@ from dask_zarr_cache.core.names import (
     EXTENSION_NAME,
     METRIC_PREFIX,
     SCHEDULER_PLUGIN_NAME,
-    WORKER_HANDLERS,
     WORKER_PLUGIN_NAME,
 )
 from dask_zarr_cache.index.host import INDEX_HOST_NAME, IndexHost
@@ -33,9 +32,6 @@ if TYPE_CHECKING:
     from distributed import Scheduler, Worker
 
 __all__ = ["WorkerCachePlugin", "ZarrCachePlugin"]
-
-#: Seconds registration waits for the index actor before returning anyway.
-_INDEX_WAIT = 30
 
 
 class ZarrCachePlugin(SchedulerPlugin):
@@ -100,7 +96,9 @@ class ZarrCachePlugin(SchedulerPlugin):
             await state.apply(self.settings, WorkerCachePlugin(self.settings))
         if scheduler.workers:  # have the index ready before the first read, if we can
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(state.shards.ensure()), _INDEX_WAIT)
+                await asyncio.wait_for(
+                    asyncio.shield(state.shards.ensure()), self.settings.index_wait
+                )
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
         """Steer new chunk reads to the workers that hold (or will hold) their chunks."""
@@ -181,8 +179,7 @@ class WorkerCachePlugin(WorkerPlugin):
         host = worker.extensions.setdefault(INDEX_HOST_NAME, IndexHost())
         worker.handlers.update(host.handlers)
         worker.extensions[EXTENSION_NAME] = cache
-        for op in WORKER_HANDLERS:
-            worker.handlers[op] = getattr(cache, "handle_" + op.removeprefix("zarr_cache_"))
+        worker.handlers.update(cache.handlers)
         await cache.start()
         for name in cache.counters.as_dict():  # columns of the dashboard's Workers table
             worker.metrics[METRIC_PREFIX + name] = _counter_reader(cache, name)

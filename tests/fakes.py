@@ -89,7 +89,7 @@ class _Endpoint:
             raise OSError(f"{self.address} is down")
         if self.address in self.pool.handlerless:  # restarted, its plugin not set up yet
             return None
-        reply = await self.pool.caches[self.address].handle_get(key)
+        reply = await self.pool.caches[self.address].zarr_cache_get(key)
         if "data" in reply:  # what the receiving end of a real comm gets
             reply = {**reply, "data": reply["data"].data}
         return reply
@@ -128,6 +128,11 @@ class FakeNetwork:
         index = CacheIndex(max_age_seconds)
         self.hosts[shard_address(shard)].shards[f"index-{shard}"] = index
 
+    async def idle(self) -> None:
+        """Wait for every worker's background index calls (instead of sleeping)."""
+        for cache in list(self.caches.values()):
+            await cache.idle()
+
     async def worker(self, address, directory, clock, **settings) -> WorkerCache:
         cache = WorkerCache(
             address,
@@ -159,7 +164,7 @@ class FakeNetwork:
     async def push(self, address: str, seq: int) -> None:
         """Deliver write ``seq`` to worker ``address``."""
         (entry,) = [e for e in self.scheduler.log.since(seq - 1) if e.seq == seq]
-        await self.caches[address].handle_invalidate(
+        await self.caches[address].zarr_cache_apply_write(
             seq, pack(list(entry.keys)), pack(list(entry.prefixes))
         )
 

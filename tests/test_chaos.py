@@ -214,17 +214,17 @@ class FakeWorker:
             self.calls.append(("get", time.monotonic()))
             return {"status": "ok", "key": key}
 
-        self.handlers = {"zarr_cache_invalidate": invalidate, "zarr_cache_get": get}
+        self.handlers = {"zarr_cache_apply_write": invalidate, "zarr_cache_get": get}
 
 
 async def test_wrapped_handlers_delay_invalidations_before_and_replies_after():
     worker = FakeWorker()
     logged = []
     wrapped = wrap_handlers(worker, lambda: 0.05, lambda: 0.05, lambda k, d: logged.append(k))
-    assert sorted(wrapped) == ["zarr_cache_get", "zarr_cache_invalidate"]
+    assert sorted(wrapped) == ["zarr_cache_apply_write", "zarr_cache_get"]
     assert wrap_handlers(worker, lambda: 0.05, lambda: 0.05) == []  # never twice
     start = time.monotonic()
-    assert await worker.handlers["zarr_cache_invalidate"](seq=3, keys=b"", prefixes=b"") == 3
+    assert await worker.handlers["zarr_cache_apply_write"](seq=3, keys=b"", prefixes=b"") == 3
     assert worker.calls[-1][1] - start >= 0.05  # applied only after the delay
     start = time.monotonic()
     assert (await worker.handlers["zarr_cache_get"](key="k"))["key"] == "k"
@@ -249,13 +249,13 @@ async def test_the_plugin_wraps_handlers_installed_after_its_setup(tmp_path):
     await plugin.setup(worker)
     worker.handlers.update(originals)  # the cache installs its handlers
     for _ in range(100):
-        if hasattr(worker.handlers["zarr_cache_invalidate"], "__chaos_wrapped__"):
+        if hasattr(worker.handlers["zarr_cache_apply_write"], "__chaos_wrapped__"):
             break
         await _sleep(0.01)
-    await worker.handlers["zarr_cache_invalidate"](seq=1, keys=b"", prefixes=b"")
+    await worker.handlers["zarr_cache_apply_write"](seq=1, keys=b"", prefixes=b"")
     await worker.handlers["zarr_cache_get"](key="k")
     await plugin.teardown(worker)
-    assert worker.handlers["zarr_cache_invalidate"] is originals["zarr_cache_invalidate"]
+    assert worker.handlers["zarr_cache_apply_write"] is originals["zarr_cache_apply_write"]
     delays = read_delay_logs(str(tmp_path))
     assert [(d["kind"], d["worker"]) for d in delays] == [("delay-invalidate", "w9")]
 

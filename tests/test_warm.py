@@ -256,7 +256,7 @@ def _files(dask_worker):
 
 
 def test_the_dashboard_shows_a_warm_while_it_runs(s3, s3_path, client):
-    from tests.test_dashboard import _chrome, dashboard_base
+    from tests.observe.test_dashboard import _chrome, dashboard_base
 
     write_dataset(s3, s3_path)
     browser = _chrome()

@@ -144,7 +144,6 @@ def test_eviction_keeps_disk_within_budget_and_follows_the_policy(s3, s3_path, p
         # A fills its budget with chunks 0-3, then B reads chunk 0 from A (a peer read).
         client.submit(_read_chunks, store, [0, 1, 2, 3], workers=[a], pure=False).result()
         client.submit(_read_chunks, store, [0], workers=[b], pure=False).result()
-        time.sleep(0.5)  # let the owners flush their access records
         client.submit(_read_chunks, store, [4], workers=[a], pure=False).result()
         keys = [store.cache_key(f"c/{i}/0") for i in range(5)]
         present = {i: client.run(_has_file, key=k, workers=[a])[a] for i, k in enumerate(keys)}

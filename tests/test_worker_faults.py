@@ -336,7 +336,7 @@ def test_invalid_keys_are_rejected_inside_tasks(s3, s3_path, client):
 
 
 async def _ask_peer(dask_worker, key):
-    return await dask_worker.extensions["zarr_cache"].handle_get(key=key)
+    return await dask_worker.extensions["zarr_cache"].zarr_cache_get(key=key)
 
 
 def test_peer_handler_serves_only_cache_entries(s3, s3_path, client):

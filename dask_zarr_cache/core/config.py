@@ -27,8 +27,8 @@ dask.config.update_defaults(
             "max-size": "10GiB",
             "max-age-seconds": None,
             "directory": None,
-            # How often a worker flushes its batched access records to the index and
-            # catches up with the scheduler's write history.
+            # How often a worker catches up with the scheduler's write history (renewing
+            # its lease), expires old files and reports dropped copies to the index.
             "flush-interval": "1s",
             # A worker serves its files only while it caught up with the write history
             # within this time; a write waits at most this long for a worker it cannot
@@ -165,6 +165,23 @@ class CacheSettings:
     trusted_parent : bool
         Accept a parent directory other users may write to (``zarr-cache.trusted-parent``).
 
+    Notes
+    -----
+    The remaining fields are the cache's internal timings, in seconds, in one place; they
+    are not dask config (tests and benchmarks set them):
+
+    - ``disk_retry``: writing to the cache disk stays paused this long after a write failed.
+    - ``peer_backoff``: a peer that failed is not asked again for this long.
+    - ``known_check_interval``: between flushes that ask every index shard whether it
+      knows this worker (one that forgot it then gets its files again).
+    - ``report_wait``: a flush waits this long for its report to the index (it goes on).
+    - ``pending_timeout``: a fetch claimed this long ago may be taken over by another
+      worker.
+    - ``index_wait``: registering the plugin waits this long for the first index shard.
+
+    Derived from ``write_lease`` (properties): :attr:`write_push_timeout`,
+    :attr:`write_index_timeout` and :attr:`write_wait`.
+
     """
 
     max_size: int
@@ -177,6 +194,35 @@ class CacheSettings:
     read_timeout: float = 5.0
     file_mode: int = 0o600
     trusted_parent: bool = False
+    disk_retry: float = 5.0
+    peer_backoff: float = 30.0
+    known_check_interval: float = 10.0
+    report_wait: float = 1.0
+    pending_timeout: float = 60.0
+    index_wait: float = 30.0
+
+    @property
+    def write_push_timeout(self) -> float:
+        """Seconds a write waits for each worker to apply it (at most 10 s)."""
+        return min(self.write_lease, 10.0)
+
+    @property
+    def write_index_timeout(self) -> float:
+        """Seconds a write waits for the index to drop its keys.
+
+        The index may live on the very worker whose event loop waits for the write, and
+        correctness does not rest on it (workers drop their files and fetches themselves).
+        """
+        return self.write_push_timeout / 4
+
+    @property
+    def write_wait(self) -> float:
+        """Seconds after its start at which a write stops waiting for unconfirmed workers.
+
+        The lease of a worker that did not confirm it (from a catch-up sent before the
+        write) has run out by then, with 10 % and 0.5 s to spare for clocks and transit.
+        """
+        return self.write_lease * 1.1 + 0.5
 
     @classmethod
     def from_arguments(

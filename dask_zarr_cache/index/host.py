@@ -67,10 +67,12 @@ class IndexHost:
 
     # -- lifecycle (the scheduler) ---------------------------------------------------------
     async def zarr_cache_index_create(
-        self, shard: str, max_age_seconds: float | None, policy: str
+        self, shard: str, max_age_seconds: float | None, policy: str, pending_timeout: float
     ) -> None:
         """Host a new, empty shard named ``shard``."""
-        self.shards[shard] = CacheIndex(max_age_seconds, policy=policy)
+        self.shards[shard] = CacheIndex(
+            max_age_seconds, policy=policy, pending_timeout=pending_timeout
+        )
 
     async def zarr_cache_index_drop(self, shard: str) -> None:
         """Stop hosting ``shard`` (it moved elsewhere)."""

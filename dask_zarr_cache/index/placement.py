@@ -69,7 +69,7 @@ class IndexShards:
         self.paused = False
 
     async def locate(self) -> list[dict[str, str] | None]:
-        """Handler ``zarr_cache_index``: where each shard is (``None`` while it has none).
+        """Where each shard is (``None`` while it has none).
 
         Never waits for a shard to be created: callers read from the source meanwhile and
         ask again later.
@@ -148,6 +148,7 @@ class IndexShards:
                 shard=key,
                 max_age_seconds=self.settings.max_age_seconds,
                 policy=self.settings.policy,
+                pending_timeout=self.settings.pending_timeout,
             ),
             self.client.timeout,
         )

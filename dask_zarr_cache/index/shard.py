@@ -28,10 +28,8 @@ from dask_zarr_cache.index.table import DigestTable
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-__all__ = ["PENDING_TIMEOUT", "CacheIndex"]
+__all__ = ["CacheIndex"]
 
-#: A pending fetch older than this (seconds) may be taken over by another worker.
-PENDING_TIMEOUT = 60.0
 #: Workers one index can name at once (the table's owner column is 16 bits; 0 is free).
 MAX_WORKERS = 65535
 
@@ -57,13 +55,20 @@ class CacheIndex:
     policy : {"tinylfu", "lru"}
         Under ``"tinylfu"`` the index counts misses per key (a count-min sketch) and
         passes the count with each fetch decision.
+    pending_timeout : float
+        Seconds after which another worker may take over a claimed fetch.
 
     """
 
     def __init__(
-        self, max_age_seconds: float | None = None, clock=time.time, policy: str = "tinylfu"
+        self,
+        max_age_seconds: float | None = None,
+        clock=time.time,
+        policy: str = "tinylfu",
+        pending_timeout: float = 60.0,
     ) -> None:
         self.max_age_seconds = max_age_seconds
+        self.pending_timeout = pending_timeout
         self._clock = clock
         self._epoch = clock()  # rows store float32 seconds since then
         self._table = DigestTable()
@@ -202,7 +207,7 @@ class CacheIndex:
             pending = self._pending.get(digest)
             if pending is not None and (
                 pending[0] == unreachable
-                or (pending[0] != worker and now - pending[1] >= PENDING_TIMEOUT)
+                or (pending[0] != worker and now - pending[1] >= self.pending_timeout)
             ):
                 pending = None
             if pending is not None and pending[0] != worker:

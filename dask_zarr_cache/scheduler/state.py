@@ -6,9 +6,10 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_sync(worker, epoch, seq)`` -> packed
   :class:`~dask_zarr_cache.core.protocol.SyncReply`: the writes a worker has not applied
   yet; renews its lease.
-- ``zarr_cache_invalidate(keys, prefixes)`` -> ``{"seq", "unreached"}``: record a write,
-  drop it from the index and every worker, return once no worker can serve the old bytes.
-- ``zarr_cache_stats()`` -> ``{"total", "workers", "index"}``.
+- ``zarr_cache_write(keys, prefixes, origin)`` -> ``{"seq", "unreached"}``: record a
+  write, drop it from the index and every worker, return once no worker can serve the old
+  bytes.
+- ``zarr_cache_cluster_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
 The index is split into shards (``zarr-cache.index-shards``), each hosted by a worker (the
@@ -39,6 +40,8 @@ from dask_zarr_cache.worker.counters import total_of
 from dask_zarr_cache.writes.log import InvalidationLog
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from distributed import Scheduler
     from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -72,19 +75,26 @@ class ZarrCacheScheduler:
         self.index = self.shards.client
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
-        scheduler.handlers.update(
-            {
-                "zarr_cache_index": self.shards.locate,
-                "zarr_cache_sync": self.handle_sync,
-                "zarr_cache_invalidate": self.handle_invalidate,
-                "zarr_cache_stats": self.handle_stats,
-                "zarr_cache_cached": self.handle_cached,
-            }
-        )
+        scheduler.handlers.update(self.handlers)
         self.history = CacheHistory(scheduler)
         self.history.start()
         add_http_routes(scheduler)
         bind_prometheus(scheduler)
+
+    @property
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """Scheduler handlers by name: each the method of the same name."""
+        return {
+            "zarr_cache_index": self.zarr_cache_index,
+            "zarr_cache_sync": self.zarr_cache_sync,
+            "zarr_cache_write": self.zarr_cache_write,
+            "zarr_cache_cluster_stats": self.zarr_cache_cluster_stats,
+            "zarr_cache_cached": self.zarr_cache_cached,
+        }
+
+    async def zarr_cache_index(self) -> list[dict[str, str] | None]:
+        """Where each index shard is (see :meth:`IndexShards.locate`)."""
+        return await self.shards.locate()
 
     async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
@@ -107,7 +117,7 @@ class ZarrCacheScheduler:
                 await self.index.configure(settings.max_age_seconds, settings.policy)
 
     # -- the write history -----------------------------------------------------------------
-    async def handle_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
+    async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
         """A worker catches up: the writes after ``seq`` (of ``epoch``), and renews its lease.
 
         ``seq`` is also what the worker has applied: it counts as its acknowledgement.
@@ -128,7 +138,7 @@ class ZarrCacheScheduler:
                 self.shards.ensure()
         return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
-    async def handle_invalidate(
+    async def zarr_cache_write(
         self, keys: bytes, prefixes: bytes, origin: str | None = None
     ) -> dict[str, Any]:
         """Record a write and make sure no worker serves the bytes it replaced.
@@ -144,13 +154,15 @@ class ZarrCacheScheduler:
         key_list, prefix_list = unpack(keys), unpack(prefixes)
         started = time.monotonic()
         entry = self.log.append(key_list, prefix_list)
-        timeout = min(self.settings.write_lease, 10.0)
+        timeout = self.settings.write_push_timeout
         # Bounded: the index may live on the very worker whose loop waits for this write.
         # Correctness does not rest on it (workers drop their files and fetches below).
         with contextlib.suppress(IndexUnavailableError, TimeoutError):
-            await asyncio.wait_for(self.index.invalidate(key_list), timeout / 4)
+            await asyncio.wait_for(
+                self.index.invalidate(key_list), self.settings.write_index_timeout
+            )
         replies = await self.broadcast(
-            "zarr_cache_invalidate",
+            "zarr_cache_apply_write",
             skip=origin,
             timeout=timeout,
             seq=entry.seq,
@@ -162,7 +174,7 @@ class ZarrCacheScheduler:
             if isinstance(applied, int):  # its highest write applied without a gap
                 reached.add(worker)
                 await self._acked(worker, applied)
-        deadline = started + self.settings.write_lease * 1.1 + 0.5
+        deadline = started + self.settings.write_wait
         unreached = await self._wait_for_acks(entry.seq, reached, deadline)
         if unreached:
             logger.warning(
@@ -175,8 +187,10 @@ class ZarrCacheScheduler:
 
     async def _acked(self, worker: str, seq: int) -> None:
         """``worker`` confirmed every write up to ``seq``."""
+        # Recorded before any await: a sync's reply was computed in the caller's step, so
+        # a write appended after it must find this worker here and wait for it.
+        self.workers[worker] = max(seq, self.workers.get(worker, 0))
         async with self._changed:
-            self.workers[worker] = max(seq, self.workers.get(worker, 0))
             self._changed.notify_all()
 
     async def _wait_for_acks(self, seq: int, reached: set[str], deadline: float) -> list[str]:
@@ -258,7 +272,7 @@ class ZarrCacheScheduler:
         replies = await asyncio.gather(*(one(w) for w in targets))
         return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
 
-    async def handle_cached(self, keys: str) -> str:
+    async def zarr_cache_cached(self, keys: str) -> str:
         """Whether each cache key has a ready copy on some worker: ``"0"``/``"1"`` each.
 
         ``keys`` is a JSON list, and the reply a string: bytes between a client and the
@@ -271,9 +285,9 @@ class ZarrCacheScheduler:
             cached = [False] * len(key_list)
         return "".join("1" if c else "0" for c in cached)
 
-    async def handle_stats(self) -> dict[str, Any]:
+    async def zarr_cache_cluster_stats(self) -> dict[str, Any]:
         """Counters of every worker, their totals, and the index's own summary."""
-        replies = await self.broadcast("zarr_cache_stats")
+        replies = await self.broadcast("zarr_cache_counters")
         workers = {addr: r for addr, r in replies.items() if isinstance(r, dict)}
         try:
             index = await self.index.summary()

@@ -39,13 +39,6 @@ __all__ = ["WorkerCache"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between flushes that ask every index shard whether it knows this worker (a
-#: shard that forgot it, e.g. after the scheduler dropped it for a while, then gets its
-#: files again); other flushes call only the shards they have drops for.
-KNOWN_CHECK_INTERVAL = 10.0
-#: Seconds a flush waits for its report to the index before returning (it goes on).
-REPORT_WAIT = 1.0
-
 
 class WorkerCache:
     """A worker's cache: local files, in-process single-flight, index and peer traffic.
@@ -96,14 +89,14 @@ class WorkerCache:
             clock,
             capacity=settings.max_size,
             policy=settings.policy,
+            peer_backoff=settings.peer_backoff,
         )
         self.counters = self.state.counters
         self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
         self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
-        self.handle_get = self.peers.serve
         self.index.timeout = timeout
-        self.guarded_disk = GuardedDisk(self.disk, self.state, clock)
+        self.guarded_disk = GuardedDisk(self.disk, self.state, clock, settings.disk_retry)
         self._flush_lock = asyncio.Lock()
         self._reporting: asyncio.Future[None] | None = None
         self._checked_at = clock()
@@ -277,6 +270,11 @@ class WorkerCache:
             if claimed and not self.state.superseded(key, fetch):
                 self._in_background(self._abandon(key))
 
+    async def idle(self) -> None:
+        """Return once the index calls started in the background (commits, abandons) end."""
+        while self._background:
+            await asyncio.wait([asyncio.wrap_future(f) for f in list(self._background)])
+
     def _in_background(self, coro: Any) -> None:
         """Run an index call on the worker's loop without making the reader wait for it."""
         future = spawn_on(self.loop, coro)
@@ -337,7 +335,22 @@ class WorkerCache:
         await self._delete(doomed)
 
     # -- handlers for peers and the scheduler (worker loop) --------------------------------
-    async def handle_invalidate(self, seq: int, keys: bytes, prefixes: bytes) -> int:
+    @property
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """Worker handlers by name: each the method of the same name."""
+        return {
+            "zarr_cache_get": self.zarr_cache_get,
+            "zarr_cache_apply_write": self.zarr_cache_apply_write,
+            "zarr_cache_counters": self.zarr_cache_counters,
+            "zarr_cache_index_moved": self.zarr_cache_index_moved,
+            "zarr_cache_worker_left": self.zarr_cache_worker_left,
+        }
+
+    async def zarr_cache_get(self, key: str) -> dict[str, Any]:
+        """A peer asks for the bytes of ``key`` (see :meth:`Peers.serve`)."""
+        return await self.peers.serve(key)
+
+    async def zarr_cache_apply_write(self, seq: int, keys: bytes, prefixes: bytes) -> int:
         """Apply write ``seq``: drop matching files, poison matching fetches in flight.
 
         Returns the highest write sequence this worker has applied without a gap.
@@ -358,18 +371,18 @@ class WorkerCache:
         """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
         self.state.numbered(keys, prefixes, seq)
 
-    async def handle_index_moved(self, shard: int | None = None) -> None:
+    async def zarr_cache_index_moved(self, shard: int | None = None) -> None:
         """A new index shard (or layout) exists: register this worker's files right away."""
         self.index.moved(shard)
         await self.flush()
 
-    async def handle_worker_left(self, address: str) -> None:
+    async def zarr_cache_worker_left(self, address: str) -> None:
         """A peer left the cluster: stop asking it, and fail the calls waiting on it now."""
         self.state.peer_left(address)
         self.index.host_left(address)
         self.peers.host_left(address)
 
-    async def handle_stats(self) -> dict[str, int]:
+    async def zarr_cache_counters(self) -> dict[str, int]:
         """Return the counters of this worker."""
         return self.state.counts()
 
@@ -380,7 +393,7 @@ class WorkerCache:
         The report runs beside: a shard that does not answer (its worker just died, and
         connecting waits out the timeout) must not hold up the catch-up, or this worker's
         lease would run out and it would stop serving its files.  A flush waits at most
-        :data:`REPORT_WAIT` for it, and starts none while one is still out.
+        ``settings.report_wait`` for it, and starts none while one is still out.
         """
         if self._flush_lock.locked():
             return
@@ -392,11 +405,11 @@ class WorkerCache:
             await self._delete(self.state.expired_keys())
         if self._reporting is None or self._reporting.done():
             self._reporting = asyncio.ensure_future(self._report())
-            await asyncio.wait([self._reporting], timeout=REPORT_WAIT)
+            await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
 
     async def _report(self) -> None:
         dropped = self.state.take_reports()
-        check = self.clock() - self._checked_at >= KNOWN_CHECK_INTERVAL
+        check = self.clock() - self._checked_at >= self.settings.known_check_interval
         if not dropped and self.index.connected and not check:
             return
         if self.state.epoch is None:

@@ -3,7 +3,7 @@
 :class:`GuardedDisk` claims the directory lazily and classifies failed writes: an error
 about one object (a name or size the filesystem refuses) skips that object; an error that
 says the disk itself is unusable (full, read-only, gone) pauses writing for
-:data:`DISK_RETRY` seconds, after which the next write tries again and, if it succeeds,
+``retry`` seconds, after which the next write tries again and, if it succeeds,
 resumes caching.  A directory that is not the cache's (or another worker's) is never used.
 """
 
@@ -23,12 +23,9 @@ if TYPE_CHECKING:
     from dask_zarr_cache.core.protocol import Payload
     from dask_zarr_cache.worker.state import LocalState
 
-__all__ = ["DISK_RETRY", "GuardedDisk"]
+__all__ = ["GuardedDisk"]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds writing stays paused after the disk failed a write (then a write tries again).
-DISK_RETRY = 5.0
 
 
 class GuardedDisk:
@@ -42,15 +39,22 @@ class GuardedDisk:
         Where ``disk_errors`` and ``caching_disabled`` are counted (under its lock).
     clock : callable
         Seconds; tests inject their own.
+    retry : float
+        Seconds writing stays paused after the disk failed a write.
 
     """
 
     def __init__(
-        self, disk: DiskCache, state: LocalState, clock: Callable[[], float] = time.time
+        self,
+        disk: DiskCache,
+        state: LocalState,
+        clock: Callable[[], float] = time.time,
+        retry: float = 5.0,
     ) -> None:
         self.disk = disk
         self.state = state
         self.clock = clock
+        self.retry = retry
         self._open = False  # until the directory is claimed (start, or a later write)
         self._refused = False  # the directory is not ours: never write there
         self._paused_until: float | None = None
@@ -100,11 +104,11 @@ class GuardedDisk:
         if permanent:
             self._refused = True
         else:
-            self._paused_until = self.clock() + DISK_RETRY
+            self._paused_until = self.clock() + self.retry
         if first:
             logger.warning(
                 "zarr cache cannot write %s (%s); reading through to the source%s",
                 self.disk.root,
                 err,
-                "" if permanent else f", trying again every {DISK_RETRY:g} s",
+                "" if permanent else f", trying again every {self.retry:g} s",
             )

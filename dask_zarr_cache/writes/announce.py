@@ -1,7 +1,7 @@
 """Announcing a write to every cluster reachable from the writing code.
 
 A write through ``ClusterCacheStore`` is announced to the scheduler (handler
-``zarr_cache_invalidate``), which returns once no worker can serve the replaced bytes.
+``zarr_cache_write``), which returns once no worker can serve the replaced bytes.
 Announcements from one event loop to one scheduler are *group-committed*: at most one is in
 flight, and the writes that finish meanwhile go together in the next one, so the many
 chunk writes of one ``arr[...] = x`` cost a few round trips, not one each, and a lone
@@ -66,7 +66,7 @@ class _GroupCommit:
             while self.next.waiters:
                 batch, self.next = self.next, _Batch()
                 try:
-                    await self.scheduler.zarr_cache_invalidate(
+                    await self.scheduler.zarr_cache_write(
                         keys=pack(batch.keys), prefixes=pack(batch.prefixes)
                     )
                 except Exception as err:
@@ -126,7 +126,7 @@ class _Cluster:
         origin = None if cache is None else self.worker.address
         args = self.worker.connection_args
         async with rpc(self.scheduler.address, connection_args=args) as scheduler:
-            reply = await scheduler.zarr_cache_invalidate(
+            reply = await scheduler.zarr_cache_write(
                 keys=pack(keys), prefixes=pack(prefixes), origin=origin
             )
         if cache is not None:

@@ -33,7 +33,7 @@ async def read_all(cache, keys=KEYS):
 async def test_each_shard_holds_exactly_its_keys(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     assert await read_all(a) == [k.encode() for k in KEYS]
-    await asyncio.sleep(0.01)  # commits
+    await net.idle()  # commits
     for shard, index in enumerate(net.indexes):
         mine = {k for k in KEYS if shard_of(k, SHARDS) == shard}
         assert mine and {k for k in KEYS if key_digest(k) in index} == mine
@@ -50,7 +50,7 @@ async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     b = await net.worker(B, tmp_path / "b", clock, max_size=1_000_000)
     await read_all(a)
-    await asyncio.sleep(0.01)
+    await net.idle()
     lost = 1
     net.down.add(shard_address(lost))
     sources = {k: Source(k.encode()) for k in KEYS}
@@ -61,7 +61,7 @@ async def test_losing_one_shard_affects_only_its_keys(net, clock, tmp_path):
     net.recreate(lost)
     net.down.discard(shard_address(lost))
     registered = net.index_calls("register")
-    await a.handle_index_moved(lost)
+    await a.zarr_cache_index_moved(lost)
     assert net.index_calls("register") == registered + 1
     mine = {k for k in KEYS if shard_of(k, SHARDS) == lost}
     assert {k for k in KEYS if key_digest(k) in net.indexes[lost]} == mine
@@ -76,7 +76,7 @@ async def test_files_register_in_bounded_parts(net, clock, tmp_path, monkeypatch
     monkeypatch.setattr(index_client, "REGISTER_BATCH", 4)
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     await read_all(a)
-    await asyncio.sleep(0.01)
+    await net.idle()
     for shard in range(SHARDS):
         net.recreate(shard)
     before = net.index_calls("register")
@@ -101,7 +101,7 @@ async def test_evictions_reach_the_shards_of_the_evicted_keys(net, clock, tmp_pa
     for k in KEYS[:40]:  # one at a time: each admission may evict
         await a.get(k, Source(b"x" * size))
         await asyncio.sleep(0)
-    await asyncio.sleep(0.01)  # commits
+    await net.idle()  # commits
     held = set(a.state.entries)
     assert len(held) == 10 and a.state.entries.budget.used == 10 * size  # the worker's whole budget
     await a.flush()  # reports the evicted copies, each to its own shard
@@ -138,7 +138,7 @@ async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clo
 async def test_summary_adds_up_shards_and_survives_a_lost_one(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     await read_all(a)
-    await asyncio.sleep(0.01)
+    await net.idle()
     summary = await a.index.summary()
     assert summary["entries"] == len(KEYS)
     assert summary["workers"][A]["entries"] == len(KEYS)
@@ -165,7 +165,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
     net.recreate(0)  # the scheduler made it again elsewhere and told us
     net.hung.discard(shard_address(0))
     started = asyncio.get_running_loop().time()
-    await a.handle_index_moved(0)
+    await a.zarr_cache_index_moved(0)
     with pytest.raises(index_client.IndexUnavailableError):
         await asyncio.wait_for(stuck, 1)  # this reader goes to the source now
     assert (await asyncio.wait_for(queued, 1)).kind == FETCH  # sent to the new shard
@@ -175,7 +175,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
 async def test_a_hung_shard_never_holds_up_the_catch_up_with_writes(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock, max_size=1_000_000)
     await read_all(a)
-    await asyncio.sleep(0.01)
+    await net.idle()
     for shard in range(SHARDS):
         net.hung.add(shard_address(shard))
     a.state.remove(KEYS[:3])  # something to report: the report hangs

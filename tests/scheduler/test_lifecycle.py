@@ -1,0 +1,80 @@
+"""The scheduler plugin and the index shards' lifecycle, in process (``gen_cluster``).
+
+A scheduler and two workers in this process, on one event loop: registration, the
+handlers each side installs, where shards go and how one comes back after its host
+leaves, the write handshake.  Waits are on state, never on fixed sleeps.  The same
+promises on process clusters with S3 are in ``tests/scheduler/test_state.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import dask
+from distributed.utils_test import gen_cluster
+
+from dask_zarr_cache import ZarrCachePlugin
+from dask_zarr_cache.core.names import EXTENSION_NAME
+from dask_zarr_cache.core.protocol import pack
+from dask_zarr_cache.scheduler.state import scheduler_state
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Wait for ``predicate()`` on the loop (the cluster acts between checks)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+def caught_up(s, *workers) -> bool:
+    state = scheduler_state(s)
+    return state is not None and all(w.address in state.workers for w in workers)
+
+
+@gen_cluster(client=True)
+async def test_registration_installs_both_sides_and_places_the_shard(c, s, a, b):
+    with dask.config.set({"zarr-cache.flush-interval": "50ms"}):
+        await c.register_plugin(ZarrCachePlugin(max_size="1MiB"))
+    state = scheduler_state(s)
+    assert state is not None and state.installed
+    for name, method in state.handlers.items():
+        assert s.handlers[name] == method and method.__name__ == name
+    for w in (a, b):
+        cache = w.extensions[EXTENSION_NAME]
+        for name, method in cache.handlers.items():
+            assert w.handlers[name] == method and method.__name__ == name
+    await until(lambda: caught_up(s, a, b))
+    (location,) = await state.zarr_cache_index()
+    assert location is not None and location["address"] in (a.address, b.address)
+
+
+@gen_cluster(client=True)
+async def test_a_lost_shard_comes_back_on_the_other_worker(c, s, a, b):
+    with dask.config.set({"zarr-cache.flush-interval": "50ms"}):
+        await c.register_plugin(ZarrCachePlugin(max_size="1MiB"))
+    state = scheduler_state(s)
+    await until(lambda: caught_up(s, a, b) and state.shards.locations[0] is not None)
+    host = state.shards.locations[0]["address"]
+    other = b if host == a.address else a
+    await (a if host == a.address else b).close()
+    await until(
+        lambda: (
+            state.shards.locations[0] is not None
+            and state.shards.locations[0]["address"] == other.address
+        )
+    )
+    assert host not in state.workers  # forgotten: writes no longer wait for it
+
+
+@gen_cluster(client=True)
+async def test_a_write_returns_once_every_worker_applied_it(c, s, a, b):
+    with dask.config.set({"zarr-cache.flush-interval": "50ms"}):
+        await c.register_plugin(ZarrCachePlugin(max_size="1MiB"))
+    state = scheduler_state(s)
+    await until(lambda: caught_up(s, a, b))
+    reply = await state.zarr_cache_write(keys=pack(["ns\x00k"]), prefixes=pack([]))
+    assert reply["unreached"] == []
+    for w in (a, b):  # applied before the write returned, not at the next catch-up
+        assert w.extensions[EXTENSION_NAME].state.position()[1] >= reply["seq"]
+    assert state.workers[a.address] >= reply["seq"] and state.workers[b.address] >= reply["seq"]
