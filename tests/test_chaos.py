@@ -148,8 +148,8 @@ def test_a_write_may_wait_out_one_lease_per_further_frozen_worker():
     stops = [NemesisEvent("stop", "w2", 2.0, 12.0), NemesisEvent("stop", "w3", 13.0, 24.0)]
     history = History(
         [],
-        initial()
-        + [
+        [
+            *initial(),
             write(0, 2, 1.0, 1.0 + WRITE_BOUND + lease_wait - 0.5),  # two frozen: allowed
             write(1, 2, 13.5, 13.5 + WRITE_BOUND + 0.5),  # one frozen: a stall
         ],

@@ -6,6 +6,7 @@ with its one lock held.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,15 @@ class Fetch:
         self.poisoned = False
         #: Writes known to this worker when the load started (stamped on the file).
         self.seq = seq
+
+    async def outcome(self) -> Payload | None:
+        """Wait for the load's bytes (or its error) on the running event loop.
+
+        A waiter that gives up (its task cancelled, a peer's wait timed out) leaves the
+        load alone: cancelling a bare ``wrap_future`` would cancel :attr:`future` itself,
+        and the leader and every other waiter would fail.
+        """
+        return await asyncio.shield(asyncio.wrap_future(self.future))
 
 
 class Flights:

@@ -16,7 +16,6 @@ without waiting.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 import time
@@ -39,15 +38,6 @@ if TYPE_CHECKING:
     from dask_zarr_cache.worker.disk import CacheFile
 
 __all__ = ["Fetch", "LocalEntry", "LocalState"]
-
-    async def outcome(self) -> Payload | None:
-        """Wait for the load's bytes (or its error) on the running event loop.
-
-        A waiter that gives up (its task cancelled, a peer's wait timed out) leaves the
-        load alone: cancelling a bare ``wrap_future`` would cancel :attr:`future` itself,
-        and the leader and every other waiter would fail.
-        """
-        return await asyncio.shield(asyncio.wrap_future(self.future))
 
 
 class LocalState:
