@@ -21,7 +21,7 @@ from dask_zarr_cache.core.exceptions import ZarrCacheError
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-__all__ = ["LoopBlockedError", "check_loop", "run_on", "spawn_on"]
+__all__ = ["LoopBlockedError", "WorkerLoop", "check_loop", "run_on", "spawn_on"]
 
 T = TypeVar("T")
 
@@ -92,3 +92,30 @@ def spawn_on(
 ) -> concurrent.futures.Future[T]:
     """Start ``coro`` on ``loop`` without waiting for it (it handles its own errors)."""
     return asyncio.run_coroutine_threadsafe(coro, loop)
+
+
+class WorkerLoop:
+    """The worker's event loop as the read path reaches it: its one way across loops.
+
+    Store reads arrive on zarr's loop (or in a task thread); the index, the peers and the
+    scheduler are only reachable from the worker's loop.  Every hop of the read path goes
+    through :meth:`call` or :meth:`spawn`, so each one checks for a blocked loop the same
+    way.
+
+    Parameters
+    ----------
+    loop : asyncio.AbstractEventLoop
+        The worker's event loop.
+
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the worker's loop and await its result (see :func:`run_on`)."""
+        return await run_on(self.loop, coro)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the worker's loop without waiting for it."""
+        return spawn_on(self.loop, coro)

@@ -4,8 +4,13 @@ One instance per worker process, shared by all its task threads.  The bookkeepin
 :class:`~dask_zarr_cache.worker.state.LocalState` (pure); this class does the disk I/O (in
 threads), the index and peer calls and the catch-up with the scheduler's write history.
 Store reads arrive on zarr's own event loop; everything that talks to other processes runs
-on the worker's loop, reached with :func:`~dask_zarr_cache.core.loops.run_on`.  It takes what
-it needs (address, rpcs, loop, directory) as arguments, so tests can drive it with fakes.
+on the worker's loop, reached through one facade,
+:class:`~dask_zarr_cache.core.loops.WorkerLoop`.  It takes what it needs (address, rpcs,
+loop, directory) as arguments, so tests can drive it with fakes.
+
+The read path, :meth:`WorkerCache.get` and :meth:`WorkerCache._load`, in order: the lease
+(else the source, uncached), the local file, the load in flight here, the owner hint, the
+index's decision (fetch from the source, or ask the peer it names), the source.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
 
-from dask_zarr_cache.core.loops import run_on, spawn_on
+from dask_zarr_cache.core.loops import WorkerLoop
 from dask_zarr_cache.core.protocol import FETCH, Payload, SyncReply, unpack
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
@@ -79,7 +84,7 @@ class WorkerCache:
         self.pid = os.getpid()  # a process forked from a task has the object, not the loop
         self.scheduler = scheduler
         self.rpc = rpc
-        self.loop = loop
+        self.worker_loop = WorkerLoop(loop)
         self.settings = settings
         self.timeout = timeout
         self.clock = clock
@@ -94,7 +99,7 @@ class WorkerCache:
         self.counters = self.state.counters
         self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
-        self.peers = Peers(self.state, self.disk, rpc, loop, settings.read_timeout)
+        self.peers = Peers(self.state, self.disk, rpc, self.worker_loop, settings.read_timeout)
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.state, clock, settings.disk_retry)
         self._flush_lock = asyncio.Lock()
@@ -203,7 +208,7 @@ class WorkerCache:
                 break
             try:
                 decision = await asyncio.wait_for(
-                    run_on(self.loop, self.index.acquire_one(key, unreachable)), remaining
+                    self.worker_loop.call(self.index.acquire_one(key, unreachable)), remaining
                 )
             except UNAVAILABLE as err:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
@@ -277,7 +282,7 @@ class WorkerCache:
 
     def _in_background(self, coro: Any) -> None:
         """Run an index call on the worker's loop without making the reader wait for it."""
-        future = spawn_on(self.loop, coro)
+        future = self.worker_loop.spawn(coro)
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 

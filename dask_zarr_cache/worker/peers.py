@@ -18,7 +18,7 @@ from distributed.metrics import context_meter
 from distributed.protocol import to_serialize
 
 from dask_zarr_cache.core.departures import Departures
-from dask_zarr_cache.core.loops import LoopBlockedError, run_on
+from dask_zarr_cache.core.loops import LoopBlockedError, WorkerLoop
 from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.worker.disk import checksum
 
@@ -49,9 +49,9 @@ class Peers:
     disk : DiskCache
         This worker's files.
     rpc : callable
-        ``rpc(address)`` to a peer, usable on ``loop``.
-    loop : asyncio.AbstractEventLoop
-        The worker's event loop.
+        ``rpc(address)`` to a peer, usable on the worker's loop.
+    worker_loop : WorkerLoop
+        The worker's event loop, where requests to peers run.
     read_timeout : float
         Seconds this worker serves a peer's request at most (waiting for its own fetch).
 
@@ -62,10 +62,10 @@ class Peers:
         state: LocalState,
         disk: DiskCache,
         rpc: Callable[[str], Any],
-        loop: asyncio.AbstractEventLoop,
+        worker_loop: WorkerLoop,
         read_timeout: float,
     ) -> None:
-        self.state, self.disk, self.rpc, self.loop = state, disk, rpc, loop
+        self.state, self.disk, self.rpc, self.worker_loop = state, disk, rpc, worker_loop
         self.read_timeout = read_timeout
         self._calls = Departures()  # by peer address
 
@@ -83,7 +83,7 @@ class Peers:
         """
         with context_meter.meter("zarr-cache-peer-fetch"):
             try:
-                reply = await run_on(self.loop, self.request(address, key, timeout))
+                reply = await self.worker_loop.call(self.request(address, key, timeout))
             except UNAVAILABLE as err:
                 logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
                 if not isinstance(err, LoopBlockedError):
