@@ -48,12 +48,8 @@ class FakeScheduler:
     async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
         if not self.reachable:
             raise OSError("scheduler unreachable")
-        if epoch == self.log.epoch:
-            history = self.log.since(seq)
-            inv = None if history is None else [e.as_message() for e in history]
-        else:
-            inv = [] if epoch is None and seq == 0 else None
-        return pack(SyncReply(self.log.epoch, self.log.seq, inv))
+        invalidations, _applied = self.log.catch_up(epoch, seq)
+        return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
 
 class _Endpoint:

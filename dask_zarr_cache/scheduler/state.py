@@ -122,15 +122,7 @@ class ZarrCacheScheduler:
 
         ``seq`` is also what the worker has applied: it counts as its acknowledgement.
         """
-        applied = 0
-        if epoch == self.log.epoch:
-            history = self.log.since(seq)
-            invalidations = None if history is None else [e.as_message() for e in history]
-            applied = seq
-        elif epoch is None and seq == 0:  # a new worker without files: nothing to drop
-            invalidations, applied = [], self.log.seq
-        else:  # files from another scheduler's history: nothing of theirs is provable
-            invalidations = None
+        invalidations, applied = self.log.catch_up(epoch, seq)
         if worker in self.scheduler.workers:
             new = worker not in self.workers
             await self._acked(worker, applied)

@@ -91,6 +91,22 @@ class InvalidationLog:
             return []
         return [e for e in self._entries if e.seq > seq]
 
+    def catch_up(
+        self, epoch: bytes | None, seq: int
+    ) -> tuple[list[tuple[int, list[str], list[str]]] | None, int]:
+        """What a worker at position ``(epoch, seq)`` must apply, and what it has applied.
+
+        Returns the writes after ``seq`` as messages (``None``: it must drop every file,
+        their history is lost or another scheduler's) and the sequence number the worker
+        has applied, which counts as its acknowledgement.
+        """
+        if epoch == self.epoch:
+            history = self.since(seq)
+            return (None if history is None else [e.as_message() for e in history]), seq
+        if epoch is None and seq == 0:  # a new worker without files: nothing to drop
+            return [], self.seq
+        return None, 0  # files from another scheduler's history: nothing of theirs is provable
+
 
 class Stamped(Protocol):
     """A cache file as the write history judges it: its key and where it was read."""
