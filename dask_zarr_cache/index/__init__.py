@@ -1,0 +1,1 @@
+"""The global index: shards of key digests, their hosts, placement and the typed client."""

@@ -1,0 +1,1 @@
+"""Observability: counters over time, Prometheus metrics and the dashboard page."""

@@ -1,0 +1,1 @@
+"""The scheduler side: the write protocol's coordinator, handlers and read locality."""

@@ -1,0 +1,1 @@
+"""The worker cache: the read path, local state, peers and the files on disk."""

@@ -1,0 +1,1 @@
+"""The write protocol: the write history, what a worker applied, announcing writes."""
