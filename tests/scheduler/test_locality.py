@@ -18,8 +18,7 @@ from zarr.storage import LocalStore
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
 from dask_zarr_cache.identity.keys import SEPARATOR
 from dask_zarr_cache.scheduler.locality import HashRing, chunk_cache_keys, steer_reads
-
-from .conftest import cache_cluster, cached, chunk_gets, write_array
+from tests.conftest import cache_cluster, cached, chunk_gets, write_array
 
 WORKERS = [f"tcp://127.0.0.1:{4000 + i}" for i in range(4)]
 
