@@ -36,7 +36,7 @@ def index_throughput(n: int) -> dict[str, float]:
     digests_all = _digests(n)
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(host.zarr_cache_index_create("s", None, "tinylfu"))
+        loop.run_until_complete(host.zarr_cache_index_create("s", None, "tinylfu", 60.0))
         start = time.perf_counter()
         for i in range(0, n, BATCH):
             digests = pack(digests_all[i : i + BATCH])

@@ -12,7 +12,7 @@ from dask_zarr_cache.core.exceptions import (
 )
 from dask_zarr_cache.plugin import ZarrCachePlugin
 from dask_zarr_cache.store import ClusterCacheStore
-from dask_zarr_cache.warm import WarmJob, WarmReport, warm
+from dask_zarr_cache.warmup import WarmJob, WarmReport, warm
 
 __all__ = [
     "CacheConfigError",

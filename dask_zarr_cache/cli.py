@@ -84,7 +84,7 @@ def _warm(args: argparse.Namespace) -> int:
 
     try:
         store = ClusterCacheStore.from_url(args.url, dict(args.storage_option) or None)
-        from dask_zarr_cache.warm import select_arrays
+        from dask_zarr_cache.warmup import select_arrays
 
         select_arrays(store, args.variable)  # a bad URL or variable fails here (metadata only)
     except Exception as err:

@@ -15,7 +15,7 @@ import dask_zarr_cache
 PACKAGE = Path(dask_zarr_cache.__file__).parent
 
 #: The subpackages, lowest first; a module may import from its own folder and lower ones.
-#: The top (store, plugin, client, warm, cli, ...) may import from every folder.
+#: The top (store, plugin, client, warmup, cli, ...) may import from every folder.
 FOLDERS = ["core", "identity", "writes", "index", "worker", "observe", "scheduler"]
 TOP = len(FOLDERS)
 

@@ -236,7 +236,7 @@ def assert_consistent_then_finish(client, s3, s3_path):
 
 def test_a_warm_job_can_be_cancelled_from_code(s3, s3_path, client, monkeypatch):
     write_dataset(s3, s3_path)
-    monkeypatch.setattr("dask_zarr_cache.warm.BATCH", 2)  # 13 batches: most still queued
+    monkeypatch.setattr("dask_zarr_cache.warmup.BATCH", 2)  # 13 batches: most still queued
     s3.latency = 0.3
     try:
         job = warm(client, from_url(s3, s3_path), concurrency=1, progress=False, wait=False)
