@@ -35,6 +35,20 @@ def _write_chunk(store, i, j, value):
     arr[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK] = value
 
 
+def _result_or_stacks(client, future, timeout: float = 60.0):
+    """The result, or a failure showing what every running task was doing after ``timeout``.
+
+    One round reads at most 49 chunks of 8 KiB: a minute means something hangs, and the
+    stacks of the tasks still running say where (pytest-timeout shows only this process).
+    """
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        stacks = client.call_stack()
+        processing = client.processing()
+        pytest.fail(f"a round took over {timeout} s; running: {processing}; stacks: {stacks}")
+
+
 def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path):
     budget = float(os.environ.get("DASK_ZARR_CACHE_SOAK_SECONDS", "60"))
     rng = np.random.default_rng(99)
@@ -61,7 +75,7 @@ def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path):
             r1, c1 = r0 + rng.integers(1, 200), c0 + rng.integers(1, 200)
             arr = zarr.open_array(store, mode="r")
             x = da.from_zarr(arr, chunks=(CHUNK, CHUNK), name=f"soak-{rounds}")
-            got = client.compute(x[r0:r1, c0:c1]).result()
+            got = _result_or_stacks(client, client.compute(x[r0:r1, c0:c1]))
             wrong += not np.array_equal(got, truth[r0:r1, c0:c1])
             if rounds == 5:
                 rss_start = client.run(_rss)
