@@ -38,15 +38,16 @@ def _write_chunk(store, i, j, value):
 def _result_or_stacks(client, future, timeout: float = 60.0):
     """The result, or a failure showing what every running task was doing after ``timeout``.
 
-    One round reads at most 49 chunks of 8 KiB: a minute means something hangs, and the
-    stacks of the tasks still running say where (pytest-timeout shows only this process).
+    A write, or a round's read of at most 49 chunks of 8 KiB, taking a minute means
+    something hangs; the stacks of the tasks still running say where (pytest-timeout
+    shows only this process's).
     """
     try:
         return future.result(timeout=timeout)
     except TimeoutError:
         stacks = client.call_stack()
         processing = client.processing()
-        pytest.fail(f"a round took over {timeout} s; running: {processing}; stacks: {stacks}")
+        pytest.fail(f"a task took over {timeout} s; running: {processing}; stacks: {stacks}")
 
 
 def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path):
@@ -69,7 +70,8 @@ def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path):
                 if rounds % 2:
                     _write_chunk(store, i, j, value)
                 else:
-                    client.submit(_write_chunk, store, i, j, value, pure=False).result()
+                    write = client.submit(_write_chunk, store, i, j, value, pure=False)
+                    _result_or_stacks(client, write)
                 truth[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK] = value
             r0, c0 = rng.integers(0, SHAPE[0] - 40, size=2)
             r1, c1 = r0 + rng.integers(1, 200), c0 + rng.integers(1, 200)
