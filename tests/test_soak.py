@@ -6,19 +6,15 @@ Marked ``slow``; ``.ci/run`` runs it after the default suite. Duration is bounde
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
-import glob
 import os
-import signal
 import time
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from distributed.diagnostics.plugin import WorkerPlugin
 
+from benchmarks._chaos_tasks import StackDumps, dump_stacks
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
 from tests.conftest import cache_cluster, s3_store, write_array
 from tests.test_worker_faults import index_host, kill_worker, wait_for
@@ -40,34 +36,14 @@ def _write_chunk(store, i, j, value):
     arr[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK] = value
 
 
-_stack_files: list = []  # kept open in each worker process: faulthandler writes to them
-
-
-class _StackDumps(WorkerPlugin):
-    """SIGUSR1 makes a worker (also one started later) write every thread's stack to a file.
-
-    From faulthandler's C handler: it works even when the worker's event loop hangs.
-    """
-
-    name = "soak-stack-dumps"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def setup(self, worker) -> None:
-        file = open(f"{self.path}-{os.getpid()}.txt", "a")
-        faulthandler.register(signal.SIGUSR1, file=file, all_threads=True)
-        _stack_files.append(file)
-
-
-def _worker_stacks(path: str) -> str:
-    """Signal every worker process that registered :class:`_StackDumps`; what they wrote."""
-    files = glob.glob(f"{path}-*.txt")
-    for name in files:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(name.rsplit("-", 1)[1].removesuffix(".txt")), signal.SIGUSR1)
-    time.sleep(1.0)
-    return "\n".join(f"--- {name}\n{open(name).read()}" for name in files)
+def _worker_stacks(log_dir: str) -> str:
+    """Every thread's stack of each live worker process (see :class:`StackDumps`)."""
+    signalled = dump_stacks(log_dir, lambda pid: True)  # only this test's workers wrote here
+    time.sleep(1.0)  # faulthandler writes from the signal handler, right away
+    return "\n".join(
+        f"--- pid {pid}\n" + open(os.path.join(log_dir, f"stacks-{pid}.txt")).read()
+        for pid in signalled
+    )
 
 
 def _result_or_stacks(client, future, timeout: float = 60.0, stacks=None):
@@ -92,11 +68,11 @@ def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path, tmp_path):
     # A budget of 12 chunks per worker: 36 of 64 chunks fit, so evictions never stop.
     with cache_cluster(max_size=12 * CHUNK * CHUNK * 8) as (_cluster, client):
         store = ClusterCacheStore(s3_store(s3, s3_path))
-        stack_path = str(tmp_path / "stacks")
-        client.register_plugin(_StackDumps(stack_path))
+        log_dir = str(tmp_path / "stacks")
+        client.register_plugin(StackDumps(log_dir))
 
         def stacks() -> str:
-            return _worker_stacks(stack_path)
+            return _worker_stacks(log_dir)
 
         rss_start = None
         killed = False
