@@ -60,6 +60,7 @@ from benchmarks._chaos_history import (
 from benchmarks._chaos_nemesis import Nemesis
 from benchmarks._chaos_tasks import StackDumps, dump_stacks, read_chunks
 from benchmarks._chaos_workload import Workload, WorkloadSettings
+from dask_zarr_cache.core.config import CacheSettings
 
 __all__ = ["main", "run"]
 
@@ -69,8 +70,9 @@ DEFAULT_READ_STALL_BOUND = 12.0
 #: A write waits for a frozen worker's lease (10 s) at most 11.5 s, behind at most one
 #: batch of the same process (see ``check``'s ``lease_wait`` for more frozen workers).
 DEFAULT_WRITE_STALL_BOUND = 20.0
-#: How long a write waits for one unreachable worker: write-lease * 1.1 + 0.5 s.
-LEASE_WAIT = 11.5
+#: How long a write waits for one unreachable worker, as the cache computes it (the run
+#: keeps the default write-lease).
+LEASE_WAIT = CacheSettings(max_size=1).write_wait
 CHUNK_SIZE = 256
 BUCKET = "chaos"
 URL = f"s3://{BUCKET}/data.zarr"
