@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 import uuid
@@ -45,12 +46,15 @@ def s3_path(s3: LocalS3Server) -> str:
     return f"test/data-{next(_names)}.zarr"
 
 
-def s3_store(s3: LocalS3Server, path: str, read_only: bool = False) -> FsspecStore:
-    """An ``FsspecStore`` over s3fs for ``path`` on the loopback server."""
+def s3_store(s3: LocalS3Server, path: str, read_only: bool = False, **options: Any) -> FsspecStore:
+    """An ``FsspecStore`` over s3fs for ``path`` on the loopback server.
+
+    ``options`` are more s3fs options (e.g. fewer retries, for tests of server errors).
+    """
     return FsspecStore.from_url(
         f"s3://{path}",
         read_only=read_only,
-        storage_options={**s3.storage_options, "skip_instance_cache": True},
+        storage_options={**s3.storage_options, "skip_instance_cache": True, **options},
     )
 
 
@@ -103,12 +107,19 @@ def chunk_gets(s3: LocalS3Server, path: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def cache_cluster(n_workers: int = 3, **plugin_kwargs) -> Iterator[tuple[LocalCluster, Client]]:
-    """A multi-process cluster on 127.0.0.1 with the cache plugin registered."""
+def cache_cluster(
+    n_workers: int = 3, timings: dict[str, float] | None = None, **plugin_kwargs
+) -> Iterator[tuple[LocalCluster, Client]]:
+    """A multi-process cluster on 127.0.0.1 with the cache plugin registered.
+
+    ``timings`` replace internal timings of :class:`CacheSettings` (e.g. ``disk_retry``).
+    """
     with dask.config.set({"zarr-cache.flush-interval": "100ms"}):
         cluster = loopback_cluster(n_workers, 2)
     with cluster, Client(cluster) as client:
-        client.register_plugin(ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs}))
+        plugin = ZarrCachePlugin(**{"max_size": "1GiB", **plugin_kwargs})
+        plugin.settings = dataclasses.replace(plugin.settings, **(timings or {}))
+        client.register_plugin(plugin)
         yield cluster, client
 
 

@@ -66,7 +66,7 @@ class _Endpoint:
         async def call(**kwargs):
             self.pool.calls.append((self.address, handler.removeprefix("zarr_cache_index_")))
             if self.address in self.pool.hung:  # a dead worker: connecting waits out the timeout
-                await asyncio.Event().wait()
+                await self.pool.hang()
             if handler == "zarr_cache_index_exchange":  # (keys asked, objects committed)
                 self.pool.exchanges.append(
                     (len(unpack(kwargs["digests"])), len(unpack(kwargs["commits"])))
@@ -80,7 +80,7 @@ class _Endpoint:
     async def zarr_cache_get(self, key: str) -> dict[str, Any] | None:
         self.pool.calls.append((self.address, "get"))
         if self.address in self.pool.hung:  # frozen, or dead with a connect still retried
-            await asyncio.Event().wait()
+            await self.pool.hang()
         if self.address in self.pool.down:
             raise OSError(f"{self.address} is down")
         if self.address in self.pool.handlerless:  # restarted, its plugin not set up yet
@@ -105,6 +105,8 @@ class FakeNetwork:
         self.down: set[str] = set()
         self.hung: set[str] = set()
         self.handlerless: set[str] = set()
+        self._stuck = 0  # calls hanging on a hung address
+        self._stuck_changed = asyncio.Condition()
 
     def __call__(self, address: str) -> _Endpoint:
         return _Endpoint(self, address)
@@ -123,6 +125,18 @@ class FakeNetwork:
         """The scheduler made ``shard`` again (empty), at the same address."""
         index = CacheIndex(max_age_seconds)
         self.hosts[shard_address(shard)].shards[f"index-{shard}"] = index
+
+    async def hang(self) -> None:
+        """A call to a hung address: never returns (until cancelled)."""
+        async with self._stuck_changed:
+            self._stuck += 1
+            self._stuck_changed.notify_all()
+        await asyncio.Event().wait()
+
+    async def stuck(self, calls: int = 1) -> None:
+        """Wait until ``calls`` calls in all hang on hung addresses (instead of sleeping)."""
+        async with self._stuck_changed:
+            await self._stuck_changed.wait_for(lambda: self._stuck >= calls)
 
     async def idle(self) -> None:
         """Wait for every worker's background index calls (instead of sleeping)."""
@@ -176,9 +190,12 @@ class Source:
         self.reads = 0
         self.gate: asyncio.Event | None = None
         self.error: BaseException | None = None
+        #: Set once a read reached the source (and waits at :attr:`gate`, if any).
+        self.reached = asyncio.Event()
 
     async def __call__(self) -> bytes | None:
         self.reads += 1
+        self.reached.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:

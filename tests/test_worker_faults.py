@@ -19,7 +19,7 @@ from distributed import wait
 from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from dask_zarr_cache import InvalidCacheKeyError, cluster_stats
+from dask_zarr_cache import ClusterCacheStore, InvalidCacheKeyError, cluster_stats
 from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
 
 
@@ -221,7 +221,9 @@ def test_a_full_disk_pauses_caching_until_space_is_freed(s3, s3_path, small_file
     write_array(s3, s3_path, data, chunks=(16, 16), compressors=None)
     filler = small_filesystem / "filler"
     filler.write_bytes(b"\0" * (256 * 1024 - 16 * 1024))  # leaves room for a few files
-    with cache_cluster(n_workers=1, directory=small_filesystem / "cache") as (_c, client):
+    with cache_cluster(
+        n_workers=1, directory=small_filesystem / "cache", timings={"disk_retry": 1.0}
+    ) as (_c, client):
         store = cached(s3, s3_path)
         for _ in range(2):
             np.testing.assert_array_equal(read_all(store, client), data)  # nothing lost
@@ -229,7 +231,7 @@ def test_a_full_disk_pauses_caching_until_space_is_freed(s3, s3_path, small_file
         assert stats["caching_disabled"] == 1 and stats["disk_errors"] >= 1
         assert 0 < stats["entries"] < 32
         filler.unlink()  # space comes back: so does caching, by itself
-        time.sleep(6)  # the pause after a failed write
+        time.sleep(1.5)  # the pause after a failed write (disk_retry)
         for _ in range(2):
             np.testing.assert_array_equal(read_all(store, client), data)
         stats = cluster_stats(client)["total"]
@@ -275,7 +277,11 @@ def _compute_error(store, client):
 def test_source_errors_propagate_and_are_not_cached(s3, s3_path, client, status, error):
     data = np.arange(16, dtype="f8")
     write_array(s3, s3_path, data, chunks=(8,))
-    store, direct = cached(s3, s3_path), s3_store(s3, s3_path, read_only=True)
+    # One attempt: botocore backs off for ~40 s over a 500 otherwise, the same
+    # with and without the cache.
+    once = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+    direct = s3_store(s3, s3_path, read_only=True, **once)
+    store = ClusterCacheStore(direct)
     s3.fail(f"{s3_path}/c/1", status)
     try:
         # In a task, the cached store raises exactly what the source raises ...

@@ -114,15 +114,18 @@ async def test_keys_asked_while_a_call_is_in_flight_share_the_next_call(net, clo
     gate = asyncio.Event()
     real = client._execute
 
+    held = asyncio.Event()
+
     async def slow_first(*args):
         if not gate.is_set():
+            held.set()
             await gate.wait()
         return await real(*args)
 
     client._execute = slow_first
     shard0 = [k for k in KEYS if shard_of(k, SHARDS) == 0]
     first = asyncio.ensure_future(client.acquire_one(shard0[0]))
-    await asyncio.sleep(0.01)  # in flight, held
+    await held.wait()  # in flight, held
     rest = []
     for k in shard0[1:]:  # one per loop iteration: each would be its own message
         rest.append(asyncio.ensure_future(client.acquire_one(k)))
@@ -158,7 +161,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
     net.hung.add(shard_address(0))  # its worker died: calls to it hang until the timeout
     shard0 = [k for k in KEYS if shard_of(k, SHARDS) == 0]
     stuck = asyncio.ensure_future(a.index.acquire_one(shard0[0]))
-    await asyncio.sleep(0.01)
+    await net.stuck(1)
     queued = asyncio.ensure_future(a.index.acquire_one(shard0[1]))  # behind the stuck one
     await asyncio.sleep(0.01)
     assert not stuck.done() and not queued.done()

@@ -49,7 +49,7 @@ async def test_a_reader_that_gives_up_leaves_the_load_to_the_others(net, clock, 
     source = Source()
     source.gate = asyncio.Event()
     leader = asyncio.ensure_future(a.get(K, source))
-    await asyncio.sleep(0.01)
+    await source.reached.wait()
     quitter, stayer = (asyncio.ensure_future(a.get(K, source)) for _ in range(2))
     await asyncio.sleep(0.01)
     quitter.cancel()
@@ -66,7 +66,7 @@ async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, cloc
     old = Source(b"old")
     old.gate = asyncio.Event()
     early = asyncio.ensure_future(a.get(K, old))
-    await asyncio.sleep(0.01)
+    await old.reached.wait()
     await net.write([K])  # the write returns here
     new = Source(b"new")
     assert await a.get(K, new) == b"new"  # started after the write: its own fetch
@@ -92,7 +92,7 @@ async def test_every_way_out_of_a_fetch_releases_the_claim(net, clock, tmp_path)
     slow = Source()
     slow.gate = asyncio.Event()
     task = asyncio.ensure_future(a.get(K, slow))
-    await asyncio.sleep(0.01)
+    await slow.reached.wait()
     assert net.index.pending_count == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -314,7 +314,7 @@ async def test_a_closing_worker_neither_calls_out_nor_waits_for_loads(net, clock
     stuck = Source()
     stuck.gate = asyncio.Event()  # a load that will not end (a peer that is gone)
     load = asyncio.ensure_future(a.get("ns\x00data.zarr/c/1", stuck))
-    await asyncio.sleep(0.01)
+    await stuck.reached.wait()
     net.scheduler.reachable = False
     net.hung.add(INDEX)
     calls = len(net.calls)
@@ -377,7 +377,7 @@ async def test_a_departed_index_host_fails_the_waiting_reads_at_once(net, clock,
     a = await net.worker(A, tmp_path / "a", clock)
     net.hung.add(INDEX)  # dead: connecting would be retried until the connect timeout
     reads = [asyncio.ensure_future(a.get(f"ns\x00d/{i}", Source())) for i in range(5)]
-    await asyncio.sleep(0.05)
+    await net.stuck(1)  # the first exchange hangs: the reads wait behind it
     assert not any(r.done() for r in reads)
     await a.zarr_cache_worker_left(INDEX)  # the scheduler noticed at once and said so
     done, _ = await asyncio.wait(reads, timeout=0.5)
@@ -389,7 +389,7 @@ async def test_a_departed_peer_fails_the_waiting_reads_at_once(net, clock, tmp_p
     b.state.remove([K])
     net.hung.add(A)
     read = asyncio.ensure_future(b.get(K, Source(b"from source")))
-    await asyncio.sleep(0.05)
+    await net.stuck(1)
     assert not read.done()
     await b.zarr_cache_worker_left(A)
     assert await asyncio.wait_for(read, 0.5) == b"from source"
