@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dask_zarr_cache.client import cluster_stats
+from dask_zarr_cache.client import CacheStatus, EvictReport, cached, cluster_stats, evict
 from dask_zarr_cache.core.exceptions import (
     CacheConfigError,
     CacheDirectoryError,
@@ -17,14 +17,18 @@ from dask_zarr_cache.warmup import WarmJob, WarmReport, warm
 __all__ = [
     "CacheConfigError",
     "CacheDirectoryError",
+    "CacheStatus",
     "ClusterCacheStore",
+    "EvictReport",
     "InvalidCacheKeyError",
     "InvalidationError",
     "WarmJob",
     "WarmReport",
     "ZarrCacheError",
     "ZarrCachePlugin",
+    "cached",
     "cluster_stats",
+    "evict",
     "warm",
 ]
 

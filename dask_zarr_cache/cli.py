@@ -1,14 +1,14 @@
-"""The ``dask-zarr-cache`` command: ``demo``, ``stats`` and ``warm``."""
+"""The ``dask-zarr-cache`` command: ``demo``, ``stats``, ``warm``, ``status`` and ``evict``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -63,7 +63,7 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Exit codes of ``warm`` besides 0 (done) and 2 (usage); 130 is the shell's for Ctrl-C.
+#: Exit codes of the dataset verbs besides 0 (done) and 2 (usage); 130 is the shell's for Ctrl-C.
 EXIT_BAD_URL, EXIT_NO_SCHEDULER, EXIT_NO_PLUGIN, EXIT_CANCELLED = 3, 4, 5, 130
 
 
@@ -77,41 +77,96 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _warm(args: argparse.Namespace) -> int:
+def _dataset(args: argparse.Namespace) -> Any:
+    """The ``ClusterCacheStore`` of ``args.url``, its metadata read (a bad URL fails here)."""
+    from dask_zarr_cache import ClusterCacheStore
+    from dask_zarr_cache.datasets import select_arrays
+
+    store = ClusterCacheStore.from_url(args.url, dict(args.storage_option) or None)
+    select_arrays(store, getattr(args, "variable", None))  # metadata only
+    return store
+
+
+def _on_dataset(
+    args: argparse.Namespace, verb: Callable[[Any, Any], object], cancelled: str = "cancelled"
+) -> int:
+    """Open the dataset, connect to the scheduler, print ``verb(client, store)``.
+
+    Each failure has its own exit code and a one-line message naming the command;
+    ``cancelled`` is the message for Ctrl-C.
+    """
     from distributed import Client
 
-    from dask_zarr_cache import ClusterCacheStore, ZarrCacheError, warm
+    from dask_zarr_cache import ZarrCacheError
 
+    name = f"dask-zarr-cache {args.command}"
     try:
-        store = ClusterCacheStore.from_url(args.url, dict(args.storage_option) or None)
-        from dask_zarr_cache.warmup import select_arrays
-
-        select_arrays(store, args.variable)  # a bad URL or variable fails here (metadata only)
+        store = _dataset(args)
     except Exception as err:
-        print(f"dask-zarr-cache warm: cannot read {args.url}: {err}", file=sys.stderr)
+        print(f"{name}: cannot read {args.url}: {err}", file=sys.stderr)
         return EXIT_BAD_URL
     try:
         client = Client(args.scheduler, timeout=args.timeout)
     except OSError as err:
-        print(f"dask-zarr-cache warm: cannot reach {args.scheduler}: {err}", file=sys.stderr)
+        print(f"{name}: cannot reach {args.scheduler}: {err}", file=sys.stderr)
         return EXIT_NO_SCHEDULER
     with client:
         try:
-            report = warm(
-                client,
-                store,
-                variables=args.variable,
-                concurrency=args.concurrency,
-                fit="trim" if args.trim else "refuse",
-            )
+            result = verb(client, store)
         except ZarrCacheError as err:
-            print(f"dask-zarr-cache warm: {err}", file=sys.stderr)
+            print(f"{name}: {err}", file=sys.stderr)
             return EXIT_NO_PLUGIN if "not registered" in str(err) else 1
         except KeyboardInterrupt:
-            print("dask-zarr-cache warm: cancelled; what was fetched stays cached", file=sys.stderr)
+            print(f"{name}: {cancelled}", file=sys.stderr)
             return EXIT_CANCELLED
-    print(report)
+    print(result)
     return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from dask_zarr_cache import warm
+
+    fit = "trim" if args.trim else "refuse"
+    return _on_dataset(
+        args,
+        lambda client, store: warm(
+            client, store, variables=args.variable, concurrency=args.concurrency, fit=fit
+        ),
+        cancelled="cancelled; what was fetched stays cached",
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dask_zarr_cache import cached
+
+    def status(client: Any, store: Any) -> object:
+        found = cached(client, store, args.variable)
+        return json.dumps(found.as_dict(), indent=2, sort_keys=True) if args.json else found
+
+    return _on_dataset(args, status)
+
+
+def _evict(args: argparse.Namespace) -> int:
+    from dask_zarr_cache import evict
+
+    return _on_dataset(args, lambda client, store: evict(client, store, args.prefix))
+
+
+def _dataset_arguments(parser: argparse.ArgumentParser, variables: bool = True) -> None:
+    """The URL, its storage options and the scheduler (and ``--variable``) of a verb."""
+    parser.add_argument("url", help="fsspec URL or path of a zarr group or array")
+    parser.add_argument("--scheduler", required=True, help="scheduler address, e.g. tcp://h:8786")
+    if variables:
+        parser.add_argument("--variable", action="append", help="array (repeat); default all")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option (repeat); VALUE parsed as JSON when it can be",
+    )
+    parser.add_argument("--timeout", default="10s", help="to reach the scheduler")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,21 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.set_defaults(run=_stats)
 
     warm = sub.add_parser("warm", help="fetch a dataset into the cluster cache before use")
-    warm.add_argument("url", help="fsspec URL or path of a zarr group or array")
-    warm.add_argument("--scheduler", required=True, help="scheduler address, e.g. tcp://h:8786")
-    warm.add_argument("--variable", action="append", help="array to warm (repeat); default all")
-    warm.add_argument(
-        "--storage-option",
-        action="append",
-        type=_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec storage option (repeat); VALUE parsed as JSON when it can be",
-    )
+    _dataset_arguments(warm)
     warm.add_argument("--concurrency", type=int, default=8, help="source reads per worker")
     warm.add_argument("--trim", action="store_true", help="warm what fits the free budget")
-    warm.add_argument("--timeout", default="10s", help="to reach the scheduler")
     warm.set_defaults(run=_warm)
+
+    status = sub.add_parser("status", help="how much of a dataset is cached, per variable")
+    _dataset_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(run=_status)
+
+    evict = sub.add_parser("evict", help="drop a dataset (or a prefix) from the cluster cache")
+    _dataset_arguments(evict, variables=False)
+    evict.add_argument("--prefix", default="", help="key prefix below the URL; default all")
+    evict.set_defaults(run=_evict)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,15 +1,35 @@
-"""Client-side helpers: ``cluster_stats``."""
+"""Client-side verbs: ``cluster_stats``, ``cached`` (what of a dataset is cached) and ``evict``."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import zarr.core.sync
+
 from dask_zarr_cache.core.exceptions import ZarrCacheError
+from dask_zarr_cache.core.protocol import pack
+from dask_zarr_cache.datasets import array_objects
+from dask_zarr_cache.identity.keys import validate_key
+from dask_zarr_cache.identity.stores import SourceLocation
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from distributed import Client
 
-__all__ = ["cluster_stats"]
+    from dask_zarr_cache.store import ClusterCacheStore
+
+__all__ = [
+    "CacheStatus",
+    "EvictReport",
+    "VariableStatus",
+    "cached",
+    "cached_keys",
+    "cluster_stats",
+    "evict",
+]
 
 _NOT_REGISTERED = (
     "ZarrCachePlugin is not registered on this cluster; call "
@@ -46,3 +66,181 @@ def cluster_stats(client: Client) -> dict[str, Any]:
     if not isinstance(stats, dict):  # distributed answers None for an unknown handler
         raise ZarrCacheError(_NOT_REGISTERED)
     return stats
+
+
+def cached_keys(client: Client, keys: Sequence[str]) -> list[bool]:
+    """Whether the index knows a ready copy of each cache key on some worker.
+
+    Raises
+    ------
+    ZarrCacheError
+        If the plugin is not registered.
+
+    """
+
+    async def ask() -> str | None:
+        return await client.scheduler.zarr_cache_cached(keys=json.dumps(list(keys)))
+
+    reply = client.sync(ask)
+    if reply is None:
+        raise ZarrCacheError(_NOT_REGISTERED)
+    return [c == "1" for c in reply]
+
+
+# -- status --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariableStatus:
+    """How much of one array's stored objects (chunks or shards) the cluster caches."""
+
+    objects: int  #: stored objects at the source
+    bytes: int  #: their size at the source
+    cached_objects: int
+    cached_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        """Cached share of the bytes (of the objects if all are empty); 1.0 for none."""
+        if self.bytes:
+            return self.cached_bytes / self.bytes
+        return self.cached_objects / self.objects if self.objects else 1.0
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """What :func:`cached` found: per variable (array path), and in all."""
+
+    variables: dict[str, VariableStatus] = field(default_factory=dict)
+
+    @property
+    def total(self) -> VariableStatus:
+        """All variables together."""
+        parts = self.variables.values()
+        return VariableStatus(
+            sum(v.objects for v in parts),
+            sum(v.bytes for v in parts),
+            sum(v.cached_objects for v in parts),
+            sum(v.cached_bytes for v in parts),
+        )
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Each variable's numbers and ``fraction``, and the total's under ``""``."""
+        rows = {**self.variables, "": self.total}
+        return {name: {**vars(v), "fraction": v.fraction} for name, v in rows.items()}
+
+    def __str__(self) -> str:
+        rows = [*self.variables.items(), ("total", self.total)]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{'variable':<{width}}  {'cached':>15}  {'MiB cached':>21}  {'%':>5}"]
+        for name, v in rows:
+            lines.append(
+                f"{name or '/':<{width}}  {v.cached_objects:>7}/{v.objects:<7}  "
+                f"{v.cached_bytes / 2**20:>10.1f}/{v.bytes / 2**20:<10.1f}  "
+                f"{100 * v.fraction:>5.1f}"
+            )
+        return "\n".join(lines)
+
+
+def cached(
+    client: Client, store: ClusterCacheStore, variables: Sequence[str] | None = None
+) -> CacheStatus:
+    """Report how much of a dataset the cluster caches, per variable.
+
+    Lists the dataset's stored objects from its metadata and one listing of the source,
+    and asks the index which of them a worker holds.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Reaches the cluster (where the plugin is registered).
+    store : ClusterCacheStore
+        The dataset: a group, or one array.
+    variables : list of str, optional
+        Names (or paths) of the arrays to report; default all.
+
+    Raises
+    ------
+    ZarrCacheError
+        If the plugin is not registered, or a named variable is not there.
+
+    """
+    objects = array_objects(store, variables)
+    named = {
+        path: {k: (store.cache_key(k), n) for k, n in sizes.items()}
+        for path, sizes in objects.items()
+    }
+    ckeys = [c for keys in named.values() for c, _ in keys.values() if c is not None]
+    held = dict(zip(ckeys, cached_keys(client, ckeys), strict=True))
+    status = {}
+    for path, keys in named.items():
+        hits = [n for c, n in keys.values() if c is not None and held[c]]
+        status[path] = VariableStatus(
+            len(keys), sum(n for _, n in keys.values()), len(hits), sum(hits)
+        )
+    return CacheStatus(status)
+
+
+# -- evict ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvictReport:
+    """What :func:`evict` dropped: in all, and per worker (``{"objects", "bytes"}``)."""
+
+    objects: int
+    bytes: int
+    workers: dict[str, dict[str, int]]
+    unreached: list[str]  #: workers that did not answer; they drop it when they catch up
+
+    def __str__(self) -> str:
+        text = (
+            f"evicted {self.objects} objects ({self.bytes / 2**20:.1f} MiB) "
+            f"from {len(self.workers)} workers"
+        )
+        return text + (f"; {len(self.unreached)} did not answer" if self.unreached else "")
+
+
+def evict(client: Client, store: ClusterCacheStore, prefix: str = "") -> EvictReport:
+    """Drop a dataset's cached objects (or those below ``prefix``) across the cluster.
+
+    The source is not touched.  An eviction takes the path of a write that changed no
+    byte: fetches in flight are not kept, and a worker away now drops the objects when
+    it catches up.  The next read fetches from the source again, once.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A client of a cluster with :class:`~dask_zarr_cache.ZarrCachePlugin`.
+    store : ClusterCacheStore
+        The data.
+    prefix : str
+        A key prefix below the store's root (e.g. ``"temperature"``); ``""``: all.
+
+    Raises
+    ------
+    ZarrCacheError
+        If the plugin is not registered.
+    InvalidCacheKeyError
+        If ``prefix`` is not a zarr key prefix.
+
+    """
+    prefix = prefix.strip("/")
+    if prefix:
+        validate_key(prefix)
+    if isinstance(store.location, SourceLocation):
+        keys, prefixes = [], [store.location.prefix(prefix)]
+    else:  # objects named by what they point to (references): one by one
+        keys = [c for k in _listed(store, prefix) if (c := store.cache_key(k)) is not None]
+        prefixes = []
+
+    async def send() -> dict[str, Any] | None:
+        return await client.scheduler.zarr_cache_evict(keys=pack(keys), prefixes=pack(prefixes))
+
+    reply = client.sync(send)
+    if not isinstance(reply, dict):
+        raise ZarrCacheError(_NOT_REGISTERED)
+    return EvictReport(reply["objects"], reply["bytes"], reply["workers"], reply["unreached"])
+
+
+def _listed(store: ClusterCacheStore, prefix: str) -> list[str]:
+    async def listing() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return zarr.core.sync.sync(listing())

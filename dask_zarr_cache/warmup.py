@@ -10,9 +10,6 @@ reads at most ``concurrency`` objects at a time from the source, whatever its th
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
-import math
 import os
 import sys
 import threading
@@ -23,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import zarr
 from distributed import as_completed
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import FsspecStore, LocalStore
 
-from dask_zarr_cache.client import cluster_stats
+from dask_zarr_cache.client import cached_keys, cluster_stats
 from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.names import WARM_METADATA
+from dask_zarr_cache.datasets import object_sizes
 from dask_zarr_cache.scheduler.locality import HashRing
 
 if TYPE_CHECKING:
@@ -116,7 +113,7 @@ def warm(
         ckey = store.cache_key(key)
         if ckey is not None:
             sizes[key], ckeys[key] = size, ckey
-    cached = [c == "1" for c in client.sync(_cached, client, json.dumps(list(ckeys.values())))]
+    cached = cached_keys(client, list(ckeys.values()))
     todo = {k: n for (k, n), hit in zip(sizes.items(), cached, strict=True) if not hit}
     free = {addr: max(0, w["capacity"] - w["bytes"]) for addr, w in stats["workers"].items()}
     ring = HashRing(stats["workers"])
@@ -253,13 +250,6 @@ class _Progress:
             )
 
 
-async def _cached(client: Client, keys: str) -> str:
-    reply = await client.scheduler.zarr_cache_cached(keys=keys)
-    if reply is None:
-        raise ZarrCacheError("ZarrCachePlugin is not registered on this cluster")
-    return reply
-
-
 def _spread(
     sizes: dict[str, int], free: dict[str, int], homes: dict[str, str | None]
 ) -> tuple[dict[str, list[str]], list[str]]:
@@ -307,87 +297,3 @@ def _worker_limit(concurrency: int) -> asyncio.Semaphore:
     if key not in _limits:
         _limits[key] = asyncio.Semaphore(concurrency)
     return _limits[key]
-
-
-# -- which objects ------------------------------------------------------------------------
-def object_sizes(
-    store: ClusterCacheStore,
-    variables: Sequence[str] | None = None,
-    selection: Mapping[str, slice] | None = None,
-) -> dict[str, int]:
-    """Keys and source sizes of the stored objects (chunks or shards) to warm.
-
-    Objects that do not exist at the source (never written: fill value) are left out.
-    """
-    keys = [k for a in select_arrays(store, variables) for k in _array_keys(a, selection or {})]
-    existing = _source_sizes(store._store)
-    return {k: existing[k] for k in keys if k in existing}
-
-
-def select_arrays(
-    store: ClusterCacheStore, variables: Sequence[str] | None = None
-) -> list[zarr.Array]:
-    """The arrays of ``store`` (a group or one array), or those named in ``variables``.
-
-    Reads metadata only.
-
-    Raises
-    ------
-    ZarrCacheError
-        If a named variable is not there.
-
-    """
-    node = zarr.open(store._store, mode="r")
-    if isinstance(node, zarr.Array):
-        arrays = [node]
-    else:
-        arrays = [a for _, a in node.members(max_depth=None) if isinstance(a, zarr.Array)]
-    if variables is not None:
-        wanted = set(variables)
-        arrays = [a for a in arrays if a.path in wanted or a.basename in wanted]
-        missing = wanted - {a.path for a in arrays} - {a.basename for a in arrays}
-        if missing:
-            raise ZarrCacheError(f"no such variables in {store}: {sorted(missing)}")
-    return arrays
-
-
-def _array_keys(arr: zarr.Array, selection: Mapping[str, slice]) -> list[str]:
-    grid = arr.shards or arr.chunks
-    dims = _dimension_names(arr)
-    ranges = []
-    for size, step, dim in zip(arr.shape, grid, dims, strict=True):
-        window = selection.get(dim, slice(None)) if dim else slice(None)
-        lo, hi, _ = window.indices(size)
-        ranges.append(range(lo // step, math.ceil(hi / step)) if hi > lo else range(0))
-    prefix = f"{arr.path}/" if arr.path else ""
-    encode = arr.metadata.encode_chunk_key
-    return [prefix + encode(coords) for coords in itertools.product(*ranges)]
-
-
-def _dimension_names(arr: zarr.Array) -> list[str | None]:
-    names = getattr(arr.metadata, "dimension_names", None)
-    if names is None:
-        names = arr.attrs.get("_ARRAY_DIMENSIONS")  # zarr v2 written by xarray
-    return list(names) if names else [None] * arr.ndim
-
-
-def _source_sizes(source: Any) -> dict[str, int]:
-    """Every object of the source with its size, in one listing where the store allows."""
-    if isinstance(source, FsspecStore):
-        root = source.path.rstrip("/")
-        found = zarr.core.sync.sync(source.fs._find(root, detail=True))
-        return {p[len(root) + 1 :]: int(info["size"]) for p, info in found.items()}
-    if isinstance(source, LocalStore):
-        root = str(source.root)
-        return {
-            os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"): os.path.getsize(
-                os.path.join(d, f)
-            )
-            for d, _, files in os.walk(root)
-            for f in files
-        }
-
-    async def listing() -> dict[str, int]:
-        return {k: await source.getsize(k) async for k in source.list()}
-
-    return zarr.core.sync.sync(listing())

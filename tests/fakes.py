@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from dask_zarr_cache.core.config import CacheSettings
-from dask_zarr_cache.core.protocol import SyncReply, pack, unpack
+from dask_zarr_cache.core.protocol import EvictReply, SyncReply, pack, unpack
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.index.host import IndexHost
 from dask_zarr_cache.index.shard import CacheIndex
@@ -170,6 +170,16 @@ class FakeNetwork:
             if address not in self.down and address not in late:
                 await self.push(address, entry.seq)
         return entry.seq
+
+    async def evict(self, keys=(), prefixes=()) -> dict[str, EvictReply]:
+        """What the scheduler does for an eviction: history, then every worker; replies."""
+        entry = self.scheduler.log.append(list(keys), list(prefixes))
+        message = {"keys": pack(list(keys)), "prefixes": pack(list(prefixes))}
+        return {
+            address: unpack(await cache.zarr_cache_apply_evict(entry.seq, **message))
+            for address, cache in self.caches.items()
+            if address not in self.down
+        }
 
     async def push(self, address: str, seq: int) -> None:
         """Deliver write ``seq`` to worker ``address``."""

@@ -46,6 +46,24 @@ def _worker_stacks(log_dir: str) -> str:
     )
 
 
+def _loop_tasks(dask_worker) -> str:
+    """Every asyncio task of the worker's loop and of zarr's, with its stack."""
+    import asyncio
+    import io
+
+    import zarr.core.sync
+
+    out = io.StringIO()
+    loops = {"worker": dask_worker.loop.asyncio_loop, "zarr": zarr.core.sync.loop[0]}
+    for name, loop in loops.items():
+        tasks = [] if loop is None else list(asyncio.all_tasks(loop))
+        out.write(f"== {name} loop: {len(tasks)} tasks\n")
+        for task in tasks:
+            out.write(f"{task!r}\n")
+            task.print_stack(limit=30, file=out)
+    return out.getvalue()
+
+
 def _result_or_stacks(client, future, timeout: float = 60.0, stacks=None):
     """The result, or a failure showing what every running task was doing after ``timeout``.
 
@@ -72,7 +90,12 @@ def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path, tmp_path):
         client.register_plugin(StackDumps(log_dir))
 
         def stacks() -> str:
-            return _worker_stacks(log_dir)
+            try:  # the loops answer unless they hang too
+                tasks = client.run(_loop_tasks, wait=True)
+            except Exception as err:
+                tasks = {"error": repr(err)}
+            loops = "\n".join(f"--- {a}\n{t}" for a, t in tasks.items())
+            return _worker_stacks(log_dir) + "\n" + loops
 
         rss_start = None
         killed = False

@@ -17,6 +17,7 @@ __all__ = [
     "PENDING",
     "CommitReply",
     "Decision",
+    "EvictReply",
     "Item",
     "Payload",
     "SyncReply",
@@ -63,6 +64,14 @@ class CommitReply(NamedTuple):
     """Committed keys the index refused (the claim was lost): the worker deletes them."""
 
     rejected: list[str]
+
+
+class EvictReply(NamedTuple):
+    """A worker applied an eviction: its highest write applied without a gap, what it dropped."""
+
+    applied: int
+    objects: int
+    nbytes: int
 
 
 class SyncReply(NamedTuple):

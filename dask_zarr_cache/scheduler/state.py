@@ -9,6 +9,8 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_write(keys, prefixes, origin)`` -> ``{"seq", "unreached"}``: record a
   write, drop it from the index and every worker, return once no worker can serve the old
   bytes.
+- ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
+  a write that changed nothing at the source; returns what the workers dropped.
 - ``zarr_cache_cluster_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
@@ -88,6 +90,7 @@ class ZarrCacheScheduler:
             "zarr_cache_index": self.zarr_cache_index,
             "zarr_cache_sync": self.zarr_cache_sync,
             "zarr_cache_write": self.zarr_cache_write,
+            "zarr_cache_evict": self.zarr_cache_evict,
             "zarr_cache_cluster_stats": self.zarr_cache_cluster_stats,
             "zarr_cache_cached": self.zarr_cache_cached,
         }
@@ -143,10 +146,50 @@ class ZarrCacheScheduler:
         it catches up).  ``origin``, a worker that already applied the write itself (its
         loop is blocked waiting for it), is not asked.
         """
-        key_list, prefix_list = unpack(keys), unpack(prefixes)
+        seq, _replies, unreached = await self._replace(
+            unpack(keys), unpack(prefixes), _write_applied, origin, keys=keys, prefixes=prefixes
+        )
+        return {"seq": seq, "unreached": unreached}
+
+    async def zarr_cache_evict(self, keys: bytes, prefixes: bytes) -> dict[str, Any]:
+        """Drop every cached copy of ``keys`` and below ``prefixes``; the source is untouched.
+
+        An eviction is a write that changed no byte: it goes through the write history
+        like one (fetches in flight are poisoned, absent workers learn it when they catch
+        up).  Returns ``seq``, ``unreached``, and the ``objects`` and ``bytes`` dropped in
+        all and on each of ``workers``.
+        """
+        seq, replies, unreached = await self._replace(
+            unpack(keys), unpack(prefixes), _evict_applied, None, keys=keys, prefixes=prefixes
+        )
+        dropped = {w: unpack(r) for w, r in replies.items()}
+        workers = {w: {"objects": d.objects, "bytes": d.nbytes} for w, d in dropped.items()}
+        return {
+            "seq": seq,
+            "unreached": unreached,
+            "objects": sum(w["objects"] for w in workers.values()),
+            "bytes": sum(w["bytes"] for w in workers.values()),
+            "workers": workers,
+        }
+
+    async def _replace(
+        self,
+        key_list: list[str],
+        prefix_list: list[str],
+        how: tuple[str, Callable[[Any], Any]],
+        origin: str | None,
+        **message: bytes,
+    ) -> tuple[int, dict[str, Any], list[str]]:
+        """Append a write to the history and apply it everywhere (see :meth:`zarr_cache_write`).
+
+        ``how`` is the worker handler that applies it (called with ``seq`` and ``message``)
+        and the function that reads a worker's highest write applied without a gap from its
+        reply (``None``: not an answer).  Returns the write's number, the replies of the
+        workers that applied it, and the workers that did not confirm.
+        """
+        op, applied_of = how
         started = time.monotonic()
         entry = self.log.append(key_list, prefix_list)
-        timeout = self.settings.write_push_timeout
         # Bounded: the index may live on the very worker whose loop waits for this write.
         # Correctness does not rest on it (workers drop their files and fetches below).
         with contextlib.suppress(IndexUnavailableError, TimeoutError):
@@ -154,20 +197,16 @@ class ZarrCacheScheduler:
                 self.index.invalidate(key_list), self.settings.write_index_timeout
             )
         replies = await self.broadcast(
-            "zarr_cache_apply_write",
-            skip=origin,
-            timeout=timeout,
-            seq=entry.seq,
-            keys=keys,
-            prefixes=prefixes,
+            op, skip=origin, timeout=self.settings.write_push_timeout, seq=entry.seq, **message
         )
-        reached = {origin}
-        for worker, applied in replies.items():
-            if isinstance(applied, int):  # its highest write applied without a gap
-                reached.add(worker)
-                await self._acked(worker, applied)
+        applied = {}
+        for worker, reply in replies.items():
+            seq = applied_of(reply)
+            if seq is not None:
+                applied[worker] = reply
+                await self._acked(worker, seq)
         deadline = started + self.settings.write_wait
-        unreached = await self._wait_for_acks(entry.seq, reached, deadline)
+        unreached = await self._wait_for_acks(entry.seq, {origin, *applied}, deadline)
         if unreached:
             logger.warning(
                 "zarr cache: workers %s did not confirm write %d; their leases ran out, so "
@@ -175,7 +214,7 @@ class ZarrCacheScheduler:
                 unreached,
                 entry.seq,
             )
-        return {"seq": entry.seq, "unreached": unreached}
+        return entry.seq, applied, unreached
 
     async def _acked(self, worker: str, seq: int) -> None:
         """``worker`` confirmed every write up to ``seq``."""
@@ -289,6 +328,21 @@ class ZarrCacheScheduler:
 
 
 _UNREACHED = object()
+
+
+def _write_reply(reply: Any) -> int | None:
+    """A worker's highest write applied without a gap (``None``: not an answer)."""
+    return reply if isinstance(reply, int) else None
+
+
+def _evict_reply(reply: Any) -> int | None:
+    """The same, from a packed :class:`EvictReply`."""
+    return unpack(reply).applied if isinstance(reply, bytes) else None
+
+
+#: How workers apply each kind of write, and what they answer.
+_write_applied = ("zarr_cache_apply_write", _write_reply)
+_evict_applied = ("zarr_cache_apply_evict", _evict_reply)
 
 
 def scheduler_state(scheduler: Scheduler) -> ZarrCacheScheduler | None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.metrics import context_meter
 
 from dask_zarr_cache.core.loops import WorkerLoop
-from dask_zarr_cache.core.protocol import FETCH, Payload, SyncReply, unpack
+from dask_zarr_cache.core.protocol import FETCH, EvictReply, Payload, SyncReply, pack, unpack
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
@@ -346,6 +346,7 @@ class WorkerCache:
         return {
             "zarr_cache_get": self.zarr_cache_get,
             "zarr_cache_apply_write": self.zarr_cache_apply_write,
+            "zarr_cache_apply_evict": self.zarr_cache_apply_evict,
             "zarr_cache_counters": self.zarr_cache_counters,
             "zarr_cache_index_moved": self.zarr_cache_index_moved,
             "zarr_cache_worker_left": self.zarr_cache_worker_left,
@@ -363,6 +364,20 @@ class WorkerCache:
         await self._delete(self.state.invalidate(unpack(keys), unpack(prefixes), seq))
         self.state.applied(seq)
         return self.state.applied_seq
+
+    async def zarr_cache_apply_evict(self, seq: int, keys: bytes, prefixes: bytes) -> bytes:
+        """Apply eviction ``seq``: as a write, then tell the index at once.
+
+        Returns an :class:`~dask_zarr_cache.core.protocol.EvictReply` (packed): the
+        highest write applied without a gap, and the objects and bytes dropped here.
+        """
+        doomed, nbytes = self.state.evict(unpack(keys), unpack(prefixes), seq)
+        await self._delete(doomed)
+        self.state.applied(seq)
+        if self._reporting is not None and not self._reporting.done():
+            await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
+        await self._start_report()  # so the index stops sending readers here
+        return pack(EvictReply(self.state.applied_seq, len(doomed), nbytes))
 
     async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
         """Drop what this worker's own write replaced, before the write has a number.
@@ -409,8 +424,12 @@ class WorkerCache:
                 logger.debug("zarr cache could not reach the scheduler: %s", err)
             await self._delete(self.state.expired_keys())
         if self._reporting is None or self._reporting.done():
-            self._reporting = asyncio.ensure_future(self._report())
-            await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
+            await self._start_report()
+
+    async def _start_report(self) -> None:
+        """Report to the index beside; wait for it at most ``settings.report_wait``."""
+        self._reporting = asyncio.ensure_future(self._report())
+        await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
 
     async def _report(self) -> None:
         dropped = self.state.take_reports()

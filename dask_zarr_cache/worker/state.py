@@ -215,15 +215,31 @@ class LocalState:
         write applied before the scheduler numbered it (see :meth:`numbered`).  Returns
         the keys whose files must be deleted.
         """
+        with self.lock:
+            return self._invalidate(list(keys), tuple(prefixes), seq)
+
+    def evict(
+        self, keys: Iterable[str], prefixes: Iterable[str], seq: int
+    ) -> tuple[list[str], int]:
+        """Apply eviction ``seq``: a write that left the source unchanged.
+
+        Returns the keys whose files must be deleted, and their bytes.
+        """
         keys, prefixes = list(keys), tuple(prefixes)
         matches = matcher(keys, prefixes)
         with self.lock:
-            self.writes.marks.mark(seq, keys, prefixes)
-            self.flights.poison(matches)
-            unverified = [k for k in self.unverified if matches(k)]  # only before a sync
-            for key in unverified:
-                del self.unverified[key]
-            return unverified + self.entries.remove(self.entries.written(keys, prefixes))
+            nbytes = sum(f.size for k, f in self.unverified.items() if matches(k))
+            nbytes += sum(self.entries[k].size for k in self.entries.written(keys, prefixes))
+            return self._invalidate(keys, prefixes, seq), nbytes
+
+    def _invalidate(self, keys: list[str], prefixes: tuple[str, ...], seq: int) -> list[str]:
+        matches = matcher(keys, prefixes)
+        self.writes.marks.mark(seq, keys, prefixes)
+        self.flights.poison(matches)
+        unverified = [k for k in self.unverified if matches(k)]  # only before a sync
+        for key in unverified:
+            del self.unverified[key]
+        return unverified + self.entries.remove(self.entries.written(keys, prefixes))
 
     def numbered(self, keys: Iterable[str], prefixes: Iterable[str], seq: int) -> None:
         """Number this worker's own write, applied before it had a number, ``seq``."""

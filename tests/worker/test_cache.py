@@ -77,6 +77,32 @@ async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, cloc
     assert net.index.owner(key_digest(K)) == A
 
 
+async def test_an_eviction_drops_a_prefix_everywhere_and_keeps_no_load_of_it(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    dataset, other = "ns\x00data.zarr/", "ns\x00other.zarr/c/0"
+    await a.get(dataset + "c/0", Source(b"x" * 10))
+    await b.get(dataset + "c/1", Source(b"y" * 20))
+    await a.get(other, Source(b"kept"))
+    slow = Source(b"old")
+    slow.gate = asyncio.Event()
+    loading = asyncio.ensure_future(a.get(dataset + "c/2", slow))
+    await slow.reached.wait()
+    await net.idle()
+    replies = await net.evict(prefixes=[dataset])
+    assert {w: (r.objects, r.nbytes) for w, r in replies.items()} == {A: (1, 10), B: (1, 20)}
+    assert all(r.applied == 1 for r in replies.values())
+    # The index heard at once: nobody is sent to a copy that is gone.
+    assert net.index.owner(key_digest(dataset + "c/1")) is None
+    slow.gate.set()
+    assert await loading == b"old"  # it started before the eviction
+    await net.idle()
+    for key in ("c/0", "c/1", "c/2"):  # each read from the source again, the load not kept
+        fresh = Source(b"new")
+        assert await a.get(dataset + key, fresh) == b"new" and fresh.reads == 1
+    assert await a.get(other, Source(b"never read")) == b"kept"  # outside the prefix
+
+
 async def test_every_way_out_of_a_fetch_releases_the_claim(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock)
     failing = Source()
