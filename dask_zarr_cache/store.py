@@ -163,6 +163,8 @@ class ClusterCacheStore(WrapperStore[Store]):
         cache = worker_cache() if ckey is not None else None
         if cache is None:
             return await self._store.get(key, prototype, byte_range)
+        if isinstance(self.location, SourceLocation):  # files of an earlier cluster: checked
+            await cache.settle(self.location.prefix(""), self._store)
 
         source_range = byte_range
         if (

@@ -7,6 +7,7 @@ Marked ``slow``; ``.ci/run`` runs it after the default suite. Duration is bounde
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import dask.array as da
@@ -64,6 +65,25 @@ def _loop_tasks(dask_worker) -> str:
     return out.getvalue()
 
 
+def _every_loop_tasks(client, timeout: float = 10.0) -> str:
+    """:func:`_loop_tasks` of each worker that answers within ``timeout``."""
+    out = []
+    for address in sorted(client.scheduler_info()["workers"]):
+        box: dict = {}
+
+        def ask(address=address, box=box) -> None:
+            try:
+                box["tasks"] = client.run(_loop_tasks, workers=[address])[address]
+            except Exception as err:
+                box["tasks"] = repr(err)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(timeout)
+        out.append(f"--- {address}\n{box.get('tasks', f'no answer in {timeout} s')}")
+    return "\n".join(out)
+
+
 def _result_or_stacks(client, future, timeout: float = 60.0, stacks=None):
     """The result, or a failure showing what every running task was doing after ``timeout``.
 
@@ -90,12 +110,8 @@ def test_soak_random_reads_writes_evictions_and_a_kill(s3, s3_path, tmp_path):
         client.register_plugin(StackDumps(log_dir))
 
         def stacks() -> str:
-            try:  # the loops answer unless they hang too
-                tasks = client.run(_loop_tasks, wait=True)
-            except Exception as err:
-                tasks = {"error": repr(err)}
-            loops = "\n".join(f"--- {a}\n{t}" for a, t in tasks.items())
-            return _worker_stacks(log_dir) + "\n" + loops
+            threads = _worker_stacks(log_dir)  # first: signals reach even a hung process
+            return threads + "\n" + _every_loop_tasks(client)
 
         rss_start = None
         killed = False

@@ -17,6 +17,7 @@ import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 
 from dask_zarr_cache.core.exceptions import CacheConfigError
+from dask_zarr_cache.core.loops import HOP_START_WAIT
 from dask_zarr_cache.core.names import POLICIES
 
 __all__ = ["CacheSettings", "worker_directory"]
@@ -178,6 +179,13 @@ class CacheSettings:
     - ``pending_timeout``: a fetch claimed this long ago may be taken over by another
       worker.
     - ``index_wait``: registering the plugin waits this long for the first index shard.
+    - ``clock_margin``: a file of an earlier cluster is kept only if its source object was
+      last modified this long before the file's bytes were read (clocks, slow uploads).
+    - ``loop_wait``: a hop to the worker's event loop that has not started this long
+      after it was sent finds the loop blocked (see :mod:`~dask_zarr_cache.core.loops`);
+      the read goes to the source.
+    - ``prove_timeout``: the scheduler waits this long for the workers' checks of a
+      dataset's files of an earlier cluster (readers wait at most ``read_timeout``).
 
     Derived from ``write_lease`` (properties): :attr:`write_push_timeout`,
     :attr:`write_index_timeout` and :attr:`write_wait`.
@@ -200,6 +208,9 @@ class CacheSettings:
     report_wait: float = 1.0
     pending_timeout: float = 60.0
     index_wait: float = 30.0
+    clock_margin: float = 60.0
+    prove_timeout: float = 60.0
+    loop_wait: float = HOP_START_WAIT
 
     @property
     def write_push_timeout(self) -> float:

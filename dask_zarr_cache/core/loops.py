@@ -3,14 +3,20 @@
 zarr runs store coroutines on its own loop thread; the cache talks to other processes from
 the worker's (or client's) loop.  A hop schedules a coroutine on that loop and awaits it.
 If that loop's thread is itself blocked waiting for zarr (an ``async def`` task calling
-zarr's synchronous API), the hop could never run: :func:`run_on` refuses at once instead.
+zarr's synchronous API), the hop could never run: :func:`run_on` gives up on a hop that
+has not *started* within ``wait`` seconds, and refuses further hops at once until the loop
+runs again, so the read goes to the source instead of hanging.
+
+Why not look at the loop thread's stack (``sys._current_frames()``) to see whether it is
+in zarr's ``sync``: on Python <= 3.11 that call can deadlock the process when a garbage
+collection starts inside it while another thread (distributed's profiler, every 10 ms)
+makes the same call (CPython gh-106883, not fixed in 3.11).  The soak test hung on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,70 +27,85 @@ from dask_zarr_cache.core.exceptions import ZarrCacheError
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-__all__ = ["LoopBlockedError", "WorkerLoop", "check_loop", "run_on", "spawn_on"]
+__all__ = ["LoopBlockedError", "WorkerLoop", "run_on", "spawn_on", "zarr_loop"]
 
 T = TypeVar("T")
 
-_ZARR_SYNC = zarr.core.sync.sync.__code__
+#: Seconds a hop may wait for its loop to start running it (see the module docstring).
+HOP_START_WAIT = 1.0
+
+#: Loops a hop found blocked (by ``id``), until they run again.
+_blocked: set[int] = set()
 
 
 class LoopBlockedError(ZarrCacheError):
-    """The target loop's thread is blocked waiting for this very store call."""
+    """The target loop did not run the hop: blocked (maybe waiting for this very call)."""
 
 
-def check_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Refuse at once if a hop to ``loop`` could never run (see module docstring).
-
-    Raises
-    ------
-    LoopBlockedError
-        If ``loop``'s thread is blocked in zarr's synchronous API (waiting for us), or
-        ``loop`` is not running (in this process).
-
-    """
-    if not loop.is_running():  # stopped or closed: a hop would wait forever
-        raise LoopBlockedError("the worker's event loop is not running")
-    thread = getattr(loop, "_thread_id", None)
-    if thread is None or thread == threading.get_ident():
-        return
-    # Never keep the dict of all frames in a local: it holds this very frame, and the
-    # cycle would keep every thread's locals alive until a garbage collection, which then
-    # runs their finalizers (zarr's own ZipFile included) on whatever thread it hits.
-    frame = sys._current_frames().get(thread)
-    if frame is None:  # a process forked from a task: the loop stayed behind
-        raise LoopBlockedError("the worker's event loop does not run in this process")
-    try:
-        while frame is not None:
-            if frame.f_code is _ZARR_SYNC:
-                raise LoopBlockedError(
-                    "the worker's event loop is blocked in zarr's synchronous API (an async "
-                    "def task calling it)"
-                )
-            frame = frame.f_back
-    finally:
-        del frame
-
-
-async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+async def run_on(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], wait: float = HOP_START_WAIT
+) -> T:
     """Run ``coro`` on ``loop`` and await its result from any loop.
 
     Raises
     ------
     LoopBlockedError
-        If ``loop``'s thread is blocked in zarr's synchronous API (waiting for us).
+        If ``loop`` is not running, did not start ``coro`` within ``wait`` seconds, or
+        did not run since a hop found it so.  ``coro`` then never runs.
 
     """
     try:
-        check_loop(loop)
-    except LoopBlockedError:
-        coro.close()
-        raise
-    try:
-        if asyncio.get_running_loop() is loop:
-            return await coro
+        running = asyncio.get_running_loop()
     except RuntimeError:
-        pass
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        running = None
+    if running is loop:
+        return await coro
+    if not loop.is_running() or id(loop) in _blocked:
+        coro.close()
+        raise LoopBlockedError("the worker's event loop is not running, or blocked")
+    claim = threading.Lock()  # taken by whichever comes first: the hop's start, or giving up
+    started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    async def begin() -> T:
+        if not claim.acquire(blocking=False):  # given up on before it started
+            raise asyncio.CancelledError
+        started.set_result(None)
+        return await coro
+
+    hop = asyncio.run_coroutine_threadsafe(begin(), loop)
+    try:
+        await asyncio.wait([asyncio.wrap_future(started)], timeout=wait)
+    except asyncio.CancelledError:
+        _abandon(claim, coro, hop)
+        raise
+    if not started.done() and _abandon(claim, coro, hop):
+        _blocked.add(id(loop))
+        loop.call_soon_threadsafe(_blocked.discard, id(loop))  # runs once it runs again
+        raise LoopBlockedError(
+            f"the worker's event loop did not run a hop within {wait} s (blocked, maybe in "
+            "zarr's synchronous API waiting for this very read)"
+        )
+    return await asyncio.wrap_future(hop)
+
+
+def _abandon(claim: threading.Lock, coro: Coroutine[Any, Any, Any], hop: Any) -> bool:
+    """Give up on a hop; whether it had not started (then it never will)."""
+    if claim.acquire(blocking=False):
+        coro.close()
+        hop.cancel()
+        return True
+    hop.cancel()  # it runs: cancel it there
+    return False
+
+
+def zarr_loop() -> asyncio.AbstractEventLoop:
+    """The loop thread of zarr's own: where source stores do their I/O.
+
+    A source store's file system may be one instance per process (fsspec caches them),
+    its connections bound to the loop that first used them: zarr's.  Any other I/O on a
+    source store goes there too.
+    """
+    return zarr.core.sync._get_loop()
 
 
 def spawn_on(
@@ -99,22 +120,25 @@ class WorkerLoop:
 
     Store reads arrive on zarr's loop (or in a task thread); the index, the peers and the
     scheduler are only reachable from the worker's loop.  Every hop of the read path goes
-    through :meth:`call` or :meth:`spawn`, so each one checks for a blocked loop the same
+    through :meth:`call` or :meth:`spawn`, so each one deals with a blocked loop the same
     way.
 
     Parameters
     ----------
     loop : asyncio.AbstractEventLoop
         The worker's event loop.
+    wait : float
+        Seconds a hop waits to start before the loop counts as blocked.
 
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, wait: float = HOP_START_WAIT) -> None:
         self.loop = loop
+        self.wait = wait
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the worker's loop and await its result (see :func:`run_on`)."""
-        return await run_on(self.loop, coro)
+        return await run_on(self.loop, coro, self.wait)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coro`` on the worker's loop without waiting for it."""

@@ -20,6 +20,7 @@ __all__ = [
     "EvictReply",
     "Item",
     "Payload",
+    "ProveReply",
     "SyncReply",
     "pack",
     "unpack",
@@ -72,6 +73,13 @@ class EvictReply(NamedTuple):
     applied: int
     objects: int
     nbytes: int
+
+
+class ProveReply(NamedTuple):
+    """A worker checked its files of an earlier cluster below a prefix against the source."""
+
+    current: int  #: shown unchanged: served again
+    stale: int  #: changed, or not shown current: deleted
 
 
 class SyncReply(NamedTuple):

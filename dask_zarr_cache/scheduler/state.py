@@ -11,6 +11,8 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
   bytes.
 - ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
   a write that changed nothing at the source; returns what the workers dropped.
+- ``zarr_cache_prove(prefix, store)`` -> ``{"current", "stale"}``: every worker checks
+  its files of an earlier cluster below a dataset's key prefix against the source (once).
 - ``zarr_cache_cluster_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.protocol.pickle import dumps
 
 from dask_zarr_cache.core.names import EXTENSION_NAME, WORKER_PLUGIN_NAME
-from dask_zarr_cache.core.protocol import SyncReply, pack, unpack
+from dask_zarr_cache.core.protocol import ProveReply, SyncReply, pack, unpack
 from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.index.placement import IndexShards
 from dask_zarr_cache.observe.dashboard import add_http_routes
@@ -77,6 +79,8 @@ class ZarrCacheScheduler:
         self.index = self.shards.client
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
+        #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster.
+        self._proofs: dict[str, asyncio.Task[dict[str, int]]] = {}
         scheduler.handlers.update(self.handlers)
         self.history = CacheHistory(scheduler)
         self.history.start()
@@ -91,6 +95,7 @@ class ZarrCacheScheduler:
             "zarr_cache_sync": self.zarr_cache_sync,
             "zarr_cache_write": self.zarr_cache_write,
             "zarr_cache_evict": self.zarr_cache_evict,
+            "zarr_cache_prove": self.zarr_cache_prove,
             "zarr_cache_cluster_stats": self.zarr_cache_cluster_stats,
             "zarr_cache_cached": self.zarr_cache_cached,
         }
@@ -215,6 +220,31 @@ class ZarrCacheScheduler:
                 entry.seq,
             )
         return entry.seq, applied, unreached
+
+    async def zarr_cache_prove(self, prefix: str, store: bytes) -> dict[str, int]:
+        """Have every worker check its files of an earlier cluster below ``prefix``.
+
+        ``store`` is the dataset's source store (pickled; passed on, never opened here).
+        The first call for a prefix runs the check; later ones wait for it.  Returns the
+        files shown ``current`` (served again) and ``stale`` (deleted) in all.
+        """
+        proof = self._proofs.get(prefix)
+        if proof is None:
+            proof = self._proofs[prefix] = asyncio.ensure_future(self._prove(prefix, store))
+        return await asyncio.shield(proof)
+
+    async def _prove(self, prefix: str, store: bytes) -> dict[str, int]:
+        replies = await self.broadcast(
+            "zarr_cache_apply_prove",
+            timeout=self.settings.prove_timeout,
+            prefix=prefix,
+            store=store,
+        )
+        checked = [ProveReply(*unpack(r)) for r in replies.values() if isinstance(r, bytes)]
+        found = {"current": sum(c.current for c in checked), "stale": sum(c.stale for c in checked)}
+        if any(found.values()):
+            logger.info("zarr cache: files of an earlier cluster below %r: %s", prefix, found)
+        return found
 
     async def _acked(self, worker: str, seq: int) -> None:
         """``worker`` confirmed every write up to ``seq``."""

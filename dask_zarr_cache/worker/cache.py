@@ -24,13 +24,24 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
+from distributed.protocol.pickle import dumps, loads
 
 from dask_zarr_cache.core.loops import WorkerLoop
-from dask_zarr_cache.core.protocol import FETCH, EvictReply, Payload, SyncReply, pack, unpack
+from dask_zarr_cache.core.protocol import (
+    FETCH,
+    EvictReply,
+    Payload,
+    ProveReply,
+    SyncReply,
+    pack,
+    unpack,
+)
+from dask_zarr_cache.identity.keys import is_immutable
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
+from dask_zarr_cache.worker.proofs import check_against_source
 from dask_zarr_cache.worker.state import LocalEntry, LocalState
 from dask_zarr_cache.writes.log import verify_files
 
@@ -84,7 +95,7 @@ class WorkerCache:
         self.pid = os.getpid()  # a process forked from a task has the object, not the loop
         self.scheduler = scheduler
         self.rpc = rpc
-        self.worker_loop = WorkerLoop(loop)
+        self.worker_loop = WorkerLoop(loop, settings.loop_wait)
         self.settings = settings
         self.timeout = timeout
         self.clock = clock
@@ -107,6 +118,9 @@ class WorkerCache:
         self._checked_at = clock()
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
+        #: Dataset key prefixes whose files of an earlier cluster were checked (or tried).
+        self._settled: set[str] = set()
+        self._settling: dict[str, asyncio.Future[None]] = {}
 
     # -- lifecycle (worker loop) ---------------------------------------------------------
     async def start(self) -> None:
@@ -260,7 +274,9 @@ class WorkerCache:
             epoch = self.state.epoch
             if epoch is None or self._closed:
                 return data
-            crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, fetch.seq)
+            crc = await asyncio.to_thread(
+                self.guarded_disk.write, key, data, epoch, fetch.seq, created
+            )
             if crc is None:
                 return data
             entry = LocalEntry(len(data), crc, created)
@@ -327,15 +343,18 @@ class WorkerCache:
             return
         reply = SyncReply(*unpack(raw))
         doomed = []
+        with self.state.lock:
+            files, self.state.unverified = list(self.state.unverified.values()), {}
         if reply.invalidations is None or self.state.epoch not in (None, reply.epoch):
             doomed += self.state.forget_all(reply.seq)  # the history is lost, or another's
         else:
             for seq, keys, prefixes in reply.invalidations:
                 doomed += self.state.invalidate(keys, prefixes, seq)
-        with self.state.lock:
-            files, self.state.unverified = list(self.state.unverified.values()), {}
-        good, bad = verify_files(files, reply.epoch, reply.invalidations)
-        doomed += bad + self.state.adopt(good)
+        good, unknown, stale = verify_files(files, reply.epoch, reply.invalidations)
+        snapshots = [f for f in unknown if is_immutable(f.key)]  # never change: no check
+        to_check = [f for f in unknown if not is_immutable(f.key)]
+        doomed += stale + self.state.adopt(good + snapshots)
+        doomed += self.state.adopt(to_check, proven=False)  # see zarr_cache_apply_prove
         self.state.synced(reply.epoch, reply.seq, sent_at)
         await self._delete(doomed)
 
@@ -347,6 +366,7 @@ class WorkerCache:
             "zarr_cache_get": self.zarr_cache_get,
             "zarr_cache_apply_write": self.zarr_cache_apply_write,
             "zarr_cache_apply_evict": self.zarr_cache_apply_evict,
+            "zarr_cache_apply_prove": self.zarr_cache_apply_prove,
             "zarr_cache_counters": self.zarr_cache_counters,
             "zarr_cache_index_moved": self.zarr_cache_index_moved,
             "zarr_cache_worker_left": self.zarr_cache_worker_left,
@@ -378,6 +398,59 @@ class WorkerCache:
             await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
         await self._start_report()  # so the index stops sending readers here
         return pack(EvictReply(self.state.applied_seq, len(doomed), nbytes))
+
+    async def zarr_cache_apply_prove(self, prefix: str, store: bytes) -> bytes:
+        """Check this worker's files of an earlier cluster below ``prefix`` against the source.
+
+        ``store`` is the source store (pickled) whose root is ``prefix``.  Files shown
+        unchanged are served again and registered with the index; the rest are deleted.
+        Returns a packed :class:`~dask_zarr_cache.core.protocol.ProveReply`.
+        """
+        entries = self.state.unproven(prefix)
+        if not entries:
+            return pack(ProveReply(0, 0))
+        current, stale = await check_against_source(
+            entries, prefix, loads(store), self.settings.clock_margin
+        )
+        await self._delete(self.state.proved(current, stale))
+        self.state.count(adopted=len(current), adopt_refused=len(stale))
+        if current:
+            with contextlib.suppress(*UNAVAILABLE):
+                for shard in range(await self.index.shard_count()):
+                    await self._register(self.index, shard)
+        return pack(ProveReply(len(current), len(stale)))
+
+    async def settle(self, prefix: str, source: Any) -> None:
+        """Before this worker's first read below ``prefix``: have the cluster check its files.
+
+        Files of an earlier cluster below the dataset's key prefix ``prefix`` are checked
+        against ``source`` on every worker (``zarr_cache_prove``), once per cluster, so
+        the first read finds them wherever they are.  Waits at most ``read_timeout``;
+        the check goes on without this reader.
+        """
+        if prefix in self._settled:
+            return
+        with contextlib.suppress(*UNAVAILABLE):
+            await asyncio.wait_for(
+                self.worker_loop.call(self._settle(prefix, source)), self.settings.read_timeout
+            )
+
+    async def _settle(self, prefix: str, source: Any) -> None:
+        """One check per prefix (worker loop); callers that give up leave it running."""
+        check = self._settling.get(prefix)
+        if check is None:
+            check = self._settling[prefix] = asyncio.ensure_future(self._prove(prefix, source))
+        await asyncio.shield(check)
+
+    async def _prove(self, prefix: str, source: Any) -> None:
+        try:
+            await asyncio.wait_for(
+                self.scheduler.zarr_cache_prove(prefix=prefix, store=dumps(source)),
+                self.settings.prove_timeout,
+            )
+        except UNAVAILABLE as err:
+            logger.info("zarr cache: files below %r were not checked: %r", prefix, err)
+        self._settled.add(prefix)
 
     async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
         """Drop what this worker's own write replaced, before the write has a number.

@@ -33,6 +33,8 @@ class CacheCounters:
     stale_refused: int = 0  #: peer replies refused: older than a write this worker applied
     disk_errors: int = 0  #: cache writes that failed (disk full, unwritable, ...)
     caching_disabled: int = 0  #: 1 once disk trouble turned this worker to read-through
+    adopted: int = 0  #: files of an earlier cluster kept: the source showed them unchanged
+    adopt_refused: int = 0  #: files of an earlier cluster dropped: changed, or not shown current
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""

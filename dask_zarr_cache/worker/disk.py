@@ -12,8 +12,9 @@ The directory and its files are private to the worker's user and checked before 
 never through a symlink.  File names are hashes, so no key can collide with another
 (``a`` vs ``a/b``), exceed a name limit or leave the directory, whatever its characters.
 Each file ends with its own key and a footer (sizes, CRC32C of the payload, the write's
-epoch and sequence number, and a CRC of the footer), so a file is verified on its own: a
-file moved, swapped or damaged on disk is never served, and never as another key.  The
+epoch and sequence number, when the source was read, and a CRC of the footer), so a file
+is verified on its own: a file moved, swapped or damaged on disk is never served, and
+never as another key.  The
 cache only ever deletes its user's files inside ``objects/`` and ``tmp/`` of a directory
 that carries its marker.
 """
@@ -46,10 +47,11 @@ __all__ = ["CacheFile", "DiskCache", "checksum", "is_disk_failure"]
 logger = logging.getLogger(__name__)
 
 MARKER = "DASK-ZARR-CACHE"
-_FORMAT = 2
-#: magic, key length, payload size, write sequence, payload CRC32C, epoch, footer CRC32C
-_FOOTER = struct.Struct("<4sIQQI16sI")
-_MAGIC = b"DZC2"
+_FORMAT = 3
+#: magic, key length, payload size, write sequence, payload CRC32C, epoch, time the source
+#: was read (wall clock), footer CRC32C
+_FOOTER = struct.Struct("<4sIQQI16sdI")
+_MAGIC = b"DZC3"
 #: errno values that say the disk itself is in trouble, not this one object.
 _DISK_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT}
@@ -99,6 +101,8 @@ class CacheFile:
     epoch: bytes  #: 16 bytes: which scheduler's write history ``seq`` counts in
     seq: int  #: writes of that history known when the object was read from the source
     mtime: float
+    #: Wall-clock time the source read started (0.0: unknown), for checks against the source.
+    fetched_at: float = 0.0
 
 
 class DiskCache:
@@ -191,8 +195,12 @@ class DiskCache:
         shard, name = _name_of(key)
         return self.root / "objects" / shard / name
 
-    def write(self, key: str, data: bytes | memoryview, epoch: bytes, seq: int) -> int:
+    def write(
+        self, key: str, data: bytes | memoryview, epoch: bytes, seq: int, fetched_at: float = 0.0
+    ) -> int:
         """Write ``data`` under ``key`` atomically (temp file + rename); return its checksum.
+
+        ``fetched_at`` is when the source read began (wall clock; 0.0: unknown).
 
         Raises
         ------
@@ -210,7 +218,7 @@ class DiskCache:
             with os.fdopen(self._dir.create_file(tmp_dir, tmp), "wb") as f:
                 f.write(data)
                 f.write(key_bytes)
-                f.write(_footer(key_bytes, len(data), seq, crc, epoch))
+                f.write(_footer(key_bytes, len(data), seq, crc, epoch, fetched_at))
             sub = self._dir.open_dir(objects, shard, create=True)
             try:
                 os.replace(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=sub)
@@ -310,7 +318,9 @@ class DiskCache:
                 os.unlink(name, dir_fd=sub)
             return None
         info = parsed[1]
-        return CacheFile(info.key, info.size, info.checksum, info.epoch, info.seq, mtime)
+        return CacheFile(
+            info.key, info.size, info.checksum, info.epoch, info.seq, mtime, info.fetched_at
+        )
 
 
 def _name_of(key: str) -> tuple[str, str]:
@@ -319,8 +329,10 @@ def _name_of(key: str) -> tuple[str, str]:
     return digest[:2], digest[2:]
 
 
-def _footer(key_bytes: bytes, size: int, seq: int, crc: int, epoch: bytes) -> bytes:
-    head = _FOOTER.pack(_MAGIC, len(key_bytes), size, seq, crc, epoch, 0)[:-4]
+def _footer(
+    key_bytes: bytes, size: int, seq: int, crc: int, epoch: bytes, fetched_at: float
+) -> bytes:
+    head = _FOOTER.pack(_MAGIC, len(key_bytes), size, seq, crc, epoch, fetched_at, 0)[:-4]
     return head + struct.pack("<I", checksum(key_bytes + head))
 
 
@@ -329,7 +341,9 @@ def _parse(raw: bytes) -> tuple[memoryview, CacheFile] | None:
     if len(raw) < _FOOTER.size:
         return None
     footer_at = len(raw) - _FOOTER.size
-    magic, key_len, size, seq, crc, epoch, meta_crc = _FOOTER.unpack_from(raw, footer_at)
+    magic, key_len, size, seq, crc, epoch, fetched_at, meta_crc = _FOOTER.unpack_from(
+        raw, footer_at
+    )
     if magic != _MAGIC or size + key_len != footer_at:
         return None
     view = memoryview(raw)
@@ -340,4 +354,4 @@ def _parse(raw: bytes) -> tuple[memoryview, CacheFile] | None:
     if checksum(payload) != crc:
         return None
     key = key_bytes.decode("utf-8", "surrogatepass")
-    return payload, CacheFile(key, size, crc, epoch, seq, 0.0)
+    return payload, CacheFile(key, size, crc, epoch, seq, 0.0, fetched_at)

@@ -33,6 +33,11 @@ class LocalEntry:
     checksum: int
     created: float  #: clock time of the source read (TTL counts from here)
     tag: int = field(default_factory=lambda: next(_tags))
+    #: Wall-clock time the source read began (0.0: unknown), for checks against the source.
+    fetched_at: float = 0.0
+    #: Whether it may be served.  ``False`` for a file of an earlier cluster that the write
+    #: history cannot vouch for, until a listing of the source shows it unchanged.
+    proven: bool = True
 
     def item(self, key: str) -> Item:
         """How the index knows this copy."""
@@ -150,8 +155,12 @@ class Entries(Mapping[str, LocalEntry]):
         return dropped
 
     def items_for_index(self) -> list[Item]:
-        """Every entry as the index knows it (for registration)."""
-        return [e.item(k) for k, e in self._by_key.items()]
+        """Every servable entry as the index knows it (for registration)."""
+        return [e.item(k) for k, e in self._by_key.items() if e.proven]
+
+    def unproven(self, prefix: str) -> dict[str, LocalEntry]:
+        """The entries below key ``prefix`` awaiting a check against the source."""
+        return {k: e for k, e in self._by_key.items() if not e.proven and k.startswith(prefix)}
 
     def _unlink_range(self, key: str) -> None:
         base = base_key(key)

@@ -79,12 +79,17 @@ class GuardedDisk:
                 self._open = True
             return True
 
-    def write(self, key: str, data: Payload, epoch: bytes, seq: int) -> int | None:
-        """Write a cache file and return its checksum; ``None`` if it was not written."""
+    def write(
+        self, key: str, data: Payload, epoch: bytes, seq: int, fetched_at: float
+    ) -> int | None:
+        """Write a cache file and return its checksum; ``None`` if it was not written.
+
+        ``fetched_at``: when the source read began (wall clock).
+        """
         if not self.usable():
             return None
         try:
-            crc = self.disk.write(key, data, epoch, seq)
+            crc = self.disk.write(key, data, epoch, seq, fetched_at)
         except OSError as err:
             self.state.count(disk_errors=1)
             if is_disk_failure(err):

@@ -20,6 +20,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dask_zarr_cache.worker.budget import Budget
@@ -125,6 +126,8 @@ class LocalState:
         """The live entry of ``key``, and whether it just expired (its file must go)."""
         with self.lock:
             entry = self.entries.get(key)
+            if entry is not None and not entry.proven:  # not served before its check
+                return None, False
             if entry is None or not self.entries.is_expired(key, entry):
                 return entry, False
             return None, bool(self.entries.remove([key], expired=True))
@@ -193,17 +196,37 @@ class LocalState:
             evicted = budget.admit(key, entry.size)
             return key not in evicted, self.entries.remove(evicted, evicted=True)
 
-    def adopt(self, files: Iterable[CacheFile]) -> list[str]:
-        """Add files found on disk (oldest first), verified against the write history.
+    def adopt(self, files: Iterable[CacheFile], proven: bool = True) -> list[str]:
+        """Add files found on disk (oldest first).
 
-        Returns the keys of the oldest files beyond the budget: they must go.
+        ``proven``: the write history vouched for them; else they wait, not served, for a
+        check against the source (:meth:`proved`).  Returns the keys of the oldest files
+        beyond the budget: they must go.
         """
         evicted = []
         with self.lock:
             for f in sorted(files, key=lambda f: f.mtime):
-                self.entries.add(f.key, LocalEntry(f.size, f.checksum, f.mtime))
+                entry = LocalEntry(f.size, f.checksum, f.mtime, fetched_at=f.fetched_at)
+                self.entries.add(f.key, entry if proven else replace(entry, proven=False))
                 evicted += self.entries.budget.add(f.key, f.size)
             return self.entries.remove(evicted, evicted=True)
+
+    def unproven(self, prefix: str) -> dict[str, LocalEntry]:
+        """The entries below key ``prefix`` awaiting a check against the source."""
+        with self.lock:
+            return self.entries.unproven(prefix)
+
+    def proved(self, current: dict[str, LocalEntry], stale: dict[str, LocalEntry]) -> list[str]:
+        """A check of the source showed the entries ``current`` unchanged, ``stale`` not.
+
+        Only the very entries checked change: one a write removed or replaced meanwhile
+        stays as it is now.  Returns the keys whose files must be deleted.
+        """
+        with self.lock:
+            for key, entry in current.items():
+                if self.entries.get(key) is entry:
+                    self.entries.add(key, replace(entry, proven=True))
+            return self.entries.remove(k for k, e in stale.items() if self.entries.get(k) is e)
 
     # -- writes --------------------------------------------------------------------------
     def invalidate(

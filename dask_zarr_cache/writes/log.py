@@ -123,20 +123,23 @@ def verify_files(
     files: Iterable[F],
     epoch: bytes,
     history: list[tuple[int, list[str], list[str]]] | None,
-) -> tuple[list[F], list[str]]:
-    """Split files found on disk into those still current and the keys of the rest.
+) -> tuple[list[F], list[F], list[str]]:
+    """Split files found on disk by what the write history says of them.
 
-    A file is current if it was written under ``epoch`` and no write in ``history`` (the
-    writes since the oldest file's sequence number; ``None`` if lost) after the file's own
-    sequence number touched its key.
+    Returns the files still current, those it cannot vouch for, and the keys of the
+    stale ones.  A file is current if it was written under ``epoch`` and no write in
+    ``history`` (the writes since the oldest file's sequence number; ``None`` if lost)
+    after the file's own sequence number touched its key, and stale if one did.  The
+    history cannot vouch for a file of another epoch (another scheduler's), or when it is
+    lost: only the source can say whether such a file is current.
     """
-    good, bad = [], []
+    good, unknown, stale = [], [], []
     checks = [] if history is None else [(s, matcher(k, p)) for s, k, p in history]
     for f in files:
-        current = (
-            f.epoch == epoch
-            and history is not None
-            and not any(s > f.seq and matches(f.key) for s, matches in checks)
-        )
-        (good.append(f) if current else bad.append(f.key))
-    return good, bad
+        if f.epoch != epoch or history is None:
+            unknown.append(f)
+        elif any(s > f.seq and matches(f.key) for s, matches in checks):
+            stale.append(f.key)
+        else:
+            good.append(f)
+    return good, unknown, stale

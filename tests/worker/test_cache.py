@@ -10,8 +10,11 @@ import asyncio
 import errno
 
 import pytest
+from distributed.protocol.pickle import dumps
 
+from dask_zarr_cache.core.protocol import ProveReply, unpack
 from dask_zarr_cache.identity.keys import IMMUTABLE
+from dask_zarr_cache.identity.listing import SourceObject
 from dask_zarr_cache.index.digests import key_digest
 from tests.fakes import INDEX, FakeClock, FakeNetwork, Source
 
@@ -238,16 +241,18 @@ async def test_a_restart_drops_files_a_write_replaced_while_it_was_away(net, clo
     assert await a2.get(keep, Source(b"never")) == b"v1"
 
 
-async def test_files_from_another_scheduler_are_never_served(net, clock, tmp_path):
+async def test_files_from_another_scheduler_wait_for_a_check_of_the_source(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock)
     await a.get(K, Source(b"v1"))
     await a.close()
     fresh = FakeNetwork()  # a new scheduler: a new, unrelated history
     a2 = await fresh.worker(A, tmp_path / "a", clock)
-    assert not a2.state.entries and not a2.disk.path_of(K).exists()
+    assert not a2.state.entries[K].proven  # kept, but not served
+    assert await a2.get(K, Source(b"v2")) == b"v2"  # read from the source instead
+    assert a2.state.entries[K].proven  # the new copy replaced it
 
 
-async def test_lost_history_drops_every_file(net, clock, tmp_path):
+async def test_lost_history_keeps_files_only_until_the_source_is_checked(net, clock, tmp_path):
     net.scheduler.log.max_keys = 2
     a = await net.worker(A, tmp_path / "a", clock)
     await a.get(K, Source())
@@ -256,7 +261,80 @@ async def test_lost_history_drops_every_file(net, clock, tmp_path):
     for i in range(5):
         await net.write([f"ns\x00other/{i}"])
     a2 = await net.worker(A, tmp_path / "a", clock)
-    assert not a2.state.entries
+    assert [e.proven for e in a2.state.entries.values()] == [False]
+    assert a2.state.lookup(K) == (None, False)
+
+
+DATASET = "ns\x00data.zarr/"
+
+
+async def _from_an_earlier_cluster(clock, tmp_path, sizes):
+    """A worker of a new cluster on the disk of an old one that read ``sizes`` (key: size)."""
+    old = FakeNetwork()
+    a = await old.worker(A, tmp_path / "a", clock)
+    for key, size in sizes.items():
+        await a.get(DATASET + key, Source(b"o" * size))
+    await a.close()
+    new = FakeNetwork()
+    return new, await new.worker(A, tmp_path / "a", clock)
+
+
+def fake_source(monkeypatch, list_directory) -> None:
+    """Listings come from ``list_directory``, on the test's loop (not zarr's)."""
+    monkeypatch.setattr("dask_zarr_cache.worker.proofs.list_directory", list_directory)
+    monkeypatch.setattr("dask_zarr_cache.worker.proofs.zarr_loop", asyncio.get_running_loop)
+
+
+async def test_a_check_of_the_source_keeps_exactly_the_unchanged_files(
+    clock, tmp_path, monkeypatch
+):
+    sizes = {"c/0": 10, "c/1": 10, "c/2": 10, "c/3": 10, "d/0": 10}
+    net, a = await _from_an_earlier_cluster(clock, tmp_path, sizes)
+    read_at = clock()  # every file above was read at this (fake) time
+    margin = a.settings.clock_margin
+    listings = {
+        "c": {
+            "0": SourceObject(10, read_at - margin - 1),  # unchanged: kept
+            "1": SourceObject(10, read_at + 5),  # rewritten since (same size): dropped
+            "2": SourceObject(11, read_at - margin - 1),  # another size: dropped
+            "3": SourceObject(10, read_at - margin / 2),  # too close to tell: dropped
+        },
+        "d": {},  # gone from the source: dropped
+    }
+    asked = []
+
+    async def list_directory(store, directory):
+        asked.append(directory)
+        return listings[directory]
+
+    fake_source(monkeypatch, list_directory)
+    reply = ProveReply(*unpack(await a.zarr_cache_apply_prove(DATASET, dumps(None))))
+    assert reply == (1, 4) and sorted(asked) == ["c", "d"]  # one listing per directory
+    assert set(a.state.entries) == {DATASET + "c/0"}
+    assert not a.disk.path_of(DATASET + "c/1").exists()
+    assert net.index.owner(key_digest(DATASET + "c/0")) == A  # others are sent here now
+    assert await a.get(DATASET + "c/0", Source(b"never read")) == b"o" * 10
+    fresh = Source(b"new")
+    assert await a.get(DATASET + "c/1", fresh) == b"new" and fresh.reads == 1
+
+
+async def test_a_write_during_the_check_is_never_undone(clock, tmp_path, monkeypatch):
+    net, a = await _from_an_earlier_cluster(clock, tmp_path, {"c/0": 10})
+    listed, release = asyncio.Event(), asyncio.Event()
+
+    async def list_directory(store, directory):
+        listed.set()
+        await release.wait()
+        return {"0": SourceObject(10, 0.0)}  # what the source held before the write
+
+    fake_source(monkeypatch, list_directory)
+    check = asyncio.ensure_future(a.zarr_cache_apply_prove(DATASET, dumps(None)))
+    await listed.wait()
+    await net.write([DATASET + "c/0"])
+    release.set()
+    await check
+    assert DATASET + "c/0" not in a.state.entries
+    assert await a.get(DATASET + "c/0", Source(b"written")) == b"written"
 
 
 async def test_a_full_disk_pauses_caching_and_it_comes_back(net, clock, tmp_path, monkeypatch):

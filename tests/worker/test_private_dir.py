@@ -183,7 +183,7 @@ def test_a_well_formed_forgery_planted_by_another_user_is_never_served(shared_ba
     forged = disk.path_of("ns\x00k")
     key = b"ns\x00k"
     payload = b"forged chunk"
-    body = payload + key + _footer(key, len(payload), 0, checksum(payload), EPOCH)
+    body = payload + key + _footer(key, len(payload), 0, checksum(payload), EPOCH, 0.0)
     script = f"import os\nos.makedirs(os.path.dirname({str(forged)!r}), exist_ok=True)\n"
     script += f"open({str(forged)!r}, 'wb').write({body!r})\n"
     planted = as_nobody(script)

@@ -45,7 +45,7 @@ def test_catch_up_for_each_kind_of_worker():
     assert log.catch_up(b"x" * 16, 5) == (None, 0)
 
 
-def test_files_are_current_unless_a_later_write_touched_them():
+def test_files_are_current_unless_a_later_write_touched_them_or_unknown_to_the_history():
     log = InvalidationLog()
     log.append(["a"], [])  # 1
     log.append([], ["dir/"])  # 2
@@ -57,10 +57,11 @@ def test_files_are_current_unless_a_later_write_touched_them():
         File("b", log.epoch, 0),  # never written
         File("b", b"y" * 16, 5),  # another history
     ]
-    good, bad = verify_files(files, log.epoch, history)
+    good, unknown, stale = verify_files(files, log.epoch, history)
     assert [(f.key, f.seq) for f in good] == [("a", 1), ("b", 0)]
-    assert bad == ["a", "dir/x", "b"]
-    assert verify_files(files[:1], log.epoch, None) == ([], ["a"])  # history lost
+    assert stale == ["a", "dir/x"]
+    assert unknown == [files[4]]  # only the source can tell
+    assert verify_files(files[:1], log.epoch, None) == ([], files[:1], [])  # history lost
 
 
 def test_matcher_takes_whole_keys_and_prefixes():
