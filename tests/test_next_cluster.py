@@ -8,11 +8,14 @@ between.
 from __future__ import annotations
 
 import time
+import uuid
 
+import dask.array as da
 import numpy as np
+import pytest
 import zarr
 
-from dask_zarr_cache import cluster_stats
+from dask_zarr_cache import ClusterCacheStore, cluster_stats
 from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
 from tests.test_worker_faults import wait_for
 
@@ -55,7 +58,7 @@ def test_a_new_cluster_fetches_only_what_changed_behind_its_back(s3, s3_path, tm
         assert not chunk_gets(s3, s3_path)  # and then everything is cached
     assert first_pass == dict.fromkeys(changed, 1), first_pass  # exactly what changed
     assert stats["adopt_refused"] == 2 and stats["adopted"] >= 18, stats
-    assert 1 <= lists <= 3 * 5, lists  # at most one per worker and chunk directory
+    assert 1 <= lists <= 3 * (5 + 1), lists  # at most one per worker and directory (5 + root)
 
 
 def test_without_a_listing_that_proves_it_nothing_old_is_served(s3, s3_path, tmp_path):
@@ -73,3 +76,44 @@ def test_without_a_listing_that_proves_it_nothing_old_is_served(s3, s3_path, tmp
         stats = cluster_stats(client)["total"]
     assert set(chunk_gets(s3, s3_path).values()) == {1} and len(chunk_gets(s3, s3_path)) == 4
     assert stats["adopted"] == 0 and stats["adopt_refused"] >= 4
+
+
+def test_icechunk_snapshot_files_are_kept_without_a_check(s3, s3_path, tmp_path):
+    icechunk = pytest.importorskip("icechunk")
+    bucket, prefix = s3_path.split("/", 1)
+    storage = icechunk.s3_storage(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=s3.endpoint_url,
+        allow_http=True,
+        force_path_style=True,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    repo = icechunk.Repository.create(storage)
+    data = np.random.default_rng(8).random((32, 32))  # incompressible: chunks not inlined
+    session = repo.writable_session("main")
+    zarr.open_array(session.store, path="a", mode="a", shape=(32, 32), chunks=(16, 16))[...] = data
+    snapshot = session.commit("one")
+
+    def read(client):
+        store = ClusterCacheStore(repo.readonly_session(snapshot_id=snapshot).store)
+        arr = zarr.open_array(store, path="a", mode="r")
+        return client.compute(da.from_zarr(arr, name=f"ice-{uuid.uuid4().hex}")).result()
+
+    def chunk_gets() -> int:  # Icechunk's GETs carry a query string: count every GET
+        chunks = f"{s3_path}/chunks/"
+        return sum(n for (m, k), n in s3.requests.items() if m == "GET" and k.startswith(chunks))
+
+    directory = tmp_path / "caches"
+    s3.reset_counts()
+    with cache_cluster(directory=directory) as (_cluster, client):
+        np.testing.assert_array_equal(read(client), data)
+        wait_for(lambda: cluster_stats(client)["index"]["entries"] >= 4)
+    assert chunk_gets() == 4
+    s3.reset_counts()
+    with cache_cluster(directory=directory) as (_cluster, client):
+        np.testing.assert_array_equal(read(client), data)
+    assert chunk_gets() == 0  # a snapshot never changes: its files need no listing
+    assert _lists(s3) == 0

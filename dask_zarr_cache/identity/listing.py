@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zarr.abc.store import Store
-from zarr.storage import FsspecStore, LocalStore
-from zarr.storage._wrapper import WrapperStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 __all__ = ["SourceObject", "list_directory"]
 
