@@ -14,7 +14,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from dask_zarr_cache.core.exceptions import CacheConfigError, InvalidationError
 from dask_zarr_cache.core.lookup import worker_cache
 from dask_zarr_cache.identity.keys import validate_namespace
-from dask_zarr_cache.identity.stores import SourceLocation, source_identity
+from dask_zarr_cache.identity.stores import SourceLocation, declared_immutable, source_identity
 from dask_zarr_cache.writes.announce import announce_write
 
 if TYPE_CHECKING:
@@ -53,12 +53,18 @@ class ClusterCacheStore(WrapperStore[Store]):
         know (it says so); stores given the same namespace share entries.  It promises that
         the data does not change under that name except through the cache: versioned data
         needs a new namespace per version.
+    immutable : bool
+        Declare that the data never changes (a published, versioned dataset): its cached
+        objects never expire, and a new cluster on the same disks keeps them without
+        asking the source.  They are kept apart from those of the same data read without
+        the declaration, and only writes through an ``immutable=True`` store reach them.
 
     Raises
     ------
     CacheConfigError
         If ``namespace`` is invalid, needed and not given, or given for a store that names
-        its own versions (Icechunk).
+        its own versions (Icechunk); or ``immutable`` is given for a store the cache does
+        not name by location (references, a writable Icechunk session).
 
     Examples
     --------
@@ -67,13 +73,16 @@ class ClusterCacheStore(WrapperStore[Store]):
 
     """
 
-    def __init__(self, store: Store, *, namespace: str | None = None) -> None:
+    def __init__(
+        self, store: Store, *, namespace: str | None = None, immutable: bool = False
+    ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"ClusterCacheStore wraps a zarr Store, got {type(store).__name__}")
         super().__init__(store)
         if namespace is not None:
             namespace = validate_namespace(namespace)
-        self.location = source_identity(store, namespace)
+        location = source_identity(store, namespace)
+        self.location = declared_immutable(location) if immutable else location
 
     @classmethod
     def from_url(
@@ -83,6 +92,7 @@ class ClusterCacheStore(WrapperStore[Store]):
         read_only: bool = True,
         *,
         namespace: str | None = None,
+        immutable: bool = False,
     ) -> ClusterCacheStore:
         """Open the data at ``url`` (any fsspec URL zarr accepts, or a local path) cached.
 
@@ -99,7 +109,7 @@ class ClusterCacheStore(WrapperStore[Store]):
             raise CacheConfigError("storage_options are only used with fsspec URLs")
         else:
             source = LocalStore(url, read_only=read_only)
-        return cls(source, namespace=namespace)
+        return cls(source, namespace=namespace, immutable=immutable)
 
     @property
     def namespace(self) -> str:

@@ -117,3 +117,22 @@ def test_icechunk_snapshot_files_are_kept_without_a_check(s3, s3_path, tmp_path)
         np.testing.assert_array_equal(read(client), data)
     assert chunk_gets() == 0  # a snapshot never changes: its files need no listing
     assert _lists(s3) == 0
+
+
+def test_a_store_declared_immutable_is_kept_without_a_listing(s3, s3_path, tmp_path):
+    data = np.arange(4 * CHUNK, dtype="f8")
+    write_array(s3, s3_path, data, chunks=(CHUNK,), compressors=None)
+    directory = tmp_path / "caches"
+
+    def store():
+        return ClusterCacheStore(s3_store(s3, s3_path, read_only=True), immutable=True)
+
+    with cache_cluster(directory=directory) as (_c, client):  # the 60 s margin: no proof
+        np.testing.assert_array_equal(read_all(store(), client), data)
+        wait_for(lambda: cluster_stats(client)["index"]["entries"] >= 4)
+    s3.reset_counts()
+    with cache_cluster(directory=directory) as (_c, client):
+        np.testing.assert_array_equal(read_all(store(), client), data)
+        stats = cluster_stats(client)["total"]
+    assert not chunk_gets(s3, s3_path)
+    assert stats["adopted"] == stats["adopt_refused"] == 0  # kept as they were: no check

@@ -15,7 +15,9 @@ from zarr.core.buffer.cpu import Buffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
-from dask_zarr_cache import ClusterCacheStore, InvalidCacheKeyError
+from dask_zarr_cache import CacheConfigError, ClusterCacheStore, InvalidCacheKeyError
+from dask_zarr_cache.identity.keys import IMMUTABLE, is_immutable
+from dask_zarr_cache.identity.stores import ReadThrough, declared_immutable
 from tests.conftest import obstore_s3
 
 if TYPE_CHECKING:
@@ -66,6 +68,23 @@ def test_pickles_to_source_and_namespace_only(tmp_path):
 def test_memory_store_namespace_survives_pickling():
     store = ClusterCacheStore(MemoryStore())
     assert pickle.loads(pickle.dumps(store)).namespace == store.namespace
+
+
+def test_a_store_declared_immutable_names_its_objects_apart_and_never_expires(tmp_path):
+    plain = ClusterCacheStore(LocalStore(tmp_path))
+    fixed = ClusterCacheStore(LocalStore(tmp_path), immutable=True)
+    key = fixed.cache_key("c/0")
+    assert is_immutable(key) and not is_immutable(plain.cache_key("c/0"))
+    assert key != plain.cache_key("c/0")  # an undeclared store's entries could change
+    assert pickle.loads(pickle.dumps(fixed)).cache_key("c/0") == key
+    assert ClusterCacheStore(LocalStore(tmp_path), namespace="v1", immutable=True).namespace == (
+        IMMUTABLE + "v1"
+    )
+
+
+def test_immutable_is_refused_for_stores_not_named_by_location():
+    with pytest.raises(CacheConfigError, match="immutable=True applies"):
+        declared_immutable(ReadThrough("a writable session"))
 
 
 def test_wrapping_a_non_store_is_a_type_error():

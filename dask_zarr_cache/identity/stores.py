@@ -60,6 +60,7 @@ __all__ = [
     "ReferenceTargets",
     "SourceIdentity",
     "SourceLocation",
+    "declared_immutable",
     "source_identity",
 ]
 
@@ -214,6 +215,29 @@ class ReferenceTargets(SourceIdentity):
             if key:
                 validate_key(key)
         return [], []
+
+
+def declared_immutable(identity: SourceIdentity) -> SourceIdentity:
+    """The identity of a source its user declares never changes (``immutable=True``).
+
+    Its objects go to an immutable namespace of their own: no TTL, and files of an
+    earlier cluster kept without a check, as for an Icechunk snapshot.
+
+    Raises
+    ------
+    CacheConfigError
+        If the cache does not name the store's objects by location (it reads through, or
+        names references by what they point to).
+
+    """
+    if not isinstance(identity, SourceLocation):
+        raise CacheConfigError(
+            f"immutable=True applies to stores whose objects the cache names by location; "
+            f"this one is named {identity.namespace!r}"
+        )
+    if identity.namespace.startswith(IMMUTABLE):
+        return identity
+    return SourceLocation(IMMUTABLE + identity.namespace, identity.root)
 
 
 def source_identity(store: Store, namespace: str | None = None) -> SourceIdentity:
