@@ -48,6 +48,11 @@ class ZarrCachePlugin(SchedulerPlugin):
         config ``zarr-cache.max-size`` (10 GiB).
     max_age_seconds : float, optional
         Time to live of cached objects; ``None`` (default) means they never expire.
+    revalidate_after : float, optional
+        Seconds after which a cached object is checked against its source (one listing
+        per directory and worker) and kept if unchanged, instead of expiring: changes made
+        behind the cache's back show up within about this long, and the rest stays
+        cached.  ``None`` (default): never checked.
     directory : str, optional
         Parent directory of the worker caches (each worker uses a subdirectory derived from
         its name); default ``<worker.local_directory>/zarr-cache``.
@@ -66,8 +71,11 @@ class ZarrCachePlugin(SchedulerPlugin):
         max_size: int | str | None = None,
         max_age_seconds: float | None = None,
         directory: str | os.PathLike[str] | None = None,
+        revalidate_after: float | None = None,
     ) -> None:
-        self.settings = CacheSettings.from_arguments(max_size, max_age_seconds, directory)
+        self.settings = CacheSettings.from_arguments(
+            max_size, max_age_seconds, directory, revalidate_after
+        )
         self._scheduler_state: ZarrCacheScheduler | None = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def shard_address(shard: int) -> str:
 
 
 class FakeScheduler:
-    """The scheduler's ``zarr_cache_index`` and ``zarr_cache_sync`` handlers."""
+    """The scheduler's ``zarr_cache_index``, ``_sync`` and ``_prove`` handlers."""
 
     def __init__(self, shards: int = 1) -> None:
         self.log = InvalidationLog()
@@ -44,6 +44,10 @@ class FakeScheduler:
 
     async def zarr_cache_index(self) -> list[dict[str, str]]:
         return [{"address": shard_address(s), "key": f"index-{s}"} for s in range(self.shards)]
+
+    async def zarr_cache_prove(self, prefix: str, store: bytes) -> dict[str, int]:
+        """Nobody holds files of an earlier cluster here (see the worker's own handler)."""
+        return {"current": 0, "stale": 0}
 
     async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
         if not self.reachable:

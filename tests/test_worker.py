@@ -17,7 +17,8 @@ import zarr
 from distributed import wait
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
-from tests.conftest import cache_cluster, cached, chunk_gets, s3_store, write_array
+from dask_zarr_cache.core.config import CacheSettings
+from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
 
 
 def read_sum(store, client) -> float:
@@ -231,3 +232,30 @@ def test_pending_reads_of_one_key_make_one_request(s3, s3_path, client):
     finally:
         s3.latency = 0
     assert chunk_gets(s3, s3_path) == {f"{s3_path}/c/0": 1}
+
+
+def test_revalidation_picks_up_changes_behind_the_cache_and_keeps_the_rest(s3, s3_path):
+    revalidate_after, margin = 2.0, 1.0
+    data = np.random.default_rng(26).random((5 * 16, 4 * 16))  # 20 chunks of 2 KiB
+    write_array(s3, s3_path, data, chunks=(16, 16), compressors=None)
+    time.sleep(margin + 0.5)  # older than the margin when first read
+    timings = {"clock_margin": margin}
+    with cache_cluster(revalidate_after=revalidate_after, timings=timings) as (_c, client):
+        store = cached(s3, s3_path)
+        np.testing.assert_array_equal(read_all(store, client), data)
+        direct = zarr.open_array(s3_store(s3, s3_path), mode="r+")  # behind the cache's back
+        direct[0:16, 0:16] = -1.0
+        direct[64:80, 48:64] = -2.0
+        expected = np.array(direct[:])
+        changed_at = time.monotonic()
+        s3.reset_counts()
+        while not np.array_equal(read_all(store, client), expected):
+            assert time.monotonic() - changed_at < 30, "the change never showed"
+            time.sleep(0.2)
+        seen_after = time.monotonic() - changed_at
+        stats = cluster_stats(client)["total"]
+        gets = chunk_gets(s3, s3_path)
+    bound = revalidate_after + CacheSettings(max_size=1).revalidate_grace + 1.0  # + a flush
+    assert seen_after <= bound, seen_after
+    assert gets == {f"{s3_path}/c/0/0": 1, f"{s3_path}/c/4/3": 1}, gets  # the rest stayed
+    assert stats["revalidate_dropped"] >= 2 and stats["revalidated"] > 0, stats

@@ -27,6 +27,9 @@ dask.config.update_defaults(
         "zarr-cache": {
             "max-size": "10GiB",
             "max-age-seconds": None,
+            # Seconds after which a cached object is checked against its source (one
+            # listing per directory) instead of thrown away; None: never.
+            "revalidate-after": None,
             "directory": None,
             # How often a worker catches up with the scheduler's write history (renewing
             # its lease), expires old files and reports dropped copies to the index.
@@ -75,18 +78,19 @@ def _parse_max_size(value: int | str) -> int:
     return int(value)
 
 
-def _parse_max_age(value: float | int | str | None) -> float | None:
+def _parse_seconds(value: float | int | str | None, name: str) -> float | None:
+    """A positive, finite number of seconds (``None`` stays ``None``)."""
     if value is None:
         return None
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError as err:
-            raise CacheConfigError(f"max_age_seconds {value!r} is not a number") from err
+            raise CacheConfigError(f"{name} {value!r} is not a number") from err
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CacheConfigError(f"max_age_seconds must be a number or None, got {value!r}")
+        raise CacheConfigError(f"{name} must be a number or None, got {value!r}")
     if not math.isfinite(value) or value <= 0:
-        raise CacheConfigError(f"max_age_seconds must be positive and finite, got {value!r}")
+        raise CacheConfigError(f"{name} must be positive and finite, got {value!r}")
     return float(value)
 
 
@@ -147,6 +151,9 @@ class CacheSettings:
         Bytes of cached objects each worker may keep on its local disk.
     max_age_seconds : float or None
         Time to live of a cached object; ``None`` means objects never expire.
+    revalidate_after : float or None
+        Seconds after which a cached object is checked against its source, in bulk (dask
+        config ``zarr-cache.revalidate-after``); ``None``: never.
     directory : str or None
         Parent directory of the worker caches; ``None`` means
         ``<worker.local_directory>/zarr-cache``.
@@ -181,6 +188,8 @@ class CacheSettings:
     - ``index_wait``: registering the plugin waits this long for the first index shard.
     - ``clock_margin``: a file of an earlier cluster is kept only if its source object was
       last modified this long before the file's bytes were read (clocks, slow uploads).
+    - ``revalidate_grace``: an object due for its check against the source
+      (``revalidate_after``) is still served this long while the check runs, then not.
     - ``loop_wait``: a hop to the worker's event loop that has not started this long
       after it was sent finds the loop blocked (see :mod:`~dask_zarr_cache.core.loops`);
       the read goes to the source.
@@ -194,6 +203,7 @@ class CacheSettings:
 
     max_size: int
     max_age_seconds: float | None = None
+    revalidate_after: float | None = None
     directory: str | None = None
     write_lease: float = 10.0
     policy: str = "tinylfu"
@@ -211,6 +221,7 @@ class CacheSettings:
     clock_margin: float = 60.0
     prove_timeout: float = 60.0
     loop_wait: float = HOP_START_WAIT
+    revalidate_grace: float = 5.0
 
     @property
     def write_push_timeout(self) -> float:
@@ -241,6 +252,7 @@ class CacheSettings:
         max_size: int | str | None = None,
         max_age_seconds: float | int | str | None = None,
         directory: str | os.PathLike[str] | None = None,
+        revalidate_after: float | int | str | None = None,
     ) -> CacheSettings:
         """Validate user arguments; ``None`` falls back to dask config ``zarr-cache.*``.
 
@@ -256,6 +268,8 @@ class CacheSettings:
             max_age_seconds = dask.config.get("zarr-cache.max-age-seconds")
         if directory is None:
             directory = dask.config.get("zarr-cache.directory")
+        if revalidate_after is None:
+            revalidate_after = dask.config.get("zarr-cache.revalidate-after")
         lease = parse_timedelta(dask.config.get("zarr-cache.write-lease"))
         if not lease or lease <= 0:
             raise CacheConfigError(f"zarr-cache.write-lease must be positive, got {lease!r}")
@@ -275,7 +289,8 @@ class CacheSettings:
         file_mode = _parse_file_mode(dask.config.get("zarr-cache.file-mode"))
         return cls(
             max_size=_parse_max_size(max_size),
-            max_age_seconds=_parse_max_age(max_age_seconds),
+            max_age_seconds=_parse_seconds(max_age_seconds, "max_age_seconds"),
+            revalidate_after=_parse_seconds(revalidate_after, "revalidate_after"),
             directory=_parse_directory(directory),
             write_lease=float(lease),
             policy=policy,

@@ -106,6 +106,8 @@ class WorkerCache:
             capacity=settings.max_size,
             policy=settings.policy,
             peer_backoff=settings.peer_backoff,
+            revalidate_after=settings.revalidate_after,
+            revalidate_grace=settings.revalidate_grace,
         )
         self.counters = self.state.counters
         self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
@@ -121,6 +123,9 @@ class WorkerCache:
         #: Dataset key prefixes whose files of an earlier cluster were checked (or tried).
         self._settled: set[str] = set()
         self._settling: dict[str, asyncio.Future[None]] = {}
+        #: A source store of each dataset key prefix read here (for revalidation).
+        self._sources: dict[str, Any] = {}
+        self._revalidating: asyncio.Future[None] | None = None
 
     # -- lifecycle (worker loop) ---------------------------------------------------------
     async def start(self) -> None:
@@ -412,7 +417,7 @@ class WorkerCache:
         current, stale = await check_against_source(
             entries, prefix, loads(store), self.settings.clock_margin
         )
-        await self._delete(self.state.proved(current, stale))
+        await self._delete(self.state.checked(current, stale, proven=True))
         self.state.count(adopted=len(current), adopt_refused=len(stale))
         if current:
             with contextlib.suppress(*UNAVAILABLE):
@@ -428,6 +433,7 @@ class WorkerCache:
         the first read finds them wherever they are.  Waits at most ``read_timeout``;
         the check goes on without this reader.
         """
+        self._sources.setdefault(prefix, source)
         if prefix in self._settled:
             return
         with contextlib.suppress(*UNAVAILABLE):
@@ -498,6 +504,28 @@ class WorkerCache:
             await self._delete(self.state.expired_keys())
         if self._reporting is None or self._reporting.done():
             await self._start_report()
+        if self.settings.revalidate_after is not None and (
+            self._revalidating is None or self._revalidating.done()
+        ):
+            self._revalidating = asyncio.ensure_future(self._revalidate())
+
+    async def _revalidate(self) -> None:
+        """Check the objects due (``revalidate_after``) against their sources, in bulk.
+
+        Beside the flush, one at a time.  Objects of a dataset no task read here yet (no
+        store to list with) are not checked: they expire ``revalidate_grace`` later.
+        """
+        due = self.state.due_for_check()
+        for prefix, source in list(self._sources.items()):
+            mine = {k: e for k, e in due.items() if k.startswith(prefix)}
+            if not mine:
+                continue
+            at = self.clock()
+            current, stale = await check_against_source(
+                mine, prefix, source, self.settings.clock_margin
+            )
+            await self._delete(self.state.checked(current, stale, checked_at=at))
+            self.state.count(revalidated=len(current), revalidate_dropped=len(stale))
 
     async def _start_report(self) -> None:
         """Report to the index beside; wait for it at most ``settings.report_wait``."""

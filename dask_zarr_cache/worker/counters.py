@@ -35,6 +35,8 @@ class CacheCounters:
     caching_disabled: int = 0  #: 1 once disk trouble turned this worker to read-through
     adopted: int = 0  #: files of an earlier cluster kept: the source showed them unchanged
     adopt_refused: int = 0  #: files of an earlier cluster dropped: changed, or not shown current
+    revalidated: int = 0  #: objects a check of the source (``revalidate_after``) kept
+    revalidate_dropped: int = 0  #: objects a check of the source dropped: changed, or unknown
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""

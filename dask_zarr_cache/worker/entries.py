@@ -31,13 +31,17 @@ class LocalEntry:
 
     size: int
     checksum: int
-    created: float  #: clock time of the source read (TTL counts from here)
+    created: float  #: clock time the source read began (TTL and checks count from here)
     tag: int = field(default_factory=lambda: next(_tags))
-    #: Wall-clock time the source read began (0.0: unknown), for checks against the source.
-    fetched_at: float = 0.0
     #: Whether it may be served.  ``False`` for a file of an earlier cluster that the write
     #: history cannot vouch for, until a listing of the source shows it unchanged.
     proven: bool = True
+    #: Clock time a listing of the source last showed it unchanged (0.0: never).
+    checked_at: float = 0.0
+
+    def vouched_at(self) -> float:
+        """Clock time the source last vouched for these bytes: read, or checked."""
+        return max(self.created, self.checked_at)
 
     def item(self, key: str) -> Item:
         """How the index knows this copy."""
@@ -66,8 +70,12 @@ class Entries(Mapping[str, LocalEntry]):
         clock: Callable[[], float],
         budget: Budget,
         counters: CacheCounters,
+        revalidate_after: float | None = None,
+        revalidate_grace: float = 5.0,
     ) -> None:
         self.max_age_seconds = max_age_seconds
+        self.revalidate_after = revalidate_after
+        self.revalidate_grace = revalidate_grace
         self.clock = clock
         self.budget = budget
         self.counters = counters
@@ -126,9 +134,30 @@ class Entries(Mapping[str, LocalEntry]):
 
     # -- queries -----------------------------------------------------------------------------
     def is_expired(self, key: str, entry: LocalEntry) -> bool:
-        """Whether ``entry`` of ``key`` is past its TTL."""
-        ttl = self.max_age_seconds
-        return ttl is not None and not is_immutable(key) and self.clock() - entry.created > ttl
+        """Whether ``entry`` of ``key`` is past its TTL, or its check against the source is late.
+
+        An entry due for a check (:meth:`due`) is still served while the check runs, for
+        at most ``revalidate_grace`` seconds.
+        """
+        if is_immutable(key):
+            return False
+        ttl, check = self.max_age_seconds, self.revalidate_after
+        now = self.clock()
+        return (ttl is not None and now - entry.created > ttl) or (
+            check is not None and now - entry.vouched_at() > check + self.revalidate_grace
+        )
+
+    def due(self) -> dict[str, LocalEntry]:
+        """The servable entries the source last vouched for ``revalidate_after`` ago or more."""
+        check = self.revalidate_after
+        if check is None:
+            return {}
+        now = self.clock()
+        return {
+            k: e
+            for k, e in self._by_key.items()
+            if e.proven and not is_immutable(k) and now - e.vouched_at() >= check
+        }
 
     def expired(self) -> list[str]:
         """The keys past their TTL (oldest first)."""

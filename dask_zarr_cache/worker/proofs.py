@@ -58,8 +58,8 @@ async def check_against_source(
             ok = (
                 found is not None
                 and found.modified is not None
-                and entry.fetched_at > 0
-                and found.modified <= entry.fetched_at - margin
+                and entry.created > 0
+                and found.modified <= entry.created - margin
                 and (not whole or found.size == entry.size)
             )
             (current if ok else stale)[key] = entry

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dask_zarr_cache.worker.budget import Budget
 from dask_zarr_cache.worker.counters import CacheCounters
@@ -61,6 +61,9 @@ class LocalState:
         Seconds a peer that failed to answer is not asked again.
     max_hints : int
         "Which peer served this key" hints kept.
+    revalidate_after, revalidate_grace : float
+        When entries are checked against their source, and how long one is still served
+        while its check is late (see :class:`~dask_zarr_cache.worker.entries.Entries`).
 
     """
 
@@ -73,11 +76,20 @@ class LocalState:
         policy: str = "tinylfu",
         peer_backoff: float = 30.0,
         max_hints: int = 200_000,
+        revalidate_after: float | None = None,
+        revalidate_grace: float = 5.0,
     ) -> None:
         self.clock = clock
         self.lock = threading.Lock()
         self.counters = CacheCounters(capacity=capacity)
-        self.entries = Entries(max_age_seconds, clock, Budget(capacity, policy), self.counters)
+        self.entries = Entries(
+            max_age_seconds,
+            clock,
+            Budget(capacity, policy),
+            self.counters,
+            revalidate_after,
+            revalidate_grace,
+        )
         self.flights = Flights()
         self.writes = Position(lease, clock)
         self.hints = PeerHints(clock, peer_backoff, max_hints)
@@ -206,7 +218,7 @@ class LocalState:
         evicted = []
         with self.lock:
             for f in sorted(files, key=lambda f: f.mtime):
-                entry = LocalEntry(f.size, f.checksum, f.mtime, fetched_at=f.fetched_at)
+                entry = LocalEntry(f.size, f.checksum, f.fetched_at or f.mtime)
                 self.entries.add(f.key, entry if proven else replace(entry, proven=False))
                 evicted += self.entries.budget.add(f.key, f.size)
             return self.entries.remove(evicted, evicted=True)
@@ -216,16 +228,25 @@ class LocalState:
         with self.lock:
             return self.entries.unproven(prefix)
 
-    def proved(self, current: dict[str, LocalEntry], stale: dict[str, LocalEntry]) -> list[str]:
+    def due_for_check(self) -> dict[str, LocalEntry]:
+        """The entries to check against their source now (``revalidate_after``)."""
+        with self.lock:
+            return self.entries.due()
+
+    def checked(
+        self, current: dict[str, LocalEntry], stale: dict[str, LocalEntry], **changes: Any
+    ) -> list[str]:
         """A check of the source showed the entries ``current`` unchanged, ``stale`` not.
 
-        Only the very entries checked change: one a write removed or replaced meanwhile
-        stays as it is now.  Returns the keys whose files must be deleted.
+        The current ones get ``changes`` (``proven=True`` for files of an earlier cluster,
+        ``checked_at=`` for a revalidation).  Only the very entries checked change: one a
+        write removed or replaced meanwhile stays as it is now.  Returns the keys whose
+        files must be deleted.
         """
         with self.lock:
             for key, entry in current.items():
                 if self.entries.get(key) is entry:
-                    self.entries.add(key, replace(entry, proven=True))
+                    self.entries.add(key, replace(entry, **changes))
             return self.entries.remove(k for k, e in stale.items() if self.entries.get(k) is e)
 
     # -- writes --------------------------------------------------------------------------

@@ -21,10 +21,18 @@ def test_bad_max_size_is_a_clear_error(bad):
         ZarrCachePlugin(max_size=bad)
 
 
+@pytest.mark.parametrize("name", ["max_age_seconds", "revalidate_after"])
 @pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), "soon", True])
-def test_bad_max_age_is_a_clear_error(bad):
-    with pytest.raises(CacheConfigError, match="max_age_seconds"):
-        ZarrCachePlugin(max_size="1GiB", max_age_seconds=bad)
+def test_bad_seconds_are_a_clear_error(bad, name):
+    with pytest.raises(CacheConfigError, match=name):
+        ZarrCachePlugin(max_size="1GiB", **{name: bad})
+
+
+def test_revalidate_after_comes_from_dask_config_too():
+    assert ZarrCachePlugin(max_size="1GiB", revalidate_after="30").settings.revalidate_after == 30
+    with dask.config.set({"zarr-cache.revalidate-after": 60}):
+        assert ZarrCachePlugin(max_size="1GiB").settings.revalidate_after == 60.0
+    assert ZarrCachePlugin(max_size="1GiB").settings.revalidate_after is None
 
 
 @pytest.mark.parametrize("bad", ["", 42, "a\x00b"])

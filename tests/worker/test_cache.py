@@ -318,6 +318,48 @@ async def test_a_check_of_the_source_keeps_exactly_the_unchanged_files(
     assert await a.get(DATASET + "c/1", fresh) == b"new" and fresh.reads == 1
 
 
+async def test_revalidation_keeps_unchanged_objects_and_drops_changed_ones(
+    net, clock, tmp_path, monkeypatch
+):
+    a = await net.worker(A, tmp_path / "a", clock, revalidate_after=10.0)
+    await a.settle(DATASET, "the source store")  # a task read the dataset here
+    read_at = clock()
+    for key in ("c/0", "c/1"):
+        await a.get(DATASET + key, Source(b"v1"))
+    margin = a.settings.clock_margin
+    fake_source(
+        monkeypatch,
+        lambda store, directory: _listing(
+            {"0": SourceObject(2, read_at - margin - 1), "1": SourceObject(2, read_at + 3)}
+        ),
+    )
+    clock.now += 9
+    await a.flush()
+    await a._revalidating  # nothing due yet
+    assert a.counters.revalidated == 0
+    clock.now += 2  # due: checked at the next flush, served meanwhile
+    assert await a.get(DATASET + "c/0", Source(b"never read")) == b"v1"
+    await a.flush()
+    await a._revalidating
+    assert (a.counters.revalidated, a.counters.revalidate_dropped) == (1, 1)
+    clock.now += 9  # vouched for 9 s ago, read 20 s ago: still served
+    assert await a.get(DATASET + "c/0", Source(b"never read")) == b"v1"
+    fresh = Source(b"v2")
+    assert await a.get(DATASET + "c/1", fresh) == b"v2" and fresh.reads == 1
+
+
+async def test_an_object_whose_check_is_late_is_not_served(net, clock, tmp_path):
+    a = await net.worker(A, tmp_path / "a", clock, revalidate_after=10.0)
+    await a.get(DATASET + "c/0", Source(b"v1"))  # no task read the dataset: no store to list
+    clock.now += 10 + a.settings.revalidate_grace + 1
+    fresh = Source(b"v2")
+    assert await a.get(DATASET + "c/0", fresh) == b"v2" and fresh.reads == 1
+
+
+async def _listing(objects):
+    return objects
+
+
 async def test_a_write_during_the_check_is_never_undone(clock, tmp_path, monkeypatch):
     net, a = await _from_an_earlier_cluster(clock, tmp_path, {"c/0": 10})
     listed, release = asyncio.Event(), asyncio.Event()
