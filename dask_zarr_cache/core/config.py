@@ -151,9 +151,6 @@ class CacheSettings:
         Bytes of cached objects each worker may keep on its local disk.
     max_age_seconds : float or None
         Time to live of a cached object; ``None`` means objects never expire.
-    revalidate_after : float or None
-        Seconds after which a cached object is checked against its source, in bulk (dask
-        config ``zarr-cache.revalidate-after``); ``None``: never.
     directory : str or None
         Parent directory of the worker caches; ``None`` means
         ``<worker.local_directory>/zarr-cache``.
@@ -172,6 +169,9 @@ class CacheSettings:
         Mode of cache files (``zarr-cache.file-mode``).
     trusted_parent : bool
         Accept a parent directory other users may write to (``zarr-cache.trusted-parent``).
+    revalidate_after : float or None
+        Seconds after which a cached object is checked against its source, in bulk (dask
+        config ``zarr-cache.revalidate-after``); ``None``: never.
 
     Notes
     -----
@@ -203,7 +203,6 @@ class CacheSettings:
 
     max_size: int
     max_age_seconds: float | None = None
-    revalidate_after: float | None = None
     directory: str | None = None
     write_lease: float = 10.0
     policy: str = "tinylfu"
@@ -212,6 +211,7 @@ class CacheSettings:
     read_timeout: float = 5.0
     file_mode: int = 0o600
     trusted_parent: bool = False
+    revalidate_after: float | None = None
     disk_retry: float = 5.0
     peer_backoff: float = 30.0
     known_check_interval: float = 10.0
