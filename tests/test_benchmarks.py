@@ -13,7 +13,7 @@ import s3fs
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from benchmarks import _micro, _s3, index_load, run
+from benchmarks import _micro, _s3, index_load, next_cluster, run
 
 
 def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
@@ -42,6 +42,14 @@ def test_benchmark_workloads_run_and_report(tmp_path):
     assert len(rows) == 2
     for row in rows:  # no worker ever held more than its budget
         assert float(row.rstrip(" |").rsplit("|", 1)[1]) <= 1.0, row
+
+
+def test_next_cluster_benchmark_reports_both_passes(capsys):
+    argv = ["--workers", "2", "--side", "512", "--chunk", "128", "--latency-ms", "5"]
+    assert next_cluster.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "first pass of the next cluster:  " in out and "ratio next / cold: " in out
+    assert "0.00 GETs/chunk" in out  # every file of the first cluster was kept
 
 
 def test_index_micro_benchmark_measures_throughput_and_memory():
