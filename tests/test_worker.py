@@ -249,13 +249,21 @@ def test_revalidation_picks_up_changes_behind_the_cache_and_keeps_the_rest(s3, s
         expected = np.array(direct[:])
         changed_at = time.monotonic()
         s3.reset_counts()
+        polls = 1
         while not np.array_equal(read_all(store, client), expected):
             assert time.monotonic() - changed_at < 30, "the change never showed"
             time.sleep(0.2)
+            polls += 1
         seen_after = time.monotonic() - changed_at
         stats = cluster_stats(client)["total"]
         gets = chunk_gets(s3, s3_path)
+        lists = sum(n for (verb, p), n in s3.requests.items() if verb == "GET" and "/" not in p)
     bound = revalidate_after + CacheSettings(max_size=1).revalidate_grace + 1.0  # + a flush
     assert seen_after <= bound, seen_after
+    # The cost: per check, one LIST per worker and directory it holds objects of (5 chunk
+    # rows and the root, on 3 workers); a check every revalidate_after at most.
+    checks = 1 + seen_after / revalidate_after
+    assert 0 < lists <= 3 * 6 * checks + 2 * polls, (lists, seen_after)  # + opens: 2 each
+    print(f"revalidation: change seen after {seen_after:.1f} s, {lists} LISTs, {gets} GETs")
     assert gets == {f"{s3_path}/c/0/0": 1, f"{s3_path}/c/4/3": 1}, gets  # the rest stayed
     assert stats["revalidate_dropped"] >= 2 and stats["revalidated"] > 0, stats

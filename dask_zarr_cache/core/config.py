@@ -193,6 +193,9 @@ class CacheSettings:
     - ``loop_wait``: a hop to the worker's event loop that has not started this long
       after it was sent finds the loop blocked (see :mod:`~dask_zarr_cache.core.loops`);
       the read goes to the source.
+    - ``prove_wait``: the first read of a dataset on a worker waits this long for the
+      check of earlier clusters' files (the check goes on after; reads meanwhile go to the
+      index and, for files not yet checked, to the source).
     - ``prove_timeout``: the scheduler waits this long for the workers' checks of a
       dataset's files of an earlier cluster (readers wait at most ``read_timeout``).
 
@@ -220,6 +223,7 @@ class CacheSettings:
     index_wait: float = 30.0
     clock_margin: float = 60.0
     prove_timeout: float = 60.0
+    prove_wait: float = 1.0
     loop_wait: float = HOP_START_WAIT
     revalidate_grace: float = 5.0
 

@@ -430,15 +430,15 @@ class WorkerCache:
 
         Files of an earlier cluster below the dataset's key prefix ``prefix`` are checked
         against ``source`` on every worker (``zarr_cache_prove``), once per cluster, so
-        the first read finds them wherever they are.  Waits at most ``read_timeout``;
-        the check goes on without this reader.
+        the first read finds them wherever they are.  Waits at most ``prove_wait``; the
+        check goes on without this reader.
         """
         self._sources.setdefault(prefix, source)
         if prefix in self._settled:
             return
         with contextlib.suppress(*UNAVAILABLE):
             await asyncio.wait_for(
-                self.worker_loop.call(self._settle(prefix, source)), self.settings.read_timeout
+                self.worker_loop.call(self._settle(prefix, source)), self.settings.prove_wait
             )
 
     async def _settle(self, prefix: str, source: Any) -> None:
