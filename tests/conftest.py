@@ -74,6 +74,23 @@ def obstore_s3(s3: LocalS3Server, path: str) -> Any:
     )
 
 
+def icechunk_s3_storage(s3: LocalS3Server, path: str) -> Any:
+    """Icechunk storage for ``path`` (``bucket/prefix``) on the loopback server."""
+    import icechunk
+
+    bucket, prefix = path.split("/", 1)
+    return icechunk.s3_storage(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=s3.endpoint_url,
+        allow_http=True,
+        force_path_style=True,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+
+
 def write_array(s3: LocalS3Server, path: str, data: np.ndarray, **kwargs) -> zarr.Array:
     """Write ``data`` as a zarr array at ``path`` on the S3 server."""
     arr = zarr.create_array(s3_store(s3, path), shape=data.shape, dtype=data.dtype, **kwargs)

@@ -16,7 +16,15 @@ import pytest
 import zarr
 
 from dask_zarr_cache import ClusterCacheStore, cluster_stats
-from tests.conftest import cache_cluster, cached, chunk_gets, read_all, s3_store, write_array
+from tests.conftest import (
+    cache_cluster,
+    cached,
+    chunk_gets,
+    icechunk_s3_storage,
+    read_all,
+    s3_store,
+    write_array,
+)
 from tests.test_worker_faults import wait_for
 
 #: A small margin, so the test need not wait a minute between writing and reading.
@@ -80,17 +88,7 @@ def test_without_a_listing_that_proves_it_nothing_old_is_served(s3, s3_path, tmp
 
 def test_icechunk_snapshot_files_are_kept_without_a_check(s3, s3_path, tmp_path):
     icechunk = pytest.importorskip("icechunk")
-    bucket, prefix = s3_path.split("/", 1)
-    storage = icechunk.s3_storage(
-        bucket=bucket,
-        prefix=prefix,
-        endpoint_url=s3.endpoint_url,
-        allow_http=True,
-        force_path_style=True,
-        region="us-east-1",
-        access_key_id="testing",
-        secret_access_key="testing",
-    )
+    storage = icechunk_s3_storage(s3, s3_path)
     repo = icechunk.Repository.create(storage)
     data = np.random.default_rng(8).random((32, 32))  # incompressible: chunks not inlined
     session = repo.writable_session("main")

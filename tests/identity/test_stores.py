@@ -26,7 +26,14 @@ from dask_zarr_cache.identity.stores import (
     SourceLocation,
     source_identity,
 )
-from tests.conftest import chunk_gets, obstore_s3, read_all, s3_store, write_array
+from tests.conftest import (
+    chunk_gets,
+    icechunk_s3_storage,
+    obstore_s3,
+    read_all,
+    s3_store,
+    write_array,
+)
 
 obstore = pytest.importorskip("obstore")
 from obstore.store import S3Store  # noqa: E402
@@ -356,17 +363,7 @@ def _read_path(store, path):
 
 def test_icechunk_snapshots_are_read_once_each_and_never_mixed(s3, s3_path, client):
     icechunk = pytest.importorskip("icechunk")
-    bucket, prefix = s3_path.split("/", 1)
-    storage = icechunk.s3_storage(
-        bucket=bucket,
-        prefix=prefix,
-        endpoint_url=s3.endpoint_url,
-        allow_http=True,
-        force_path_style=True,
-        region="us-east-1",
-        access_key_id="testing",
-        secret_access_key="testing",
-    )
+    storage = icechunk_s3_storage(s3, s3_path)
     repo = icechunk.Repository.create(storage)
     rng = np.random.default_rng(7)
     versions = [rng.random((32, 32)), rng.random((32, 32))]  # incompressible: not inlined
