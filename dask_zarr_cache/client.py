@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zarr.core.sync
 
 from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.protocol import pack
-from dask_zarr_cache.datasets import array_objects
+from dask_zarr_cache.datasets import named_objects
 from dask_zarr_cache.identity.keys import validate_key
 from dask_zarr_cache.identity.stores import SourceLocation
+from dask_zarr_cache.observe.coverage import CacheStatus, VariableStatus, cache_keys_of, status_of
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -88,58 +89,6 @@ def cached_keys(client: Client, keys: Sequence[str]) -> list[bool]:
 
 
 # -- status --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VariableStatus:
-    """How much of one array's stored objects (chunks or shards) the cluster caches."""
-
-    objects: int  #: stored objects at the source
-    bytes: int  #: their size at the source
-    cached_objects: int
-    cached_bytes: int
-
-    @property
-    def fraction(self) -> float:
-        """Cached share of the bytes (of the objects if all are empty); 1.0 for none."""
-        if self.bytes:
-            return self.cached_bytes / self.bytes
-        return self.cached_objects / self.objects if self.objects else 1.0
-
-
-@dataclass(frozen=True)
-class CacheStatus:
-    """What :func:`cached` found: per variable (array path), and in all."""
-
-    variables: dict[str, VariableStatus] = field(default_factory=dict)
-
-    @property
-    def total(self) -> VariableStatus:
-        """All variables together."""
-        parts = self.variables.values()
-        return VariableStatus(
-            sum(v.objects for v in parts),
-            sum(v.bytes for v in parts),
-            sum(v.cached_objects for v in parts),
-            sum(v.cached_bytes for v in parts),
-        )
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """Each variable's numbers and ``fraction``, and the total's under ``""``."""
-        rows = {**self.variables, "": self.total}
-        return {name: {**vars(v), "fraction": v.fraction} for name, v in rows.items()}
-
-    def __str__(self) -> str:
-        rows = [*self.variables.items(), ("total", self.total)]
-        width = max(len(name) for name, _ in rows)
-        lines = [f"{'variable':<{width}}  {'cached':>15}  {'MiB cached':>21}  {'%':>5}"]
-        for name, v in rows:
-            lines.append(
-                f"{name or '/':<{width}}  {v.cached_objects:>7}/{v.objects:<7}  "
-                f"{v.cached_bytes / 2**20:>10.1f}/{v.bytes / 2**20:<10.1f}  "
-                f"{100 * v.fraction:>5.1f}"
-            )
-        return "\n".join(lines)
-
-
 def cached(
     client: Client, store: ClusterCacheStore, variables: Sequence[str] | None = None
 ) -> CacheStatus:
@@ -163,20 +112,9 @@ def cached(
         If the plugin is not registered, or a named variable is not there.
 
     """
-    objects = array_objects(store, variables)
-    named = {
-        path: {k: (store.cache_key(k), n) for k, n in sizes.items()}
-        for path, sizes in objects.items()
-    }
-    ckeys = [c for keys in named.values() for c, _ in keys.values() if c is not None]
-    held = dict(zip(ckeys, cached_keys(client, ckeys), strict=True))
-    status = {}
-    for path, keys in named.items():
-        hits = [n for c, n in keys.values() if c is not None and held[c]]
-        status[path] = VariableStatus(
-            len(keys), sum(n for _, n in keys.values()), len(hits), sum(hits)
-        )
-    return CacheStatus(status)
+    objects = named_objects(store, variables)
+    keys = cache_keys_of(objects)
+    return status_of(objects, dict(zip(keys, cached_keys(client, keys), strict=True)))
 
 
 # -- evict ---------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from dask_zarr_cache.core.exceptions import ZarrCacheError
+from dask_zarr_cache.observe.coverage import NamedObjects
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from dask_zarr_cache.store import ClusterCacheStore
 
-__all__ = ["array_objects", "object_sizes", "select_arrays"]
+__all__ = ["array_objects", "named_objects", "object_sizes", "select_arrays"]
 
 
 def object_sizes(
@@ -51,6 +52,14 @@ def array_objects(
     return {
         a.path: {k: existing[k] for k in _array_keys(a, selection or {}) if k in existing}
         for a in arrays
+    }
+
+
+def named_objects(store: ClusterCacheStore, variables: Sequence[str] | None = None) -> NamedObjects:
+    """:func:`array_objects` with each object's cache key (``None``: not cached by name)."""
+    return {
+        path: {k: (store.cache_key(k), n) for k, n in sizes.items()}
+        for path, sizes in array_objects(store, variables).items()
     }
 
 

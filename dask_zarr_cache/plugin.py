@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.protocol.pickle import loads
 from tornado.ioloop import PeriodicCallback
 
 from dask_zarr_cache.core.config import CacheSettings, worker_directory
@@ -20,6 +21,8 @@ from dask_zarr_cache.core.names import (
     SCHEDULER_PLUGIN_NAME,
     WORKER_PLUGIN_NAME,
 )
+from dask_zarr_cache.core.protocol import DatasetObjects, pack
+from dask_zarr_cache.datasets import named_objects
 from dask_zarr_cache.index.host import INDEX_HOST_NAME, IndexHost
 from dask_zarr_cache.observe.prometheus import bind_prometheus
 from dask_zarr_cache.scheduler.locality import steer_reads
@@ -188,6 +191,7 @@ class WorkerCachePlugin(WorkerPlugin):
         worker.handlers.update(host.handlers)
         worker.extensions[EXTENSION_NAME] = cache
         worker.handlers.update(cache.handlers)
+        worker.handlers["zarr_cache_dataset_objects"] = self.zarr_cache_dataset_objects
         await cache.start()
         for name in cache.counters.as_dict():  # columns of the dashboard's Workers table
             worker.metrics[METRIC_PREFIX + name] = _counter_reader(cache, name)
@@ -196,6 +200,16 @@ class WorkerCachePlugin(WorkerPlugin):
         flusher = PeriodicCallback(cache.flush, interval * 1000)
         worker.periodic_callbacks["zarr-cache-flush"] = flusher
         flusher.start()
+
+    async def zarr_cache_dataset_objects(self, dataset: bytes) -> bytes:
+        """A dataset's name and stored objects (packed ``DatasetObjects``), for the scheduler.
+
+        ``dataset`` is a pickled :class:`~dask_zarr_cache.store.ClusterCacheStore`; its
+        metadata and one listing of its source are read here, off the event loop.
+        """
+        store = loads(dataset)
+        objects = await asyncio.to_thread(named_objects, store)
+        return pack(DatasetObjects(str(store), objects))
 
     async def teardown(self, worker: Worker) -> None:
         """Stop the cache; its files stay for the next setup on this directory."""

@@ -174,7 +174,7 @@ class ClusterCacheStore(WrapperStore[Store]):
         if cache is None:
             return await self._store.get(key, prototype, byte_range)
         if isinstance(self.location, SourceLocation):  # files of an earlier cluster: checked
-            await cache.settle(self.location.prefix(""), self._store)
+            await cache.settle(self.location.prefix(""), self._store, self)
 
         source_range = byte_range
         if (

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["WarmJob", "WarmReport", "warm"]
 
 #: Objects per task: small enough for a steady progress bar, large enough to be cheap.
+CANCEL_JOIN = 10.0  # seconds cancel() waits for the progress thread to end
 BATCH = 32
 
 
@@ -178,7 +179,10 @@ class WarmJob:
         except BaseException as err:
             self._error = err
         finally:
-            self._meter.close()
+            try:
+                self._meter.close()
+            except BaseException as err:  # the client closed under it (Ctrl-C)
+                self._error = self._error or err
 
     def done(self) -> bool:
         """Whether it has finished (or was cancelled and has stopped)."""
@@ -188,6 +192,9 @@ class WarmJob:
         """Stop starting new batches; those already running finish."""
         self.cancelled = True
         self.client.cancel(list(self._batches))
+        # The thread publishes "finished" through the client: let it, before a caller
+        # (the CLI on Ctrl-C) closes the client.
+        self._thread.join(CANCEL_JOIN)
 
     def result(self, timeout: float | None = None) -> WarmReport:
         """Wait for the warm-up to end and return what it did.

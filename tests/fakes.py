@@ -45,7 +45,7 @@ class FakeScheduler:
     async def zarr_cache_index(self) -> list[dict[str, str]]:
         return [{"address": shard_address(s), "key": f"index-{s}"} for s in range(self.shards)]
 
-    async def zarr_cache_prove(self, prefix: str, store: bytes) -> dict[str, int]:
+    async def zarr_cache_prove(self, prefix: str, store: bytes, dataset: bytes) -> dict[str, int]:
         """Nobody holds files of an earlier cluster here (see the worker's own handler)."""
         return {"current": 0, "stale": 0}
 

@@ -134,3 +134,26 @@ def test_a_store_declared_immutable_is_kept_without_a_listing(s3, s3_path, tmp_p
         stats = cluster_stats(client)["total"]
     assert not chunk_gets(s3, s3_path)
     assert stats["adopted"] == stats["adopt_refused"] == 0  # kept as they were: no check
+
+
+def test_a_worker_joining_after_the_check_gets_its_files_checked(s3, s3_path, tmp_path):
+    data = np.random.default_rng(26).random((5 * CHUNK, 4 * CHUNK))  # 20 chunks
+    write_array(s3, s3_path, data, chunks=(CHUNK, CHUNK), compressors=None)
+    time.sleep(MARGIN + 0.5)
+    directory = tmp_path / "caches"
+    with cache_cluster(directory=directory, timings=TIMINGS) as (_cluster, client):
+        np.testing.assert_array_equal(read_all(cached(s3, s3_path), client), data)
+        wait_for(lambda: cluster_stats(client)["index"]["entries"] >= 20)
+
+    with cache_cluster(1, directory=directory, timings=TIMINGS) as (cluster, client):
+        store = cached(s3, s3_path)
+        # One worker reads one chunk: the dataset's files are checked, on that worker.
+        first = zarr.open_array(store, mode="r")
+        one = client.submit(lambda: first[0:CHUNK, 0:CHUNK], pure=False).result()
+        np.testing.assert_array_equal(one, data[0:CHUNK, 0:CHUNK])
+        cluster.scale(3)  # the other two come back on their directories, after the check
+        client.wait_for_workers(3)
+        wait_for(lambda: cluster_stats(client)["total"]["adopted"] >= 19)
+        s3.reset_counts()
+        np.testing.assert_array_equal(read_all(store, client), data)
+    assert not chunk_gets(s3, s3_path)  # every file, wherever it was, served again

@@ -198,6 +198,8 @@ class CacheSettings:
       index and, for files not yet checked, to the source).
     - ``prove_timeout``: the scheduler waits this long for the workers' checks of a
       dataset's files of an earlier cluster (readers wait at most ``read_timeout``).
+    - ``coverage_interval``: the dashboard's datasets table lists each dataset's objects
+      (a listing of its source, by a worker) at most this often, and only while viewed.
 
     Derived from ``write_lease`` (properties): :attr:`write_push_timeout`,
     :attr:`write_index_timeout` and :attr:`write_wait`.
@@ -226,6 +228,7 @@ class CacheSettings:
     prove_wait: float = 1.0
     loop_wait: float = HOP_START_WAIT
     revalidate_grace: float = 5.0
+    coverage_interval: float = 10.0
 
     @property
     def write_push_timeout(self) -> float:

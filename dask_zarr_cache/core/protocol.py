@@ -16,6 +16,7 @@ __all__ = [
     "PEER",
     "PENDING",
     "CommitReply",
+    "DatasetObjects",
     "Decision",
     "EvictReply",
     "Item",
@@ -47,6 +48,16 @@ class Item(NamedTuple):
     key: str
     size: int
     tag: int
+
+
+class DatasetObjects(NamedTuple):
+    """A worker's reply to ``zarr_cache_dataset_objects``: a dataset's stored objects.
+
+    ``objects`` maps each array path to ``{key: (cache key or None, size at the source)}``.
+    """
+
+    name: str
+    objects: dict[str, dict[str, tuple[str | None, int]]]
 
 
 class Decision(NamedTuple):

@@ -2,24 +2,32 @@
 
 - :func:`zarr_cache_doc` is the Bokeh page served at ``/individual-zarr-cache``.
 - :class:`StatsHandler` serves the latest sample as JSON at ``/zarr-cache/stats.json``.
+- :class:`DatasetsHandler` serves each dataset's status (what ``cached()`` reports) as
+  JSON at ``/zarr-cache/datasets.json``.
 
-Both read the scheduler's :class:`~dask_zarr_cache.observe.history.CacheHistory`.
+They read the scheduler's :class:`~dask_zarr_cache.observe.history.CacheHistory` and
+:class:`~dask_zarr_cache.observe.coverage.DatasetCoverage`.
 """
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 from typing import TYPE_CHECKING, Any
 
 from dask_zarr_cache.core.names import WARM_METADATA
+from dask_zarr_cache.observe.coverage import coverage_of
 from dask_zarr_cache.observe.history import history_of, hit_ratio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from distributed import Scheduler
 
 __all__ = [
     "PAGE_ROUTE",
+    "DatasetsHandler",
     "StatsHandler",
     "add_http_routes",
     "register_dashboard_page",
@@ -32,26 +40,38 @@ PAGE_ROUTE = "/individual-zarr-cache"
 
 
 # -- JSON -------------------------------------------------------------------------------
-def _json_handler_class() -> type:
+def _json_handler_class(read: Callable[[Scheduler], Any | None]) -> type:
+    """A route answering ``read(scheduler)`` as JSON (404 without the plugin: ``None``)."""
     from tornado.web import RequestHandler
 
-    class _StatsHandler(RequestHandler):
+    class _JSONHandler(RequestHandler):
         def initialize(self, server: Scheduler) -> None:
             self.server = server
 
         def get(self) -> None:
-            history = history_of(self.server)
+            found = read(self.server)
             self.set_header("Content-Type", "application/json")
-            if history is None:
+            if found is None:
                 self.set_status(404)
                 self.write(json.dumps({"error": "ZarrCachePlugin is not registered"}))
                 return
-            self.write(json.dumps(history.latest()))
+            self.write(json.dumps(found))
 
-    return _StatsHandler
+    return _JSONHandler
 
 
-StatsHandler = _json_handler_class()
+def _latest_sample(scheduler: Scheduler) -> dict[str, Any] | None:
+    history = history_of(scheduler)
+    return None if history is None else history.latest()
+
+
+def _dataset_statuses(scheduler: Scheduler) -> dict[str, Any] | None:
+    coverage = coverage_of(scheduler)
+    return None if coverage is None else coverage.latest()
+
+
+StatsHandler = _json_handler_class(_latest_sample)
+DatasetsHandler = _json_handler_class(_dataset_statuses)
 
 
 def add_http_routes(scheduler: Scheduler) -> None:
@@ -71,7 +91,10 @@ def add_http_routes(scheduler: Scheduler) -> None:
     prefix = _dashboard_prefix(scheduler)
     http.add_application(
         web.Application(
-            [(rf"{prefix}/zarr-cache/stats\.json", StatsHandler, {"server": scheduler})]
+            [
+                (rf"{prefix}/zarr-cache/stats\.json", StatsHandler, {"server": scheduler}),
+                (rf"{prefix}/zarr-cache/datasets\.json", DatasetsHandler, {"server": scheduler}),
+            ]
         )
     )
     if _page_already_served(scheduler):
@@ -125,6 +148,30 @@ def _warm_line(scheduler: Scheduler) -> str:
     )
 
 
+def _datasets_table(scheduler: Scheduler) -> str:
+    """A table of each dataset read (or warmed) on the cluster: how much of it is cached."""
+    statuses = _dataset_statuses(scheduler)
+    if not statuses:
+        return ""
+    rows = []
+    for name, variables in statuses.items():
+        total = variables[""]  # the dataset's line first, then each array's (a group)
+        parts = [(html.escape(name), "all", total, " style='font-weight:bold'")]
+        parts += [("", html.escape(path), v, "") for path, v in variables.items() if path]
+        for dataset, label, v, style in parts:
+            rows.append(
+                f"<tr{style}><td>{dataset}</td><td>{label}</td>"
+                f"<td>{v['cached_objects']:,} / {v['objects']:,}</td>"
+                f"<td>{v['cached_bytes'] / 2**20:,.1f} / {v['bytes'] / 2**20:,.1f}</td>"
+                f"<td>{v['fraction']:.1%}</td></tr>"
+            )
+    return (
+        "<table id='zarr-cache-datasets' style='border-collapse:collapse' cellpadding='3'>"
+        "<tr><th>dataset</th><th>variable</th><th>objects cached</th><th>MiB cached</th>"
+        f"<th>cached</th></tr>{''.join(rows)}</table>"
+    )
+
+
 # -- the Bokeh page ---------------------------------------------------------------------
 def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> None:
     """Build the "Zarr Cache" dashboard page for one browser session."""
@@ -139,6 +186,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
     ratio_source = ColumnDataSource({"time": [], "ratio": []})
     fill_source = ColumnDataSource({"worker": [], "bytes": [], "capacity": []})
     summary = Div(text="", sizing_mode="stretch_width")
+    datasets = Div(text="", sizing_mode="stretch_width")
 
     ratio = figure(
         title="Cluster hit ratio (reads not sent to the source, per second)",
@@ -253,6 +301,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             f"&middot; evictions {total['evictions']:,} &middot; expired {total['expired']:,}"
             f"</p>{_warm_line(scheduler)}"
         )
+        datasets.text = _datasets_table(scheduler)
 
     update()
     doc.title = "Dask: Zarr Cache"
@@ -261,6 +310,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             summary,
             row(ratio, churn, sizing_mode="stretch_width"),
             row(origin, fill, sizing_mode="stretch_width"),
+            datasets,
             sizing_mode="stretch_width",
         )
     )

@@ -11,8 +11,9 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
   bytes.
 - ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
   a write that changed nothing at the source; returns what the workers dropped.
-- ``zarr_cache_prove(prefix, store)`` -> ``{"current", "stale"}``: every worker checks
-  its files of an earlier cluster below a dataset's key prefix against the source (once).
+- ``zarr_cache_prove(prefix, store, dataset)`` -> ``{"current", "stale"}``: every worker
+  checks its files of an earlier cluster below a dataset's key prefix against the source
+  (once); the dataset joins the dashboard's datasets table.
 - ``zarr_cache_cluster_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
 
@@ -33,10 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
 
+from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.names import EXTENSION_NAME, WORKER_PLUGIN_NAME
-from dask_zarr_cache.core.protocol import ProveReply, SyncReply, pack, unpack
+from dask_zarr_cache.core.protocol import DatasetObjects, ProveReply, SyncReply, pack, unpack
 from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.index.placement import IndexShards
+from dask_zarr_cache.observe.coverage import DatasetCoverage
 from dask_zarr_cache.observe.dashboard import add_http_routes
 from dask_zarr_cache.observe.history import CacheHistory
 from dask_zarr_cache.observe.prometheus import bind_prometheus
@@ -44,7 +47,7 @@ from dask_zarr_cache.worker.counters import total_of
 from dask_zarr_cache.writes.log import InvalidationLog
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from distributed import Scheduler
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -81,6 +84,10 @@ class ZarrCacheScheduler:
         self._background: set[asyncio.Task[Any]] = set()
         #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster.
         self._proofs: dict[str, asyncio.Task[dict[str, int]]] = {}
+        self._proved: dict[str, bytes] = {}  # their source stores: for workers joining later
+        self.coverage = DatasetCoverage(
+            self._describe, self._cached_flags, settings.coverage_interval
+        )
         scheduler.handlers.update(self.handlers)
         self.history = CacheHistory(scheduler)
         self.history.start()
@@ -136,6 +143,8 @@ class ZarrCacheScheduler:
             await self._acked(worker, applied)
             if new:  # a worker that can host index shards
                 self.shards.ensure()
+                for prefix, store in self._proved.items():  # and may hold files of them
+                    self._spawn(self._prove(prefix, store, to=[worker]))
         return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
     async def zarr_cache_write(
@@ -221,21 +230,28 @@ class ZarrCacheScheduler:
             )
         return entry.seq, applied, unreached
 
-    async def zarr_cache_prove(self, prefix: str, store: bytes) -> dict[str, int]:
+    async def zarr_cache_prove(self, prefix: str, store: bytes, dataset: bytes) -> dict[str, int]:
         """Have every worker check its files of an earlier cluster below ``prefix``.
 
-        ``store`` is the dataset's source store (pickled; passed on, never opened here).
-        The first call for a prefix runs the check; later ones wait for it.  Returns the
-        files shown ``current`` (served again) and ``stale`` (deleted) in all.
+        ``store`` is the dataset's source store and ``dataset`` the ``ClusterCacheStore``
+        read (pickled; passed on, never opened here).  The first call for a prefix runs the
+        check; later ones wait for it.  Returns the files shown ``current`` (served again)
+        and ``stale`` (deleted) in all.  The dataset joins the dashboard's table.
         """
+        self.coverage.add(prefix, dataset)
         proof = self._proofs.get(prefix)
         if proof is None:
+            self._proved[prefix] = store
             proof = self._proofs[prefix] = asyncio.ensure_future(self._prove(prefix, store))
         return await asyncio.shield(proof)
 
-    async def _prove(self, prefix: str, store: bytes) -> dict[str, int]:
+    async def _prove(
+        self, prefix: str, store: bytes, to: Collection[str] | None = None
+    ) -> dict[str, int]:
+        """The check on every worker, or those in ``to`` (joined after it ran)."""
         replies = await self.broadcast(
             "zarr_cache_apply_prove",
+            to=to,
             timeout=self.settings.prove_timeout,
             prefix=prefix,
             store=store,
@@ -304,21 +320,33 @@ class ZarrCacheScheduler:
     async def close(self) -> None:
         """Stop background work and close the internal client."""
         self.history.stop()
+        await self.coverage.close()
         for task in self._background:
             task.cancel()
         await self.shards.close()
 
     # -- cluster-wide operations ---------------------------------------------------------
     async def broadcast(
-        self, op: str, *, skip: str | None = None, timeout: float | None = None, **kwargs: Any
+        self,
+        op: str,
+        *,
+        skip: str | None = None,
+        to: Collection[str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
         """Call worker handler ``op`` on every worker with a cache; replies by address.
 
         Only workers that caught up with the write history at least once (so have the
-        handlers) are asked, all but ``skip``, each for at most ``timeout`` seconds (default:
-        the write lease).  Unreachable workers are left out.
+        handlers) are asked, all but ``skip`` (only those in ``to``, if given), each for at
+        most ``timeout`` seconds (default: the write lease).  Unreachable workers are left
+        out.
         """
-        targets = [w for w in self.workers if w in self.scheduler.workers and w != skip]
+        targets = [
+            w
+            for w in self.workers
+            if w in self.scheduler.workers and w != skip and (to is None or w in to)
+        ]
         timeout = self.settings.write_lease if timeout is None else timeout
 
         async def one(worker: str) -> Any:
@@ -333,17 +361,34 @@ class ZarrCacheScheduler:
         replies = await asyncio.gather(*(one(w) for w in targets))
         return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
 
+    async def _describe(self, dataset: bytes) -> DatasetObjects:
+        """A dataset's name and objects, listed by the first worker that answers."""
+        errors = []
+        for worker in [w for w in self.workers if w in self.scheduler.workers]:
+            try:
+                reply = await asyncio.wait_for(
+                    self.scheduler.rpc(worker).zarr_cache_dataset_objects(dataset=dataset),
+                    self.settings.prove_timeout,
+                )
+            except (OSError, TimeoutError) as err:
+                errors.append(err)
+                continue
+            return DatasetObjects(*unpack(reply))
+        raise ZarrCacheError(f"no worker listed the dataset: {errors!r}")
+
+    async def _cached_flags(self, keys: list[str]) -> list[bool]:
+        try:
+            return await self.index.cached(keys)
+        except IndexUnavailableError:
+            return [False] * len(keys)
+
     async def zarr_cache_cached(self, keys: str) -> str:
         """Whether each cache key has a ready copy on some worker: ``"0"``/``"1"`` each.
 
         ``keys`` is a JSON list, and the reply a string: bytes between a client and the
         scheduler arrive still serialized.  All ``"0"`` without an index.
         """
-        key_list = json.loads(keys)
-        try:
-            cached = await self.index.cached(key_list)
-        except IndexUnavailableError:
-            cached = [False] * len(key_list)
+        cached = await self._cached_flags(json.loads(keys))
         return "".join("1" if c else "0" for c in cached)
 
     async def zarr_cache_cluster_stats(self) -> dict[str, Any]:

@@ -425,33 +425,38 @@ class WorkerCache:
                     await self._register(self.index, shard)
         return pack(ProveReply(len(current), len(stale)))
 
-    async def settle(self, prefix: str, source: Any) -> None:
+    async def settle(self, prefix: str, source: Any, dataset: Any) -> None:
         """Before this worker's first read below ``prefix``: have the cluster check its files.
 
         Files of an earlier cluster below the dataset's key prefix ``prefix`` are checked
         against ``source`` on every worker (``zarr_cache_prove``), once per cluster, so
         the first read finds them wherever they are.  Waits at most ``prove_wait``; the
-        check goes on without this reader.
+        check goes on without this reader.  The scheduler also learns of ``dataset`` (the
+        ``ClusterCacheStore`` read) for the dashboard's datasets table.
         """
         self._sources.setdefault(prefix, source)
         if prefix in self._settled:
             return
         with contextlib.suppress(*UNAVAILABLE):
             await asyncio.wait_for(
-                self.worker_loop.call(self._settle(prefix, source)), self.settings.prove_wait
+                self.worker_loop.call(self._settle(prefix, source, dataset)),
+                self.settings.prove_wait,
             )
 
-    async def _settle(self, prefix: str, source: Any) -> None:
+    async def _settle(self, prefix: str, source: Any, dataset: Any) -> None:
         """One check per prefix (worker loop); callers that give up leave it running."""
         check = self._settling.get(prefix)
         if check is None:
-            check = self._settling[prefix] = asyncio.ensure_future(self._prove(prefix, source))
+            check = asyncio.ensure_future(self._prove(prefix, source, dataset))
+            self._settling[prefix] = check
         await asyncio.shield(check)
 
-    async def _prove(self, prefix: str, source: Any) -> None:
+    async def _prove(self, prefix: str, source: Any, dataset: Any) -> None:
         try:
             await asyncio.wait_for(
-                self.scheduler.zarr_cache_prove(prefix=prefix, store=dumps(source)),
+                self.scheduler.zarr_cache_prove(
+                    prefix=prefix, store=dumps(source), dataset=dumps(dataset)
+                ),
                 self.settings.prove_timeout,
             )
         except UNAVAILABLE as err:

@@ -15,6 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from dask_zarr_cache import cached as cached_status
 from dask_zarr_cache import cluster_stats
 from dask_zarr_cache.observe.history import cost_saving
 from tests.conftest import cache_cluster, cached, read_all, write_array
@@ -189,3 +190,40 @@ def test_real_browser_renders_the_page_with_data(busy_cluster, tmp_path):
     assert all(n > 50 for n in colours.values()), colours
     if target := os.environ.get("DASK_ZARR_CACHE_SCREENSHOT"):
         shutil.copy(shot, target)
+
+
+def test_the_datasets_table_shows_what_cached_reports(busy_cluster, s3):
+    _, client = busy_cluster
+    base = dashboard_base(client)
+    store = cached(s3, "test/dashboard.zarr")
+
+    def served():
+        return json.loads(fetch(base + "/zarr-cache/datasets.json"))
+
+    # Listed by a worker, looked up in the index; the first request starts it.
+    wait_for(lambda: served(), timeout=30, interval=0.5)
+    expected = cached_status(client, store).as_dict()
+    wait_for(lambda: served() == {str(store): expected}, timeout=30, interval=0.5)
+    total = expected[""]
+    # The caches are a bit too small for the dataset: part of it is on the disks.
+    on_disk = set().union(*client.run(_chunk_files).values())
+    assert total["objects"] == 64 and total["cached_objects"] == len(on_disk) < 64
+
+    browser = _chrome()
+    try:
+        browser.get(base + "/individual-zarr-cache")
+        wait_for(
+            lambda: "objects cached" in browser.find_element("tag name", "body").text,
+            timeout=30,
+            interval=0.5,
+        )
+        table = browser.find_element("tag name", "body").text  # Bokeh's Divs: shadow DOM
+    finally:
+        browser.quit()
+    assert str(store) in table
+    assert f"{total['cached_objects']} / 64" in table and f"{total['fraction']:.1%}" in table
+
+
+def _chunk_files(dask_worker) -> set[str]:
+    files = dask_worker.extensions["zarr_cache"].disk.scan()
+    return {f.key for f in files if not f.key.endswith("zarr.json")}

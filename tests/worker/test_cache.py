@@ -322,7 +322,7 @@ async def test_revalidation_keeps_unchanged_objects_and_drops_changed_ones(
     net, clock, tmp_path, monkeypatch
 ):
     a = await net.worker(A, tmp_path / "a", clock, revalidate_after=10.0)
-    await a.settle(DATASET, "the source store")  # a task read the dataset here
+    await a.settle(DATASET, "the source store", "the dataset")  # a task read the dataset here
     read_at = clock()
     for key in ("c/0", "c/1"):
         await a.get(DATASET + key, Source(b"v1"))
