@@ -82,9 +82,9 @@ class ZarrCacheScheduler:
         self.index = self.shards.client
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
-        #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster.
-        self._proofs: dict[str, asyncio.Task[dict[str, int]]] = {}
-        self._proved: dict[str, bytes] = {}  # their source stores: for workers joining later
+        #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster,
+        #: with the source store (a worker that joins later is checked against it too).
+        self._proofs: dict[str, tuple[bytes, asyncio.Task[dict[str, int]]]] = {}
         self.coverage = DatasetCoverage(
             self._describe, self._cached_flags, settings.coverage_interval
         )
@@ -143,7 +143,7 @@ class ZarrCacheScheduler:
             await self._acked(worker, applied)
             if new:  # a worker that can host index shards
                 self.shards.ensure()
-                for prefix, store in self._proved.items():  # and may hold files of them
+                for prefix, (store, _) in self._proofs.items():  # and may hold their files
                     self._spawn(self._prove(prefix, store, to=[worker]))
         return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
@@ -239,11 +239,9 @@ class ZarrCacheScheduler:
         and ``stale`` (deleted) in all.  The dataset joins the dashboard's table.
         """
         self.coverage.add(prefix, dataset)
-        proof = self._proofs.get(prefix)
-        if proof is None:
-            self._proved[prefix] = store
-            proof = self._proofs[prefix] = asyncio.ensure_future(self._prove(prefix, store))
-        return await asyncio.shield(proof)
+        if prefix not in self._proofs:
+            self._proofs[prefix] = (store, asyncio.ensure_future(self._prove(prefix, store)))
+        return await asyncio.shield(self._proofs[prefix][1])
 
     async def _prove(
         self, prefix: str, store: bytes, to: Collection[str] | None = None
@@ -342,39 +340,33 @@ class ZarrCacheScheduler:
         most ``timeout`` seconds (default: the write lease).  Unreachable workers are left
         out.
         """
-        targets = [
-            w
-            for w in self.workers
-            if w in self.scheduler.workers and w != skip and (to is None or w in to)
-        ]
+        targets = [w for w in self._reachable() if w != skip and (to is None or w in to)]
         timeout = self.settings.write_lease if timeout is None else timeout
-
-        async def one(worker: str) -> Any:
-            try:
-                return await asyncio.wait_for(
-                    getattr(self.scheduler.rpc(worker), op)(**kwargs), timeout
-                )
-            except (OSError, TimeoutError) as err:
-                logger.info("zarr cache %s did not reach %s: %s", op, worker, err)
-                return _UNREACHED
-
-        replies = await asyncio.gather(*(one(w) for w in targets))
+        replies = await asyncio.gather(*(self._ask(w, op, timeout, **kwargs) for w in targets))
         return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
+
+    def _reachable(self) -> list[str]:
+        """Workers with a cache (caught up at least once) the scheduler still knows."""
+        return [w for w in self.workers if w in self.scheduler.workers]
+
+    async def _ask(self, worker: str, op: str, timeout: float, **kwargs: Any) -> Any:
+        """Worker handler ``op``'s reply, or ``_UNREACHED`` (logged) within ``timeout``."""
+        try:
+            call = getattr(self.scheduler.rpc(worker), op)
+            return await asyncio.wait_for(call(**kwargs), timeout)
+        except (OSError, TimeoutError) as err:
+            logger.info("zarr cache %s did not reach %s: %s", op, worker, err)
+            return _UNREACHED
 
     async def _describe(self, dataset: bytes) -> DatasetObjects:
         """A dataset's name and objects, listed by the first worker that answers."""
-        errors = []
-        for worker in [w for w in self.workers if w in self.scheduler.workers]:
-            try:
-                reply = await asyncio.wait_for(
-                    self.scheduler.rpc(worker).zarr_cache_dataset_objects(dataset=dataset),
-                    self.settings.prove_timeout,
-                )
-            except (OSError, TimeoutError) as err:
-                errors.append(err)
-                continue
-            return DatasetObjects(*unpack(reply))
-        raise ZarrCacheError(f"no worker listed the dataset: {errors!r}")
+        for worker in self._reachable():
+            reply = await self._ask(
+                worker, "zarr_cache_dataset_objects", self.settings.prove_timeout, dataset=dataset
+            )
+            if reply is not _UNREACHED:
+                return DatasetObjects(*unpack(reply))
+        raise ZarrCacheError("no worker answered for a listing of the dataset")
 
     async def _cached_flags(self, keys: list[str]) -> list[bool]:
         try:
