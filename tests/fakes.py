@@ -49,7 +49,9 @@ class FakeScheduler:
         """Nobody holds files of an earlier cluster here (see the worker's own handler)."""
         return {"current": 0, "stale": 0}
 
-    async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
+    async def zarr_cache_sync(
+        self, worker: str, epoch: bytes | None, seq: int, found_files: bool = False
+    ) -> bytes:
         if not self.reachable:
             raise OSError("scheduler unreachable")
         invalidations, _applied = self.log.catch_up(epoch, seq)

@@ -99,9 +99,11 @@ def test_benchmark_s3_endpoint_adds_the_configured_latency_at_8_readers(tmp_path
         service = s3.service_times()
     added = loaded - unloaded
     print(f"no latency {unloaded:.2f} ms, 20 ms latency {loaded:.2f} ms, {service}")
-    # At least the configured latency (it is applied, once); what a busy 2-core machine
-    # adds on top is the benchmark's to report (it prints the endpoint's own excess).
-    assert 18.0 <= added <= 30.0, (unloaded, loaded)
+    # Every GET waits the configured latency, and only once (twice would add 40 ms).
+    # ``added`` may fall short of 20 ms: 8 readers queue on 2 processes without latency,
+    # and with it their queueing hides inside the sleeps. What a busy 2-core machine adds
+    # on top is the benchmark's to report (it prints the endpoint's own excess).
+    assert loaded >= 20.0 and added <= 30.0, (unloaded, loaded)
     # The benchmark itself warns when the excess tops 10% (its numbers are then inflated);
     # here, on a 2-core machine busy with the test run, a quarter of the latency at most.
     assert service.n > 500 and service.mean_ms < 0.25 * service.latency_ms, service

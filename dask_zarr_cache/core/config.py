@@ -195,7 +195,8 @@ class CacheSettings:
       the read goes to the source.
     - ``prove_wait``: the first read of a dataset on a worker waits this long for the
       check of earlier clusters' files (the check goes on after; reads meanwhile go to the
-      index and, for files not yet checked, to the source).
+      index and, for files not yet checked, to the source).  Only workers that found
+      files at start are asked: on empty disks the wait is one scheduler round trip.
     - ``prove_timeout``: the scheduler waits this long for the workers' checks of a
       dataset's files of an earlier cluster (readers wait at most ``read_timeout``).
     - ``coverage_interval``: the dashboard's datasets table lists each dataset's objects
@@ -225,7 +226,7 @@ class CacheSettings:
     index_wait: float = 30.0
     clock_margin: float = 60.0
     prove_timeout: float = 60.0
-    prove_wait: float = 1.0
+    prove_wait: float = 10.0
     loop_wait: float = HOP_START_WAIT
     revalidate_grace: float = 5.0
     coverage_interval: float = 10.0

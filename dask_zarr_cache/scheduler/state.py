@@ -3,16 +3,17 @@
 Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 
 - ``zarr_cache_index()`` -> per index shard, ``{"address", "key"}`` of its host or ``None``.
-- ``zarr_cache_sync(worker, epoch, seq)`` -> packed
+- ``zarr_cache_sync(worker, epoch, seq, found_files)`` -> packed
   :class:`~dask_zarr_cache.core.protocol.SyncReply`: the writes a worker has not applied
-  yet; renews its lease.
+  yet; renews its lease.  ``found_files``: the worker found files on its disk at start
+  that no check has seen yet.
 - ``zarr_cache_write(keys, prefixes, origin)`` -> ``{"seq", "unreached"}``: record a
   write, drop it from the index and every worker, return once no worker can serve the old
   bytes.
 - ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
   a write that changed nothing at the source; returns what the workers dropped.
 - ``zarr_cache_prove(prefix, store, dataset)`` -> ``{"current", "stale"}``: every worker
-  checks its files of an earlier cluster below a dataset's key prefix against the source
+  that found files at start checks those below a dataset's key prefix against the source
   (once); the dataset joins the dashboard's datasets table.
 - ``zarr_cache_cluster_stats()`` -> ``{"total", "workers", "index"}``.
 - ``zarr_cache_cached(keys)`` (JSON list) -> ``"0"``/``"1"`` per key: cached somewhere?
@@ -85,6 +86,8 @@ class ZarrCacheScheduler:
         #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster,
         #: with the source store (a worker that joins later is checked against it too).
         self._proofs: dict[str, tuple[bytes, asyncio.Task[dict[str, int]]]] = {}
+        #: Workers that found files on their disk at start: the only ones a check asks.
+        self._found_files: set[str] = set()
         self.coverage = DatasetCoverage(
             self._describe, self._cached_flags, settings.coverage_interval
         )
@@ -132,10 +135,14 @@ class ZarrCacheScheduler:
                 await self.index.configure(settings.max_age_seconds, settings.policy)
 
     # -- the write history -----------------------------------------------------------------
-    async def zarr_cache_sync(self, worker: str, epoch: bytes | None, seq: int) -> bytes:
+    async def zarr_cache_sync(
+        self, worker: str, epoch: bytes | None, seq: int, found_files: bool = False
+    ) -> bytes:
         """A worker catches up: the writes after ``seq`` (of ``epoch``), and renews its lease.
 
         ``seq`` is also what the worker has applied: it counts as its acknowledgement.
+        ``found_files`` (its first sync): it holds files from before it started, which the
+        checks of datasets (:meth:`zarr_cache_prove`) must reach.
         """
         invalidations, applied = self.log.catch_up(epoch, seq)
         if worker in self.scheduler.workers:
@@ -143,7 +150,9 @@ class ZarrCacheScheduler:
             await self._acked(worker, applied)
             if new:  # a worker that can host index shards
                 self.shards.ensure()
-                for prefix, (store, _) in self._proofs.items():  # and may hold their files
+            if new and found_files:  # and may hold files of datasets checked already
+                self._found_files.add(worker)
+                for prefix, (store, _) in self._proofs.items():
                     self._spawn(self._prove(prefix, store, to=[worker]))
         return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
 
@@ -246,10 +255,14 @@ class ZarrCacheScheduler:
     async def _prove(
         self, prefix: str, store: bytes, to: Collection[str] | None = None
     ) -> dict[str, int]:
-        """The check on every worker, or those in ``to`` (joined after it ran)."""
+        """The check on every worker that found files at start, or those in ``to``.
+
+        A cluster started on empty disks asks nobody: a dataset's first read then waits
+        for no worker (a frozen one included).
+        """
         replies = await self.broadcast(
             "zarr_cache_apply_prove",
-            to=to,
+            to=self._found_files if to is None else to,
             timeout=self.settings.prove_timeout,
             prefix=prefix,
             store=store,
@@ -302,6 +315,7 @@ class ZarrCacheScheduler:
         except the departed worker's.
         """
         self.workers.pop(worker, None)
+        self._found_files.discard(worker)
         self._spawn(self.broadcast("zarr_cache_worker_left", address=worker))
         if len(self.shards.lost(worker)) < len(self.shards.locations):
             self._spawn(self._remove_from_index(worker))

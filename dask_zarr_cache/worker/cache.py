@@ -339,9 +339,13 @@ class WorkerCache:
         The first call also decides which files found on disk at start may be served.
         """
         epoch, seq = self.state.sync_position()
+        with self.state.lock:
+            found_files = bool(self.state.unverified)
         sent_at = self.clock()
         raw = await asyncio.wait_for(
-            self.scheduler.zarr_cache_sync(worker=self.address, epoch=epoch, seq=seq),
+            self.scheduler.zarr_cache_sync(
+                worker=self.address, epoch=epoch, seq=seq, found_files=found_files
+            ),
             self.timeout,
         )
         if raw is None:  # a scheduler without the plugin
