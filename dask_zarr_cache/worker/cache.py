@@ -418,10 +418,11 @@ class WorkerCache:
         entries = self.state.unproven(prefix)
         if not entries:
             return pack(ProveReply(0, 0))
+        at = self.clock()  # the listing vouches for them from here (``revalidate_after``)
         current, stale = await check_against_source(
             entries, prefix, loads(store), self.settings.clock_margin
         )
-        await self._delete(self.state.checked(current, stale, proven=True))
+        await self._delete(self.state.checked(current, stale, proven=True, checked_at=at))
         self.state.count(adopted=len(current), adopt_refused=len(stale))
         if current:
             with contextlib.suppress(*UNAVAILABLE):

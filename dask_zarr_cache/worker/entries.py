@@ -83,6 +83,9 @@ class Entries(Mapping[str, LocalEntry]):
         # Entries a TTL applies to (not a snapshot's), in creation order: the TTL sweep
         # walks it from the front.
         self._mortal: dict[str, None] = {}
+        # Servable entries a revalidation applies to, in the order the source last vouched
+        # for them (read, then each check re-adds): :meth:`due` walks it from the front.
+        self._vouched: dict[str, None] = {}
         self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
         self._dropped: dict[str, Item] = {}  # removed since the last report to the index
 
@@ -103,9 +106,12 @@ class Entries(Mapping[str, LocalEntry]):
         if old is not None:
             self.counters.bytes -= old.size
         self._by_key[key] = entry
+        self._vouched.pop(key, None)
         if not is_immutable(key):
             self._mortal.pop(key, None)
             self._mortal[key] = None
+            if entry.proven:
+                self._vouched[key] = None
         base = base_key(key)
         if base != key:
             self._ranges.setdefault(base, set()).add(key)
@@ -123,6 +129,7 @@ class Entries(Mapping[str, LocalEntry]):
                 continue
             removed.append(key)
             self._mortal.pop(key, None)
+            self._vouched.pop(key, None)
             self._unlink_range(key)
             self.budget.remove(key)
             self.counters.bytes -= entry.size
@@ -153,11 +160,13 @@ class Entries(Mapping[str, LocalEntry]):
         if check is None:
             return {}
         now = self.clock()
-        return {
-            k: e
-            for k, e in self._by_key.items()
-            if e.proven and not is_immutable(k) and now - e.vouched_at() >= check
-        }
+        due = {}
+        for key in self._vouched:  # oldest vouched for first: stop at the first not due
+            entry = self._by_key[key]
+            if now - entry.vouched_at() < check:
+                break
+            due[key] = entry
+        return due
 
     def expired(self) -> list[str]:
         """The keys past their TTL (oldest first)."""

@@ -1,0 +1,51 @@
+"""A worker's entries: which are due for a check against their source, in vouched order."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dask_zarr_cache.worker.budget import Budget
+from dask_zarr_cache.worker.counters import CacheCounters
+from dask_zarr_cache.worker.entries import Entries, LocalEntry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entries(clock: Clock) -> Entries:
+    return Entries(None, clock, Budget(1 << 40), CacheCounters(), revalidate_after=10.0)
+
+
+def test_due_are_the_entries_vouched_for_longest_ago_and_a_check_moves_one_back():
+    clock = Clock()
+    found = entries(clock)
+    for i in range(5):
+        clock.now = float(i)
+        found.add(f"ns\x00k{i}", LocalEntry(1, 0, clock.now))
+    found.add("ns\x00waiting", LocalEntry(1, 0, 0.0, proven=False))  # not served: no check
+    clock.now = 12.0
+    assert list(found.due()) == ["ns\x00k0", "ns\x00k1", "ns\x00k2"]
+    found.add("ns\x00k0", replace(found["ns\x00k0"], checked_at=12.0))  # checked now
+    assert list(found.due()) == ["ns\x00k1", "ns\x00k2"]
+    found.remove(["ns\x00k1"])
+    clock.now = 22.0
+    assert list(found.due()) == ["ns\x00k2", "ns\x00k3", "ns\x00k4", "ns\x00k0"]
+
+
+def test_finding_the_due_entries_looks_at_them_and_one_more(monkeypatch):
+    clock = Clock()
+    found = entries(clock)
+    for i in range(10_000):
+        clock.now = i / 1000
+        found.add(f"ns\x00k{i}", LocalEntry(1, 0, clock.now))
+    clock.now = 10.0035  # k0..k3 are 10 s old or more
+    looked = []
+    vouched_at = LocalEntry.vouched_at
+    monkeypatch.setattr(LocalEntry, "vouched_at", lambda e: looked.append(e) or vouched_at(e))
+    assert len(found.due()) == 4
+    assert len(looked) == 5  # not the 10,000 on every flush
