@@ -258,6 +258,27 @@ class IndexClient:
             to_delete += [part[i].key for i in unpack(reply)]
         return to_delete
 
+    async def add(self, files: Iterable[Item]) -> list[str]:
+        """Tell the shards of ``files`` that this worker holds them too; returns keys to delete.
+
+        Unlike :meth:`register`, the worker's other entries stay: for files a check of the
+        source made servable.  Each shard gets parts of at most :data:`REGISTER_BATCH`.
+        """
+        groups = group_by_shard(files, await self.shard_count(), itemgetter(0))
+
+        async def send(shard: int, group: list[Item]) -> list[str]:
+            to_delete: list[str] = []
+            for i in range(0, len(group), REGISTER_BATCH):
+                part = group[i : i + REGISTER_BATCH]
+                reply = await self._call(
+                    shard, "zarr_cache_index_add", worker=self.worker, files=_rows(part)
+                )
+                to_delete += [part[j].key for j in unpack(reply)]
+            return to_delete
+
+        replies = await self._fan_out({s: send(s, g) for s, g in groups.items()})
+        return [key for keys in replies.values() for key in keys]
+
     async def invalidate(self, keys: Iterable[str]) -> int:
         """Forget written keys (see ``CacheIndex.invalidate``); returns entries dropped."""
         groups = group_by_shard(keys, await self.shard_count(), str)

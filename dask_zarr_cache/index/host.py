@@ -50,6 +50,7 @@ class IndexHost:
             "zarr_cache_index_drop": self.zarr_cache_index_drop,
             "zarr_cache_index_configure": self.zarr_cache_index_configure,
             "zarr_cache_index_register": self.zarr_cache_index_register,
+            "zarr_cache_index_add": self.zarr_cache_index_add,
             "zarr_cache_index_remove_worker": self.zarr_cache_index_remove_worker,
             "zarr_cache_index_exchange": self.zarr_cache_index_exchange,
             "zarr_cache_index_abandon": self.zarr_cache_index_abandon,
@@ -92,6 +93,10 @@ class IndexHost:
     ) -> bytes:
         """See :meth:`CacheIndex.register`."""
         return pack(self._shard(shard).register(worker, unpack(files), first, last))
+
+    async def zarr_cache_index_add(self, shard: str, worker: str, files: bytes) -> bytes:
+        """See :meth:`CacheIndex.add`."""
+        return pack(self._shard(shard).add(worker, unpack(files)))
 
     async def zarr_cache_index_remove_worker(self, shard: str, worker: str) -> int:
         """See :meth:`CacheIndex.remove_worker`."""

@@ -132,10 +132,30 @@ class CacheIndex:
         if first or state.seen is None:
             state.seen = set()
         seen = state.seen
+        to_delete = self.add(worker, files)
+        if last:
+            mine = self._table.slots_where(self._table.owners == state.id)
+            gone = mine[~np.isin(self._table.digests[mine], np.fromiter(seen, np.uint64))]
+            if gone.size:
+                doomed = np.zeros(self._table.size, bool)
+                doomed[gone] = True
+                self._table.drop(doomed)
+                state.entries -= gone.size
+            state.seen = None
+        return to_delete
+
+    def add(self, worker: str, files: Sequence[tuple[int, int]]) -> list[int]:
+        """Record more files ``(digest, tag)`` on ``worker``'s disk; forget none of the others.
+
+        For files that became servable (a check of the source proved them current).
+        Returns the positions in ``files`` the worker must delete, as :meth:`register`.
+        """
+        state = self._worker(worker)
         to_delete = []
         now = self._clock()
         for position, (digest, tag) in enumerate(files):
-            seen.add(digest)
+            if state.seen is not None:  # not forgotten at the last part of a registration
+                state.seen.add(digest)
             slot = self._live_slot(digest, now)
             if slot >= 0 and self._table.row(slot)[0] == state.id:
                 self._table.set_tag(slot, tag)
@@ -148,15 +168,6 @@ class CacheIndex:
                 to_delete.append(position)
                 continue
             self._insert(digest, state, tag, now)
-        if last:
-            mine = self._table.slots_where(self._table.owners == state.id)
-            gone = mine[~np.isin(self._table.digests[mine], np.fromiter(seen, np.uint64))]
-            if gone.size:
-                doomed = np.zeros(self._table.size, bool)
-                doomed[gone] = True
-                self._table.drop(doomed)
-                state.entries -= gone.size
-            state.seen = None
         return to_delete
 
     def remove_worker(self, worker: str) -> int:

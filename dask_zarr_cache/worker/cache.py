@@ -424,10 +424,10 @@ class WorkerCache:
         )
         await self._delete(self.state.checked(current, stale, proven=True, checked_at=at))
         self.state.count(adopted=len(current), adopt_refused=len(stale))
-        if current:
+        if current:  # the index learns of these (and only these) files now
+            proved = [entry.item(key) for key, entry in current.items()]
             with contextlib.suppress(*UNAVAILABLE):
-                for shard in range(await self.index.shard_count()):
-                    await self._register(self.index, shard)
+                await self._delete(self.state.remove(await self.index.add(proved)))
         return pack(ProveReply(len(current), len(stale)))
 
     async def settle(self, prefix: str, source: Any, dataset: Any) -> None:

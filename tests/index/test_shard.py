@@ -138,6 +138,22 @@ def test_register_takes_over_its_own_pending_fetch():
     assert index.owner(d("k")[0]) == "A" and index.pending_count == 0
 
 
+def test_add_records_more_files_and_forgets_none():
+    index = CacheIndex()
+    fill(index, "B", ["a", "b"])
+    fill(index, "A", ["dup"])
+    index.acquire("C", d("busy"))
+    files = [(x, 1) for x in d("dup", "proved", "busy")]
+    assert index.add("B", files) == [0, 2]  # held or being fetched elsewhere
+    assert index.cached(d("a", "b", "proved")) == [True] * 3
+    assert index.owner(d("proved")[0]) == "B" and index.workers()["B"]["entries"] == 3
+    # Added while a registration in parts runs: the last part does not forget it.
+    assert index.register("B", [(d("a")[0], 0)], first=True, last=False) == []
+    assert index.add("B", [(d("late")[0], 0)]) == []
+    assert index.register("B", [(d("b")[0], 0)], first=False, last=True) == []
+    assert index.cached(d("a", "b", "late", "proved")) == [True, True, True, False]
+
+
 def test_remove_worker_drops_its_entries_and_claims():
     index = CacheIndex()
     fill(index, "A", ["k0", "k1"])
