@@ -44,6 +44,7 @@ def test_benchmark_workloads_run_and_report(tmp_path):
         assert float(row.rstrip(" |").rsplit("|", 1)[1]) <= 1.0, row
 
 
+@pytest.mark.slow  # the benchmark tool's own run (.ci/run's slow part)
 def test_next_cluster_benchmark_reports_both_passes(capsys):
     argv = ["--workers", "2", "--side", "512", "--chunk", "128", "--latency-ms", "5"]
     assert next_cluster.main(argv) == 0
@@ -84,6 +85,7 @@ def _mean_get_ms(endpoint: str, paths: list[str], readers: int, seconds: float) 
     return 1000 * sum(times) / len(times)
 
 
+@pytest.mark.slow  # the benchmark tool's own run (.ci/run's slow part)
 def test_benchmark_s3_endpoint_adds_the_configured_latency_at_8_readers(tmp_path):
     """What the endpoint adds over its own no-latency time is the configured 20 ms, once."""
     (tmp_path / "bkt" / "o").mkdir(parents=True)
@@ -135,6 +137,7 @@ def test_benchmark_s3_endpoint_speaks_s3_over_a_read_only_snapshot(tmp_path):
         assert s3.object_gets == {} and s3.service_times().n == 0
 
 
+@pytest.mark.slow  # the benchmark tool's own run (.ci/run's slow part)
 def test_index_load_generator_measures_decisions_latency_and_cpu():
     with index_load.index_cluster(1) as client:
         for trace, kind in (("cold", "fetch"), ("warm", "peer"), ("skewed", "peer")):
