@@ -132,7 +132,7 @@ class CacheIndex:
         if first or state.seen is None:
             state.seen = set()
         seen = state.seen
-        to_delete = self.add(worker, files)
+        to_delete = self._add(state, files, own_fetch_landed=True)
         if last:
             mine = self._table.slots_where(self._table.owners == state.id)
             gone = mine[~np.isin(self._table.digests[mine], np.fromiter(seen, np.uint64))]
@@ -149,8 +149,20 @@ class CacheIndex:
 
         For files that became servable (a check of the source proved them current).
         Returns the positions in ``files`` the worker must delete, as :meth:`register`.
+        A file whose key ``worker`` itself is fetching again is left out: that fetch's
+        copy replaces it and commits (taking the claim over here would have the commit
+        refused, and the index would list a copy the worker no longer has).
         """
-        state = self._worker(worker)
+        return self._add(self._worker(worker), files, own_fetch_landed=False)
+
+    def _add(
+        self, state: _Worker, files: Sequence[tuple[int, int]], own_fetch_landed: bool
+    ) -> list[int]:
+        """Insert ``files`` of ``state``'s worker; the positions it must delete.
+
+        ``own_fetch_landed``: a pending claim of the worker itself is a fetch whose file
+        is among ``files`` (a registration after a restart), so the file takes it over.
+        """
         to_delete = []
         now = self._clock()
         for position, (digest, tag) in enumerate(files):
@@ -161,7 +173,9 @@ class CacheIndex:
                 self._table.set_tag(slot, tag)
                 continue
             pending = self._pending.get(digest)
-            if pending is not None and pending[0] == worker:  # its own fetch: now on disk
+            if pending is not None and pending[0] == state.address:
+                if not own_fetch_landed:
+                    continue
                 del self._pending[digest]
                 pending = None
             if slot >= 0 or pending is not None:

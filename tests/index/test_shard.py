@@ -154,6 +154,15 @@ def test_add_records_more_files_and_forgets_none():
     assert index.cached(d("a", "b", "late", "proved")) == [True, True, True, False]
 
 
+def test_add_leaves_a_key_the_worker_fetches_again_to_that_fetch():
+    index = CacheIndex()
+    index.acquire("B", d("k"))  # B fetches k again while its old file of k is proved
+    assert index.add("B", [(d("k")[0], 1)]) == []  # neither listed nor deleted
+    assert index.owner(d("k")[0]) is None and index.pending_count == 1
+    assert index.commit("B", [(d("k")[0], 2)]) == []  # the new copy commits
+    assert index.owner(d("k")[0]) == "B"
+
+
 def test_remove_worker_drops_its_entries_and_claims():
     index = CacheIndex()
     fill(index, "A", ["k0", "k1"])
