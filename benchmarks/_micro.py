@@ -10,7 +10,7 @@ import tracemalloc
 from distributed import Client
 
 from dask_zarr_cache import ZarrCachePlugin
-from dask_zarr_cache.core.protocol import pack
+from dask_zarr_cache.core.protocol import NOBODY, pack
 from dask_zarr_cache.index.digests import key_digest
 from dask_zarr_cache.index.host import IndexHost
 from dask_zarr_cache.index.shard import CacheIndex
@@ -41,14 +41,14 @@ def index_throughput(n: int) -> dict[str, float]:
         for i in range(0, n, BATCH):
             digests = pack(digests_all[i : i + BATCH])
             loop.run_until_complete(
-                host.zarr_cache_index_exchange("s", "tcp://w:1", digests, "", pack([]))
+                host.zarr_cache_index_exchange("s", "tcp://w:1", digests, list(NOBODY), pack([]))
             )
         acquire = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(0, n, BATCH):
             rows = pack([(d, 1) for d in digests_all[i : i + BATCH]])
             loop.run_until_complete(
-                host.zarr_cache_index_exchange("s", "tcp://w:1", pack([]), "", rows)
+                host.zarr_cache_index_exchange("s", "tcp://w:1", pack([]), list(NOBODY), rows)
             )
         commit = time.perf_counter() - start
         start = time.perf_counter()

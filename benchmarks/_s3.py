@@ -9,9 +9,10 @@ readers, which inflates every S3-bound number. Here:
   real PUT requests) in a process of its own, which then forks ``processes`` servers
   that all accept on one listening socket on 127.0.0.1;
 - each server is aiohttp (HTTP parsed in C, the latency an ``asyncio.sleep``, no thread
-  per connection) in front of moto: HEAD, LIST and ranged GETs go to moto as they come,
-  and a plain GET of an object is answered with moto's own response to it, taken once
-  at load: the snapshot is read-only, so that response never changes;
+  per connection) in front of moto: HEAD and LIST go to moto as they come, and a GET of
+  an object, plain or of one byte range, is answered from moto's own response to the
+  plain GET, taken once at load (the snapshot is read-only, so it never changes): a
+  one-GET read that asks for ``bytes=0-`` costs what a plain GET costs;
 - each server records, per object GET, the seconds it spent beyond the latency (request
   in to last byte out), so the benchmark prints what the endpoint itself adds.
 
@@ -75,6 +76,26 @@ def _load(app: Any, root: Path) -> dict[str, Reply]:
     return replies
 
 
+def _ranged(whole: Reply, header: str) -> Reply | None:
+    """The reply to a GET of ``bytes=START-[END]`` of an object whose whole GET is ``whole``.
+
+    What S3 answers (206, ``Content-Range``), cut from the snapshot as a plain GET is;
+    ``None`` for anything else (several ranges, suffixes, unsatisfiable: moto answers).
+    """
+    status, headers, body = whole
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.partition("-")
+    if status != 200 or unit.strip() != "bytes" or not dash or not first.isdigit():
+        return None
+    start, end = int(first), (int(last) if last.isdigit() else len(body) - 1)
+    if start >= len(body) or end < start:
+        return None
+    part = body[start : min(end, len(body) - 1) + 1]
+    kept = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-range")]
+    content_range = f"bytes {start}-{start + len(part) - 1}/{len(body)}"
+    return 206, [*kept, ("Content-Range", content_range)], part
+
+
 class _Endpoint:
     """One server process's request handler and its counts."""
 
@@ -95,8 +116,9 @@ class _Endpoint:
             return web.Response(status=405, text="read-only benchmark snapshot")
         if latency:
             await asyncio.sleep(latency)
-        plain = is_object_get and "Range" not in request.headers
-        known = self.replies.get(path) if plain else None
+        known = self.replies.get(path) if is_object_get else None
+        if known is not None and "Range" in request.headers:
+            known = _ranged(known, request.headers["Range"])
         status, headers, body = known or _moto(
             self.app,
             request.method,

@@ -56,6 +56,12 @@ class ZarrCachePlugin(SchedulerPlugin):
         per directory and worker) and kept if unchanged, instead of expiring: changes made
         behind the cache's back show up within about this long, and the rest stays
         cached.  ``None`` (default): never checked.
+    cache_writes : bool, optional
+        Whether an object a task writes through ``ClusterCacheStore`` is kept on that
+        task's worker (at the write's place in the write history), so reading it back
+        makes no GET; default from dask config ``zarr-cache.cache-writes`` (``True``).
+        Under the ``tinylfu`` policy a written object enters a full cache only in place
+        of one read less often, so a large write does not push out what is being read.
     directory : str, optional
         Parent directory of the worker caches (each worker uses a subdirectory derived from
         its name); default ``<worker.local_directory>/zarr-cache``.
@@ -75,9 +81,10 @@ class ZarrCachePlugin(SchedulerPlugin):
         max_age_seconds: float | None = None,
         directory: str | os.PathLike[str] | None = None,
         revalidate_after: float | None = None,
+        cache_writes: bool | None = None,
     ) -> None:
         self.settings = CacheSettings.from_arguments(
-            max_size, max_age_seconds, directory, revalidate_after
+            max_size, max_age_seconds, directory, revalidate_after, cache_writes
         )
         self._scheduler_state: ZarrCacheScheduler | None = None
 

@@ -12,7 +12,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from dask_zarr_cache.core.exceptions import CacheConfigError, InvalidationError
-from dask_zarr_cache.core.lookup import worker_cache
+from dask_zarr_cache.core.lookup import cache_of, worker_cache
 from dask_zarr_cache.identity.keys import validate_namespace
 from dask_zarr_cache.identity.stores import SourceLocation, declared_immutable, source_identity
 from dask_zarr_cache.writes.announce import announce_write
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from zarr.abc.buffer import Buffer
     from zarr.abc.store import ByteRequest
     from zarr.core.buffer import BufferPrototype
+
+    from dask_zarr_cache.core.protocol import WriteReply
 
 __all__ = ["ClusterCacheStore"]
 
@@ -280,7 +282,7 @@ class ClusterCacheStore(WrapperStore[Store]):
     # -- writes: source first, then invalidate cluster-wide --------------------------------------
     async def set(self, key: str, value: Buffer) -> None:
         """Write ``key`` to the source, then drop every cached copy of it."""
-        await self._write([key], [], self._store.set(key, value))
+        await self._write([key], [], self._store.set(key, value), {key: value})
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``key`` to the source unless it exists; drop cached copies."""
@@ -288,7 +290,7 @@ class ClusterCacheStore(WrapperStore[Store]):
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         values = list(values)
-        await self._write([k for k, _ in values], [], self._store._set_many(values))
+        await self._write([k for k, _ in values], [], self._store._set_many(values), dict(values))
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` from the source, then drop cached copies of it."""
@@ -304,8 +306,17 @@ class ClusterCacheStore(WrapperStore[Store]):
         """Clear the source and drop its objects from the cache."""
         await self._write([], [""], self._store.clear())
 
-    async def _write(self, keys: list[str], prefixes: list[str], write: Any) -> None:
+    async def _write(
+        self,
+        keys: list[str],
+        prefixes: list[str],
+        write: Any,
+        values: dict[str, Buffer] | None = None,
+    ) -> None:
         """Run the source ``write`` (a coroutine), then invalidate cluster-wide.
+
+        ``values``: the bytes written, by key (``set``); with ``cache_writes`` the worker
+        this runs on keeps them, at the write's place in the history.
 
         Raises
         ------
@@ -320,13 +331,36 @@ class ClusterCacheStore(WrapperStore[Store]):
         except BaseException:
             write.close()
             raise
+        keeper = worker_cache() if values and ckeys else None
+        if keeper is not None and not keeper.settings.cache_writes:
+            keeper = None
+        # Where this worker stood before the bytes reached the source (see keep_written).
+        since = keeper.state.position() if keeper is not None else None
         await write
         if not ckeys and not cprefixes:
             return  # nothing of this source can be cached
         try:
-            await announce_write(ckeys, cprefixes)
+            announced = await announce_write(ckeys, cprefixes)
         except Exception as err:
             raise InvalidationError(_INVALIDATION_FAILED.format(err=err)) from err
+        if keeper is not None and values and since is not None:  # cache_writes, in a task
+            for worker, reply in announced:
+                if worker is not None and cache_of(worker) is keeper:
+                    self._keep_written(keeper, values, set(ckeys), reply, since)
+
+    def _keep_written(
+        self,
+        cache: Any,
+        values: dict[str, Buffer],
+        replaced: set[str],
+        reply: WriteReply,
+        since: tuple[bytes | None, int],
+    ) -> None:
+        """Hand the written bytes to this worker's cache (``cache_writes``), to keep beside."""
+        for key, value in values.items():
+            ckey = self.cache_key(key)
+            if ckey is not None and ckey in replaced:  # the very object the write replaced
+                cache.keep_written(ckey, value.to_bytes(), reply, since)
 
 
 _INVALIDATION_FAILED = (

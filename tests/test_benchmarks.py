@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import threading
@@ -13,7 +14,7 @@ import s3fs
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from benchmarks import _micro, _s3, index_load, next_cluster, run
+from benchmarks import _micro, _s3, index_load, next_cluster, run, write_load, writes
 
 
 def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
@@ -57,6 +58,27 @@ def test_index_micro_benchmark_measures_throughput_and_memory():
     ops = _micro.index_throughput(5000)
     assert min(ops.values()) > 0
     assert 0 < _micro.index_memory_per_key(50_000) < 120  # issue #12's budget per key
+
+
+def test_benchmark_s3_endpoint_serves_a_one_range_get_as_it_serves_a_plain_one(tmp_path):
+    # The cache's one-GET read asks for ``bytes=0-``: it must cost what a plain GET does.
+    body = bytes(range(256)) * 1024  # 256 KiB, a benchmark chunk
+    (tmp_path / "bkt").mkdir()
+    (tmp_path / "bkt" / "obj").write_bytes(body)
+    with _s3.ParallelS3Server(tmp_path, processes=1) as s3:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options)
+        for _ in range(30):
+            assert fs.cat_file("bkt/obj") == body
+        plain = s3.service_times()
+        s3.reset_counts()
+        for _ in range(30):
+            assert fs.cat_file("bkt/obj", start=0) == body
+            assert fs.cat_file("bkt/obj", start=5, end=70) == body[5:70]
+        ranged = s3.service_times()
+        assert fs.cat_file("bkt/obj", start=len(body) - 3) == body[-3:]
+    assert plain.n == 30 and ranged.n == 60
+    # Through moto a ranged GET took 2.0 ms more than a plain one (0.26 ms) from the snapshot.
+    assert ranged.mean_ms < 2 * plain.mean_ms + 0.5, (plain, ranged)
 
 
 def _mean_get_ms(endpoint: str, paths: list[str], readers: int, seconds: float) -> float:
@@ -166,3 +188,20 @@ def test_losing_a_shard_is_measured_back_to_read_once():
     assert result["new shard located after s"] is not None
     assert result["last duplicate after s"] < 16, result  # back to read-once in the run
     assert result["duplicates before the kill"] == 0, result
+
+
+def test_write_load_shows_a_writes_cost_at_the_scheduler_does_not_grow_with_workers():
+    batched = [asyncio.run(write_load.run(n, 0.3, 0.001, alone=False)) for n in (4, 50)]
+    alone = asyncio.run(write_load.run(50, 0.3, 0.001, alone=True))
+    assert all(r["writes"] > 0 for r in (*batched, alone))
+    assert alone["messages/write"] == 50  # one push per worker and write
+    # Each batch carries every worker's write in flight: one push per worker per batch.
+    assert max(r["messages/write"] for r in batched) <= 1.5
+
+
+@pytest.mark.slow  # the benchmark tool's own run (.ci/run's slow part)
+def test_write_benchmark_reports_ratios_and_read_back_gets(capsys):
+    writes.main(["--workers", "2", "--chunks", "16", "--passes", "1", "--latency-ms", "0"])
+    out = capsys.readouterr().out
+    assert out.count("| s3 | 2 |") == 3 and out.count("| local | 2 |") == 2
+    assert "| s3 | 2 | read back after to_zarr: chunk GETs, cache_writes on / off | 0 | 16 |" in out

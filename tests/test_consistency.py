@@ -159,6 +159,25 @@ def test_read_your_writes_cluster_wide(s3, s3_path, client, origin, tmp_path):
     np.testing.assert_array_equal(read_all(store, client), V2)
 
 
+async def _writes_kept(dask_worker):
+    await dask_worker.extensions["zarr_cache"].idle()  # copies of written chunks are kept beside
+
+
+@pytest.mark.parametrize("cache_writes", [True, False])
+def test_reading_back_what_tasks_wrote_gets_nothing_when_writes_are_kept(s3, s3_path, cache_writes):
+    write_array(s3, s3_path, np.zeros_like(V1), chunks=(16, 16))
+    store = ClusterCacheStore(s3_store(s3, s3_path))
+    with cache_cluster(2, cache_writes=cache_writes) as (_, client):
+        target = zarr.open_array(store, mode="r+")
+        da.from_array(V2, chunks=(16, 16)).to_zarr(target, compute=False).compute()
+        client.run(_writes_kept)
+        before = sum(chunk_gets(s3, s3_path).values())
+        np.testing.assert_array_equal(read_all(store, client), V2)
+        every_worker_sees(client, store, V2)
+        gets = sum(chunk_gets(s3, s3_path).values()) - before
+    assert gets == (0 if cache_writes else 16)  # 16 chunks: each read once, or not at all
+
+
 async def _sync_api_read(store):
     return zarr.open_array(store, mode="r")[...].sum()
 

@@ -31,6 +31,9 @@ dask.config.update_defaults(
             # listing per directory) instead of thrown away; None: never.
             "revalidate-after": None,
             "directory": None,
+            # Whether a chunk written through the cache from a worker is kept on that
+            # worker, so the next read of it makes no GET.
+            "cache-writes": True,
             # How often a worker catches up with the scheduler's write history (renewing
             # its lease), expires old files and reports dropped copies to the index.
             "flush-interval": "1s",
@@ -172,6 +175,9 @@ class CacheSettings:
     revalidate_after : float or None
         Seconds after which a cached object is checked against its source, in bulk (dask
         config ``zarr-cache.revalidate-after``); ``None``: never.
+    cache_writes : bool
+        Whether an object a task writes through the cache is kept on its worker (dask
+        config ``zarr-cache.cache-writes``).
 
     Notes
     -----
@@ -179,7 +185,12 @@ class CacheSettings:
     are not dask config (tests and benchmarks set them):
 
     - ``disk_retry``: writing to the cache disk stays paused this long after a write failed.
-    - ``peer_backoff``: a peer that failed is not asked again for this long.
+    - ``peer_backoff``: a peer that failed is in back-off this long (its first answer ends
+      it): hints do not name it, and a read sent to it asks it for ``peer_probe_timeout``
+      at most.
+    - ``peer_probe_timeout``: how long a read waits for a peer in back-off.  A healthy one
+      answers in time (and its answer ends the back-off); a frozen one costs each read
+      this much, not the whole ``read_timeout``.
     - ``known_check_interval``: between flushes that ask every index shard whether it
       knows this worker (one that forgot it then gets its files again).
     - ``report_wait``: a flush waits this long for its report to the index (it goes on).
@@ -218,8 +229,10 @@ class CacheSettings:
     file_mode: int = 0o600
     trusted_parent: bool = False
     revalidate_after: float | None = None
+    cache_writes: bool = True
     disk_retry: float = 5.0
     peer_backoff: float = 30.0
+    peer_probe_timeout: float = 0.5
     known_check_interval: float = 10.0
     report_wait: float = 1.0
     pending_timeout: float = 60.0
@@ -261,6 +274,7 @@ class CacheSettings:
         max_age_seconds: float | int | str | None = None,
         directory: str | os.PathLike[str] | None = None,
         revalidate_after: float | int | str | None = None,
+        cache_writes: bool | None = None,
     ) -> CacheSettings:
         """Validate user arguments; ``None`` falls back to dask config ``zarr-cache.*``.
 
@@ -295,6 +309,10 @@ class CacheSettings:
                 f"zarr-cache.read-timeout must be positive, got {read_timeout!r}"
             )
         file_mode = _parse_file_mode(dask.config.get("zarr-cache.file-mode"))
+        if cache_writes is None:
+            cache_writes = _parse_flag("cache-writes")
+        elif not isinstance(cache_writes, bool):
+            raise CacheConfigError(f"cache_writes must be True or False, got {cache_writes!r}")
         return cls(
             max_size=_parse_max_size(max_size),
             max_age_seconds=_parse_seconds(max_age_seconds, "max_age_seconds"),
@@ -307,6 +325,7 @@ class CacheSettings:
             read_timeout=float(read_timeout),
             file_mode=file_mode,
             trusted_parent=_parse_flag("trusted-parent"),
+            cache_writes=cache_writes,
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "FETCH",
+    "NOBODY",
     "PEER",
     "PENDING",
     "CommitReply",
@@ -23,6 +24,8 @@ __all__ = [
     "Payload",
     "ProveReply",
     "SyncReply",
+    "Unreachable",
+    "WriteReply",
     "pack",
     "unpack",
 ]
@@ -64,12 +67,21 @@ class Decision(NamedTuple):
     """How a worker gets one key it missed: ``kind`` is FETCH, PEER or PENDING.
 
     ``address`` is the peer to ask (the asker itself for FETCH); ``reads``, for FETCH,
-    how often the cluster asked for the key lately (for the fetcher's admission policy).
+    how often the cluster asked for the key lately (for the fetcher's admission policy);
+    ``claim``, for PENDING, which claim of that peer the asker was sent to (a peer that
+    then says "missing" had that claim go stale, unless it renewed it since).
     """
 
     kind: str
     address: str
     reads: int = 0
+    claim: int = 0
+
+
+#: A peer that failed to serve a key, and the claim it was asked for (0: its copy).
+Unreachable = tuple[str, int]
+#: No peer failed.
+NOBODY: Unreachable = ("", 0)
 
 
 class CommitReply(NamedTuple):
@@ -103,6 +115,20 @@ class SyncReply(NamedTuple):
     epoch: bytes
     seq: int
     invalidations: list[tuple[int, list[str], list[str]]] | None
+
+
+class WriteReply(NamedTuple):
+    """A write (or a batch of writes) is applied: no worker serves the bytes it replaced.
+
+    ``epoch`` and ``seq`` are its place in the scheduler's history; ``unreached`` the
+    workers that did not confirm it (their leases ran out); ``contested`` the keys more
+    than one write of its batch wrote (which of them reached the source last is unknown).
+    """
+
+    epoch: bytes
+    seq: int
+    unreached: list[str]
+    contested: frozenset[str]
 
 
 def pack(value: Any) -> bytes:

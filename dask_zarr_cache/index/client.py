@@ -21,7 +21,16 @@ from dask.utils import parse_timedelta
 
 from dask_zarr_cache.core.departures import Departures
 from dask_zarr_cache.core.exceptions import ZarrCacheError
-from dask_zarr_cache.core.protocol import FETCH, CommitReply, Decision, Item, pack, unpack
+from dask_zarr_cache.core.protocol import (
+    FETCH,
+    NOBODY,
+    CommitReply,
+    Decision,
+    Item,
+    Unreachable,
+    pack,
+    unpack,
+)
 from dask_zarr_cache.index.coalescing import Coalescer
 from dask_zarr_cache.index.digests import group_by_shard, key_digest, shard_of
 
@@ -118,7 +127,9 @@ class IndexClient:
             self._locations[shard] = None
 
     # -- operations on keys: split by shard ----------------------------------------------
-    async def acquire(self, keys: Iterable[str], unreachable: str = "") -> list[Decision]:
+    async def acquire(
+        self, keys: Iterable[str], unreachable: Unreachable = NOBODY
+    ) -> list[Decision]:
         """Decide how this worker gets each of ``keys`` (see ``CacheIndex.acquire``)."""
 
         async def ask(shard: int, part: list[str]) -> list[Decision]:
@@ -130,11 +141,11 @@ class IndexClient:
         """Record objects this worker now holds (see ``CacheIndex.commit``)."""
         groups = group_by_shard(items, await self.shard_count(), itemgetter(0))
         replies = await self._fan_out(
-            {s: self._exchange(s, [], "", part) for s, part in groups.items()}
+            {s: self._exchange(s, [], NOBODY, part) for s, part in groups.items()}
         )
         return CommitReply([key for _, rejected in replies.values() for key in rejected])
 
-    async def acquire_one(self, key: str, unreachable: str = "") -> Decision:
+    async def acquire_one(self, key: str, unreachable: Unreachable = NOBODY) -> Decision:
         """Decide for one key; concurrent calls share one message per shard.
 
         Keys asked in one loop iteration go together (zarr reads the chunks of a selection
@@ -147,11 +158,11 @@ class IndexClient:
 
     async def commit_one(self, item: Item) -> CommitReply:
         """Commit one object, in the next message to its shard (see :meth:`acquire_one`)."""
-        slot = (shard_of(item.key, await self.shard_count()), "")
+        slot = (shard_of(item.key, await self.shard_count()), NOBODY)
         return await self._exchanging.submit(slot, (_COMMIT, item))
 
     async def _exchange(
-        self, shard: int, keys: list[str], unreachable: str, items: list[Item]
+        self, shard: int, keys: list[str], unreachable: Unreachable, items: list[Item]
     ) -> tuple[list[Decision], list[str]]:
         """One message to ``shard``: commit ``items``, then decide for ``keys``.
 
@@ -164,7 +175,7 @@ class IndexClient:
             "zarr_cache_index_exchange",
             worker=self.worker,
             digests=_digests(keys),
-            unreachable=unreachable,
+            unreachable=list(unreachable),
             commits=_rows(items),
         )
         decisions, rejected = unpack(reply)
@@ -243,20 +254,7 @@ class IndexClient:
         at most :data:`REGISTER_BATCH`, one after the other.
         """
         mine = [f for f in files if shard_of(f.key, self.shards) == shard]
-        parts = [mine[i : i + REGISTER_BATCH] for i in range(0, len(mine), REGISTER_BATCH)]
-        to_delete: list[str] = []
-        for n, part in enumerate(parts or [[]]):
-            last = n == max(len(parts), 1) - 1
-            reply = await self._call(
-                shard,
-                "zarr_cache_index_register",
-                worker=self.worker,
-                files=_rows(part),
-                first=n == 0,
-                last=last,
-            )
-            to_delete += [part[i].key for i in unpack(reply)]
-        return to_delete
+        return await self._send_in_parts(shard, "zarr_cache_index_register", mine, marked=True)
 
     async def add(self, files: Iterable[Item]) -> list[str]:
         """Tell the shards of ``files`` that this worker holds them too; returns keys to delete.
@@ -265,19 +263,29 @@ class IndexClient:
         source made servable.  Each shard gets parts of at most :data:`REGISTER_BATCH`.
         """
         groups = group_by_shard(files, await self.shard_count(), itemgetter(0))
-
-        async def send(shard: int, group: list[Item]) -> list[str]:
-            to_delete: list[str] = []
-            for i in range(0, len(group), REGISTER_BATCH):
-                part = group[i : i + REGISTER_BATCH]
-                reply = await self._call(
-                    shard, "zarr_cache_index_add", worker=self.worker, files=_rows(part)
-                )
-                to_delete += [part[j].key for j in unpack(reply)]
-            return to_delete
-
-        replies = await self._fan_out({s: send(s, g) for s, g in groups.items()})
+        replies = await self._fan_out(
+            {s: self._send_in_parts(s, "zarr_cache_index_add", g) for s, g in groups.items()}
+        )
         return [key for keys in replies.values() for key in keys]
+
+    async def _send_in_parts(
+        self, shard: int, op: str, files: list[Item], marked: bool = False
+    ) -> list[str]:
+        """Send ``files`` to ``shard``'s ``op`` in parts of :data:`REGISTER_BATCH`, in turn.
+
+        ``marked``: each part says whether it is the ``first`` and the ``last`` (a
+        registration replaces the worker's entries; at least one part is sent).  Returns
+        the keys the shard's replies (positions in a part) say to delete.
+        """
+        parts = [files[i : i + REGISTER_BATCH] for i in range(0, len(files), REGISTER_BATCH)]
+        if marked:
+            parts = parts or [[]]
+        to_delete: list[str] = []
+        for n, part in enumerate(parts):
+            marks = {"first": n == 0, "last": n == len(parts) - 1} if marked else {}
+            reply = await self._call(shard, op, worker=self.worker, files=_rows(part), **marks)
+            to_delete += [part[i].key for i in unpack(reply)]
+        return to_delete
 
     async def invalidate(self, keys: Iterable[str]) -> int:
         """Forget written keys (see ``CacheIndex.invalidate``); returns entries dropped."""

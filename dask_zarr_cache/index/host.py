@@ -103,7 +103,7 @@ class IndexHost:
         return self._shard(shard).remove_worker(worker)
 
     async def zarr_cache_index_exchange(
-        self, shard: str, worker: str, digests: bytes, unreachable: str, commits: bytes
+        self, shard: str, worker: str, digests: bytes, unreachable: list[Any], commits: bytes
     ) -> bytes:
         """:meth:`CacheIndex.commit` the ``commits``, then :meth:`CacheIndex.acquire`.
 

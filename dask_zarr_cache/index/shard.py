@@ -13,14 +13,15 @@ and hands the count to the worker it asks to fetch, for that decision.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dask_zarr_cache.core.exceptions import ZarrCacheError
-from dask_zarr_cache.core.protocol import FETCH, PEER, PENDING, Decision
+from dask_zarr_cache.core.protocol import FETCH, NOBODY, PEER, PENDING, Decision
 from dask_zarr_cache.index.admission import Admission
 from dask_zarr_cache.index.digests import IMMUTABLE_BIT
 from dask_zarr_cache.index.table import DigestTable
@@ -72,7 +73,9 @@ class CacheIndex:
         self._clock = clock
         self._epoch = clock()  # rows store float32 seconds since then
         self._table = DigestTable()
-        self._pending: dict[int, tuple[str, float]] = {}
+        #: Pending fetches by digest: the fetcher, since when, and the claim's number.
+        self._pending: dict[int, tuple[str, float, int]] = {}
+        self._claims = itertools.count(1)
         self._workers: dict[str, _Worker] = {}
         self._by_id: dict[int, _Worker] = {}
         self._reads = Admission(policy)
@@ -186,7 +189,7 @@ class CacheIndex:
 
     def remove_worker(self, worker: str) -> int:
         """Forget ``worker`` and every entry it owned or was fetching; return entries dropped."""
-        for digest, (fetcher, _since) in list(self._pending.items()):
+        for digest, (fetcher, _since, _claim) in list(self._pending.items()):
             if fetcher == worker:
                 del self._pending[digest]
         state = self._workers.pop(worker, None)
@@ -196,7 +199,9 @@ class CacheIndex:
         return self._table.drop(self._table.owners == state.id)
 
     # -- the read path -------------------------------------------------------------
-    def acquire(self, worker: str, digests: Iterable[int], unreachable: str = "") -> list[Decision]:
+    def acquire(
+        self, worker: str, digests: Iterable[int], unreachable: Sequence[Any] = NOBODY
+    ) -> list[Decision]:
         """Decide for each key how ``worker`` gets it.
 
         Each answer is a :class:`Decision`: ``(FETCH, worker, reads)``, ``(PEER, owner)``
@@ -210,14 +215,18 @@ class CacheIndex:
             Address of the asking worker.
         digests : iterable of int
             Digests of the cache keys the worker missed.
-        unreachable : str, optional
-            A peer that just failed to serve these keys (dead, or its file is gone): its
-            entry or claim for them is dropped first, so exactly one asker re-fetches.
+        unreachable : (str, int), optional
+            A peer that just failed to serve these keys (dead, or its file is gone), and
+            the claim the asker was sent to it for (0: its copy): that entry or claim is
+            dropped first, so exactly one asker re-fetches.  A claim the peer took or
+            renewed since (it asked itself: its fetch runs now) stays, and the asker is
+            sent to it again.
 
         """
         now = self._clock()
         me = self._workers.get(worker)
-        gone = self._workers.get(unreachable) if unreachable else None
+        peer, claim = unreachable
+        gone = self._workers.get(peer) if peer else None
         decisions = []
         for digest in digests:
             self._reads.record(digest)
@@ -231,14 +240,14 @@ class CacheIndex:
                 self._remove(slot)  # the holder failed, or the asker lost its own file
             pending = self._pending.get(digest)
             if pending is not None and (
-                pending[0] == unreachable
+                (pending[0] == peer and claim == pending[2])
                 or (pending[0] != worker and now - pending[1] >= self.pending_timeout)
             ):
                 pending = None
             if pending is not None and pending[0] != worker:
-                decisions.append(Decision(PENDING, pending[0]))
+                decisions.append(Decision(PENDING, pending[0], 0, pending[2]))
                 continue
-            self._pending[digest] = (worker, now)
+            self._pending[digest] = (worker, now, next(self._claims))
             decisions.append(Decision(FETCH, worker, self._reads.count(digest)))
         return decisions
 

@@ -7,9 +7,10 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
   :class:`~dask_zarr_cache.core.protocol.SyncReply`: the writes a worker has not applied
   yet; renews its lease.  ``found_files``: the worker found files on its disk at start
   that no check has seen yet.
-- ``zarr_cache_write(keys, prefixes, origin)`` -> ``{"seq", "unreached"}``: record a
-  write, drop it from the index and every worker, return once no worker can serve the old
-  bytes.
+- ``zarr_cache_write(keys, prefixes, origin)`` -> packed
+  :class:`~dask_zarr_cache.core.protocol.WriteReply`: record a write, drop it from the
+  index and every worker, return once no worker can serve the old bytes
+  (:class:`~dask_zarr_cache.scheduler.writes.WriteCoordinator`: group-committed).
 - ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
   a write that changed nothing at the source; returns what the workers dropped.
 - ``zarr_cache_prove(prefix, store, dataset)`` -> ``{"current", "stale"}``: every worker
@@ -30,22 +31,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
 
 from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.names import EXTENSION_NAME, WORKER_PLUGIN_NAME
-from dask_zarr_cache.core.protocol import DatasetObjects, ProveReply, SyncReply, pack, unpack
+from dask_zarr_cache.core.protocol import (
+    DatasetObjects,
+    ProveReply,
+    pack,
+    unpack,
+)
 from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.index.placement import IndexShards
 from dask_zarr_cache.observe.coverage import DatasetCoverage
 from dask_zarr_cache.observe.dashboard import add_http_routes
 from dask_zarr_cache.observe.history import CacheHistory
 from dask_zarr_cache.observe.prometheus import bind_prometheus
+from dask_zarr_cache.scheduler.writes import WriteCoordinator
 from dask_zarr_cache.worker.counters import total_of
-from dask_zarr_cache.writes.log import InvalidationLog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -76,12 +81,11 @@ class ZarrCacheScheduler:
         self.scheduler = scheduler
         self.settings = settings
         self.installed = False  # the worker plugin was registered with ``settings``
-        self.log = InvalidationLog()
-        #: Workers with a cache, and the highest write each has confirmed.
-        self.workers: dict[str, int] = {}
-        self.shards = IndexShards(scheduler, settings, self.workers.keys, self._index_created)
+        self.shards = IndexShards(scheduler, settings, self._cache_workers, self._index_created)
         self.index = self.shards.client
-        self._changed = asyncio.Condition()
+        self.writes = WriteCoordinator(
+            settings, self._ask, lambda: self.scheduler.workers, self.index.invalidate
+        )
         self._background: set[asyncio.Task[Any]] = set()
         #: Checks of files of an earlier cluster, by dataset key prefix: once per cluster,
         #: with the source store (a worker that joins later is checked against it too).
@@ -116,7 +120,7 @@ class ZarrCacheScheduler:
 
     async def apply(self, settings: CacheSettings, worker_plugin: WorkerPlugin) -> None:
         """Install (or re-install) the worker plugin with ``settings`` on every worker."""
-        self.settings = settings
+        self.settings = self.writes.settings = settings
         self.installed = True
         # No shard is placed while the workers set up: the first to be ready would get
         # every shard (shards stay where they are created).
@@ -144,35 +148,26 @@ class ZarrCacheScheduler:
         ``found_files`` (its first sync): it holds files from before it started, which the
         checks of datasets (:meth:`zarr_cache_prove`) must reach.
         """
-        invalidations, applied = self.log.catch_up(epoch, seq)
-        if worker in self.scheduler.workers:
-            new = worker not in self.workers
-            await self._acked(worker, applied)
-            if new:  # a worker that can host index shards
-                self.shards.ensure()
-            if new and found_files:  # and may hold files of datasets checked already
-                self._found_files.add(worker)
-                for prefix, (store, _) in self._proofs.items():
-                    self._spawn(self._prove(prefix, store, to=[worker]))
-        return pack(SyncReply(self.log.epoch, self.log.seq, invalidations))
+        reply, new = await self.writes.catch_up(worker, epoch, seq)
+        if new:  # a worker that can host index shards
+            self.shards.ensure()
+        if new and found_files:  # and may hold files of datasets checked already
+            self._found_files.add(worker)
+            for prefix, (store, _) in self._proofs.items():
+                self._spawn(self._prove(prefix, store, to=[worker]))
+        return pack(reply)
 
     async def zarr_cache_write(
         self, keys: bytes, prefixes: bytes, origin: str | None = None
-    ) -> dict[str, Any]:
+    ) -> bytes:
         """Record a write and make sure no worker serves the bytes it replaced.
 
-        Order: the write history first (workers that are away learn it when they catch
-        up), then the index (drops entries and pending claims, so no new reader joins a
-        fetch that started before the write), then every worker (drops files, poisons
-        fetches in flight).  Returns when every worker has applied it, or, for a worker it
-        cannot reach, once that worker's lease has run out (it then serves nothing until
-        it catches up).  ``origin``, a worker that already applied the write itself (its
-        loop is blocked waiting for it), is not asked.
+        Returns when every worker has applied it, or, for a worker it cannot reach, once
+        that worker's lease has run out (it then serves nothing until it catches up); see
+        :meth:`WriteCoordinator.write`.  ``origin``, a worker that already applied the
+        write itself (its loop is blocked waiting for it), is not asked.
         """
-        seq, _replies, unreached = await self._replace(
-            unpack(keys), unpack(prefixes), _write_applied, origin, keys=keys, prefixes=prefixes
-        )
-        return {"seq": seq, "unreached": unreached}
+        return pack(await self.writes.write(unpack(keys), unpack(prefixes), origin))
 
     async def zarr_cache_evict(self, keys: bytes, prefixes: bytes) -> dict[str, Any]:
         """Drop every cached copy of ``keys`` and below ``prefixes``; the source is untouched.
@@ -182,9 +177,7 @@ class ZarrCacheScheduler:
         up).  Returns ``seq``, ``unreached``, and the ``objects`` and ``bytes`` dropped in
         all and on each of ``workers``.
         """
-        seq, replies, unreached = await self._replace(
-            unpack(keys), unpack(prefixes), _evict_applied, None, keys=keys, prefixes=prefixes
-        )
+        seq, replies, unreached = await self.writes.evict(unpack(keys), unpack(prefixes))
         dropped = {w: unpack(r) for w, r in replies.items()}
         workers = {w: {"objects": d.objects, "bytes": d.nbytes} for w, d in dropped.items()}
         return {
@@ -194,50 +187,6 @@ class ZarrCacheScheduler:
             "bytes": sum(w["bytes"] for w in workers.values()),
             "workers": workers,
         }
-
-    async def _replace(
-        self,
-        key_list: list[str],
-        prefix_list: list[str],
-        how: tuple[str, Callable[[Any], Any]],
-        origin: str | None,
-        **message: bytes,
-    ) -> tuple[int, dict[str, Any], list[str]]:
-        """Append a write to the history and apply it everywhere (see :meth:`zarr_cache_write`).
-
-        ``how`` is the worker handler that applies it (called with ``seq`` and ``message``)
-        and the function that reads a worker's highest write applied without a gap from its
-        reply (``None``: not an answer).  Returns the write's number, the replies of the
-        workers that applied it, and the workers that did not confirm.
-        """
-        op, applied_of = how
-        started = time.monotonic()
-        entry = self.log.append(key_list, prefix_list)
-        # Bounded: the index may live on the very worker whose loop waits for this write.
-        # Correctness does not rest on it (workers drop their files and fetches below).
-        with contextlib.suppress(IndexUnavailableError, TimeoutError):
-            await asyncio.wait_for(
-                self.index.invalidate(key_list), self.settings.write_index_timeout
-            )
-        replies = await self.broadcast(
-            op, skip=origin, timeout=self.settings.write_push_timeout, seq=entry.seq, **message
-        )
-        applied = {}
-        for worker, reply in replies.items():
-            seq = applied_of(reply)
-            if seq is not None:
-                applied[worker] = reply
-                await self._acked(worker, seq)
-        deadline = started + self.settings.write_wait
-        unreached = await self._wait_for_acks(entry.seq, {origin, *applied}, deadline)
-        if unreached:
-            logger.warning(
-                "zarr cache: workers %s did not confirm write %d; their leases ran out, so "
-                "they serve nothing until they catch up",
-                unreached,
-                entry.seq,
-            )
-        return entry.seq, applied, unreached
 
     async def zarr_cache_prove(self, prefix: str, store: bytes, dataset: bytes) -> dict[str, int]:
         """Have every worker check its files of an earlier cluster below ``prefix``.
@@ -273,32 +222,6 @@ class ZarrCacheScheduler:
             logger.info("zarr cache: files of an earlier cluster below %r: %s", prefix, found)
         return found
 
-    async def _acked(self, worker: str, seq: int) -> None:
-        """``worker`` confirmed every write up to ``seq``."""
-        # Recorded before any await: a sync's reply was computed in the caller's step, so
-        # a write appended after it must find this worker here and wait for it.
-        self.workers[worker] = max(seq, self.workers.get(worker, 0))
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _wait_for_acks(self, seq: int, reached: set[str], deadline: float) -> list[str]:
-        """Wait until every worker with a cache applied write ``seq`` (or the deadline)."""
-
-        def pending() -> list[str]:
-            return [
-                w
-                for w, applied in self.workers.items()
-                if applied < seq and w not in reached and w in self.scheduler.workers
-            ]
-
-        async with self._changed:
-            while pending() and time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait(), max(0.0, deadline - time.monotonic())
-                    )
-            return pending()
-
     # -- the index shards ------------------------------------------------------------------
     async def _index_created(self, shard: int | None) -> None:
         """Workers register their files with a new shard (every shard: ``None``) now.
@@ -314,7 +237,7 @@ class ZarrCacheScheduler:
         Shards it hosted are created again elsewhere; the other shards keep their entries
         except the departed worker's.
         """
-        self.workers.pop(worker, None)
+        self.writes.left(worker)
         self._found_files.discard(worker)
         self._spawn(self.broadcast("zarr_cache_worker_left", address=worker))
         if len(self.shards.lost(worker)) < len(self.shards.locations):
@@ -324,10 +247,11 @@ class ZarrCacheScheduler:
         with contextlib.suppress(IndexUnavailableError):
             await self.index.remove_worker(worker)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
         """Stop background work and close the internal client."""
@@ -361,7 +285,11 @@ class ZarrCacheScheduler:
 
     def _reachable(self) -> list[str]:
         """Workers with a cache (caught up at least once) the scheduler still knows."""
-        return [w for w in self.workers if w in self.scheduler.workers]
+        return self.writes.reachable()
+
+    def _cache_workers(self) -> Collection[str]:
+        """Workers with a cache: those that may host index shards."""
+        return self.writes.workers.keys()
 
     async def _ask(self, worker: str, op: str, timeout: float, **kwargs: Any) -> Any:
         """Worker handler ``op``'s reply, or ``_UNREACHED`` (logged) within ``timeout``."""
@@ -409,21 +337,6 @@ class ZarrCacheScheduler:
 
 
 _UNREACHED = object()
-
-
-def _write_reply(reply: Any) -> int | None:
-    """A worker's highest write applied without a gap (``None``: not an answer)."""
-    return reply if isinstance(reply, int) else None
-
-
-def _evict_reply(reply: Any) -> int | None:
-    """The same, from a packed :class:`EvictReply`."""
-    return unpack(reply).applied if isinstance(reply, bytes) else None
-
-
-#: How workers apply each kind of write, and what they answer.
-_write_applied = ("zarr_cache_apply_write", _write_reply)
-_evict_applied = ("zarr_cache_apply_evict", _evict_reply)
 
 
 def scheduler_state(scheduler: Scheduler) -> ZarrCacheScheduler | None:

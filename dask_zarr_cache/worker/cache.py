@@ -29,6 +29,7 @@ from distributed.protocol.pickle import dumps, loads
 from dask_zarr_cache.core.loops import WorkerLoop
 from dask_zarr_cache.core.protocol import (
     FETCH,
+    NOBODY,
     EvictReply,
     Payload,
     ProveReply,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
 
     from dask_zarr_cache.core.config import CacheSettings
-    from dask_zarr_cache.core.protocol import Item
+    from dask_zarr_cache.core.protocol import Item, WriteReply
 
 __all__ = ["WorkerCache"]
 
@@ -211,14 +212,14 @@ class WorkerCache:
     ) -> Payload | None:
         # However the index and peers answer (or not: a frozen host), this read waits for
         # them at most ``read_timeout`` in all, then reads the source itself.
-        deadline = time.monotonic() + self.settings.read_timeout
+        deadline, started = time.monotonic() + self.settings.read_timeout, self.clock()
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
             status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
             if status != MISSING:
                 return data
             self.state.drop_hint(key)
-        unreachable = ""
+        unreachable = NOBODY
         # A second round only after a peer failed: the index then drops that peer's entry,
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
         for _ in range(2):
@@ -233,15 +234,21 @@ class WorkerCache:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
             if decision.kind == FETCH:
+                logger.debug("zarr cache fetches %r (after %r)", key, unreachable)
                 return await self._fetch_and_cache(key, fetch, read_source, decision.reads)
-            unreachable = decision.address
-            if self.state.peer_failed_lately(decision.address):
-                continue
-            status, data = await self.peers.fetch(
-                decision.address, key, deadline - time.monotonic()
+            unreachable = (decision.address, decision.claim)
+            wait = self.state.peer_patience(
+                decision.address,
+                started,
+                deadline - time.monotonic(),
+                self.settings.peer_probe_timeout,
             )
+            if wait <= 0:
+                continue
+            status, data = await self.peers.fetch(decision.address, key, wait)
             if status != MISSING:
                 return data
+            logger.debug("zarr cache: %s missing at %r (%s)", key, decision.address, decision)
         return await self._read_source_uncached(read_source)
 
     async def _read_source_uncached(
@@ -479,6 +486,54 @@ class WorkerCache:
     def written(self, keys: list[str], prefixes: list[str], seq: int) -> None:
         """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
         self.state.numbered(keys, prefixes, seq)
+
+    def keep_written(
+        self, key: str, data: bytes, reply: WriteReply, since: tuple[bytes | None, int]
+    ) -> None:
+        """Keep the bytes a task on this worker wrote to ``key`` (beside the task).
+
+        For ``cache_writes``: the next read of ``key`` anywhere in the cluster is then
+        served from here, not from the source.  ``reply`` is the scheduler's for the
+        write, ``since`` where this worker stood in the history before the bytes reached
+        the source.  Kept as a load of ``key`` whose bytes are ``data``, only if they are
+        the source's bytes for sure (:meth:`LocalState.begin_keep`); the index lists the
+        copy unless another worker holds or fetches the key.
+        """
+        self._in_background(self._keep_written(key, data, reply, since))
+
+    async def _keep_written(
+        self, key: str, data: bytes, reply: WriteReply, since: tuple[bytes | None, int]
+    ) -> None:
+        if self._closed or len(data) > self.settings.max_size or not self.state.can_serve():
+            return
+        fetch = self.state.begin_keep(key, reply, since)
+        if fetch is None:
+            return
+        epoch, seq = reply.epoch, reply.seq
+        kept = None
+        try:
+            created = self.clock()
+            crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, seq, created)
+            if crc is not None:
+                entry = LocalEntry(len(data), crc, created)
+                admitted, doomed = self.state.admit(key, entry, fetch)
+                await self._delete(doomed)
+                kept = entry.item(key) if admitted else None
+        finally:
+            fetch.future.set_result(data)  # readers that joined: the bytes just written
+            self.state.end_fetch(key, fetch)
+        if kept is not None:
+            await self._list_written(kept)
+
+    async def _list_written(self, item: Item) -> None:
+        """The index learns of a written copy, unless another worker holds the key."""
+        try:
+            taken = await self.index.add([item])
+        except UNAVAILABLE as err:
+            logger.debug("zarr cache could not list written %s: %s", item.key, err)
+            return
+        for key in taken:  # another worker holds or fetches it: that copy stays
+            await self._delete(self.state.remove_copy(key, item.tag))
 
     async def zarr_cache_index_moved(self, shard: int | None = None) -> None:
         """A new index shard (or layout) exists: register this worker's files right away."""

@@ -83,8 +83,9 @@ class Entries(Mapping[str, LocalEntry]):
         # Entries a TTL applies to (not a snapshot's), in creation order: the TTL sweep
         # walks it from the front.
         self._mortal: dict[str, None] = {}
-        # Servable entries a revalidation applies to, in the order the source last vouched
-        # for them (read, then each check re-adds): :meth:`due` walks it from the front.
+        # With ``revalidate_after``: servable entries a revalidation applies to, in the
+        # order the source last vouched for them (read, then each check re-adds):
+        # :meth:`due` walks it from the front.
         self._vouched: dict[str, None] = {}
         self._ranges: dict[str, set[str]] = {}  # byte-range entries by whole-object key
         self._dropped: dict[str, Item] = {}  # removed since the last report to the index
@@ -106,12 +107,14 @@ class Entries(Mapping[str, LocalEntry]):
         if old is not None:
             self.counters.bytes -= old.size
         self._by_key[key] = entry
-        self._vouched.pop(key, None)
         if not is_immutable(key):
-            self._mortal.pop(key, None)
-            self._mortal[key] = None
-            if entry.proven:
-                self._vouched[key] = None
+            if old is None or old.created != entry.created:  # a check keeps its TTL place
+                self._mortal.pop(key, None)
+                self._mortal[key] = None
+            if self.revalidate_after is not None:
+                self._vouched.pop(key, None)
+                if entry.proven:
+                    self._vouched[key] = None
         base = base_key(key)
         if base != key:
             self._ranges.setdefault(base, set()).add(key)

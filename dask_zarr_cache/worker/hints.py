@@ -55,12 +55,30 @@ class PeerHints:
         """``address`` did not answer."""
         self._failed[address] = self.clock()
 
+    def answered(self, address: str) -> None:
+        """``address`` answered (whatever it said): it is neither frozen nor gone."""
+        self._failed.pop(address, None)
+
     def failed_lately(self, address: str) -> bool:
-        """Whether ``address`` failed within the last ``backoff`` seconds."""
+        """Whether ``address`` failed within the last ``backoff`` seconds (or left)."""
         since = self._failed.get(address)
         return since is not None and self.clock() - since < self.backoff
 
+    def patience(self, address: str, read_started: float, full: float, probe: float) -> float:
+        """Seconds a read that started at ``read_started`` waits for ``address`` (0: none).
+
+        ``full`` for a peer in good standing; ``probe`` at most for one in back-off (a
+        healthy one answers in time, and its answer ends the back-off); none for one that
+        left, or failed during this very read.
+        """
+        since = self._failed.get(address)
+        if since is None or self.clock() - since >= self.backoff:
+            return full
+        if since >= read_started:  # left (time infinite), or failed this read already
+            return 0.0
+        return min(full, probe)
+
     def left(self, address: str) -> None:
         """``address`` left the cluster: forget every hint naming it."""
-        self._failed[address] = self.clock()
+        self._failed[address] = float("inf")  # never asked again
         self._owners = {k: a for k, a in self._owners.items() if a != address}

@@ -89,6 +89,7 @@ class Peers:
                 if not isinstance(err, LoopBlockedError):
                     self.state.peer_failed(address)
                 return MISSING, None
+        self.state.peer_answered(address)
         # A peer without the cache's handlers (just restarted) answers None.
         status = reply.get("status") if isinstance(reply, dict) else None
         if status not in (OK, ABSENT):

@@ -35,7 +35,7 @@ from dask_zarr_cache.writes.marks import UNSEQUENCED
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from dask_zarr_cache.core.protocol import Item, Payload
+    from dask_zarr_cache.core.protocol import Item, Payload, WriteReply
     from dask_zarr_cache.worker.disk import CacheFile
 
 __all__ = ["Fetch", "LocalEntry", "LocalState"]
@@ -58,7 +58,7 @@ class LocalState:
     policy : {"tinylfu", "lru"}
         Which objects stay when the budget is full.
     peer_backoff : float
-        Seconds a peer that failed to answer is not asked again.
+        Seconds a peer that failed to answer is in back-off (its first answer ends it).
     max_hints : int
         "Which peer served this key" hints kept.
     revalidate_after, revalidate_grace : float
@@ -165,6 +165,30 @@ class LocalState:
             fetch, leader = self.flights.begin(key, self.writes.applied_seq)
             self.counters.misses += leader
             return fetch, leader
+
+    def begin_keep(
+        self, key: str, reply: WriteReply, since: tuple[bytes | None, int]
+    ) -> Fetch | None:
+        """A load of ``key`` from this worker's own write (``cache_writes``), or ``None``.
+
+        ``reply`` is the scheduler's for the write, ``since`` this worker's position
+        before the write reached the source.  The bytes are the source's only if no other
+        write of ``key`` was numbered after ``since`` (it may have reached the source
+        later) and none shared the write's batch: with every write up to the write's
+        applied here, the write marks say so.  ``None`` too if this worker follows
+        another history or a load of ``key`` is in flight (it keeps what it reads).
+        Writes that come later poison the load, as any other.
+        """
+        with self.lock:
+            if (
+                not reply.epoch == since[0] == self.writes.epoch
+                or key in reply.contested
+                or self.writes.applied_seq < reply.seq
+                or self.flights.get(key) is not None
+                or self.writes.marks.replaced_between(key, since[1], reply.seq)
+            ):
+                return None
+            return self.flights.begin(key, reply.seq)[0]
 
     def inflight(self, key: str) -> Fetch | None:
         """The load of ``key`` that new readers would join, if any."""
@@ -400,10 +424,15 @@ class LocalState:
         with self.lock:
             self.hints.failed(address)
 
-    def peer_failed_lately(self, address: str) -> bool:
-        """Whether ``address`` failed within the peer back-off."""
+    def peer_patience(self, address: str, read_started: float, full: float, probe: float) -> float:
+        """Seconds a read waits for peer ``address`` (see :meth:`PeerHints.patience`)."""
         with self.lock:
-            return self.hints.failed_lately(address)
+            return self.hints.patience(address, read_started, full, probe)
+
+    def peer_answered(self, address: str) -> None:
+        """``address`` answered: its back-off, if any, ends."""
+        with self.lock:
+            self.hints.answered(address)
 
     def peer_left(self, address: str) -> None:
         """``address`` left the cluster: forget every hint naming it."""

@@ -2,17 +2,19 @@
 
 A write through ``ClusterCacheStore`` is announced to the scheduler (handler
 ``zarr_cache_write``), which returns once no worker can serve the replaced bytes.
-Announcements from one event loop to one scheduler are *group-committed*: at most one is in
-flight, and the writes that finish meanwhile go together in the next one, so the many
-chunk writes of one ``arr[...] = x`` cost a few round trips, not one each, and a lone
-write waits for nobody.
+Announcements from one event loop to one scheduler are *group-committed*
+(:class:`~dask_zarr_cache.writes.group_commit.GroupCommit`): at most one is in flight, and
+the writes that finish meanwhile go together in the next one, so the many chunk writes of
+one ``arr[...] = x`` cost a few round trips, not one each, and a lone write waits for
+nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from distributed import Worker, default_client
@@ -20,84 +22,44 @@ from distributed.core import rpc
 
 from dask_zarr_cache.core.lookup import cache_of, current_worker, process_workers
 from dask_zarr_cache.core.loops import LoopBlockedError, run_on
-from dask_zarr_cache.core.protocol import pack
+from dask_zarr_cache.core.protocol import WriteReply, pack, unpack
+from dask_zarr_cache.writes.group_commit import GroupCommit
 
 __all__ = ["announce_write"]
 
 
-async def announce_write(keys: list[str], prefixes: list[str]) -> None:
+async def announce_write(
+    keys: list[str], prefixes: list[str]
+) -> list[tuple[Worker | None, WriteReply]]:
     """Announce a write of cache ``keys`` and key ``prefixes`` to every reachable cluster.
 
     Without a reachable cluster (no client, not in a worker) this is a write behind the
-    cache's back: workers see it after ``max_age_seconds``.
+    cache's back: workers see it after ``max_age_seconds``.  Returns, per cluster, the
+    worker this code runs on (``None``: a client) and the scheduler's reply (the
+    write's place in that cluster's history).
     """
-    for cluster in _clusters():
-        await cluster.announce(keys, prefixes)
+    return [(cluster.worker, await cluster.announce(keys, prefixes)) for cluster in _clusters()]
 
 
-@dataclass
-class _Batch:
-    keys: list[str] = field(default_factory=list)
-    prefixes: list[str] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+async def _numbered(scheduler: Any, keys: list[str], prefixes: list[str]) -> WriteReply:
+    """One batch of writes announced to ``scheduler``; the scheduler's reply."""
+    return unpack(await scheduler.zarr_cache_write(keys=pack(keys), prefixes=pack(prefixes)))
 
 
-class _GroupCommit:
-    """Announcements from one loop to one scheduler: one in flight, the rest batched."""
-
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-        self.next = _Batch()
-        self.sending = False
-        self._task: asyncio.Future[None] | None = None
-
-    async def announce(self, keys: list[str], prefixes: list[str]) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self.next.keys += keys
-        self.next.prefixes += prefixes
-        self.next.waiters.append(waiter)
-        if not self.sending:
-            self.sending = True
-            self._task = asyncio.ensure_future(self._send_all())
-        await waiter
-
-    async def _send_all(self) -> None:
-        try:
-            while self.next.waiters:
-                batch, self.next = self.next, _Batch()
-                try:
-                    await self.scheduler.zarr_cache_write(
-                        keys=pack(batch.keys), prefixes=pack(batch.prefixes)
-                    )
-                except Exception as err:
-                    _settle(batch.waiters, err)
-                else:
-                    _settle(batch.waiters, None)
-        finally:
-            self.sending = False
-
-
-def _settle(waiters: list[asyncio.Future[None]], err: Exception | None) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            if err is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(err)
-
-
-_commits: dict[tuple[int, str], _GroupCommit] = {}
+#: Announcements from one loop to one scheduler (by loop id and address), and that rpc.
+_commits: dict[tuple[int, str], tuple[Any, GroupCommit[WriteReply]]] = {}
 _commits_lock = threading.Lock()
 
 
-async def _group_announce(scheduler: Any, keys: list[str], prefixes: list[str]) -> None:
+async def _group_announce(scheduler: Any, keys: list[str], prefixes: list[str]) -> WriteReply:
     """Runs on the loop that owns ``scheduler`` (an rpc of that loop)."""
     key = (id(asyncio.get_running_loop()), scheduler.address)
     with _commits_lock:
-        commit = _commits.get(key)
-        if commit is None or commit.scheduler is not scheduler:
-            commit = _commits[key] = _GroupCommit(scheduler)
-    await commit.announce(keys, prefixes)
+        rpc_of, commit = _commits.get(key, (None, None))
+        if commit is None or rpc_of is not scheduler:
+            commit = GroupCommit(functools.partial(_numbered, scheduler))
+            _commits[key] = (scheduler, commit)
+    return await commit.submit(keys, prefixes)
 
 
 @dataclass(frozen=True)
@@ -108,11 +70,13 @@ class _Cluster:
     scheduler: Any
     worker: Worker | None = None
 
-    async def announce(self, keys: list[str], prefixes: list[str]) -> None:
-        """Tell the scheduler about a write; returns once no worker serves the old bytes."""
+    async def announce(self, keys: list[str], prefixes: list[str]) -> WriteReply:
+        """Tell the scheduler about a write; returns once no worker serves the old bytes.
+
+        Returns the scheduler's reply: the write's place in the cluster's history.
+        """
         try:
-            await run_on(self.loop, _group_announce(self.scheduler, keys, prefixes))
-            return
+            return await run_on(self.loop, _group_announce(self.scheduler, keys, prefixes))
         except LoopBlockedError:
             if self.worker is None:
                 raise
@@ -126,11 +90,14 @@ class _Cluster:
         origin = None if cache is None else self.worker.address
         args = self.worker.connection_args
         async with rpc(self.scheduler.address, connection_args=args) as scheduler:
-            reply = await scheduler.zarr_cache_write(
-                keys=pack(keys), prefixes=pack(prefixes), origin=origin
+            reply: WriteReply = unpack(
+                await scheduler.zarr_cache_write(
+                    keys=pack(keys), prefixes=pack(prefixes), origin=origin
+                )
             )
         if cache is not None:
-            cache.written(keys, prefixes, reply["seq"])
+            cache.written(keys, prefixes, reply.seq)
+        return reply
 
 
 def _clusters() -> list[_Cluster]:

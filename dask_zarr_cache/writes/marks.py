@@ -39,20 +39,25 @@ class WriteMarks:
         self.floor = 0
         self._newest = 0  # the newest numbered write marked
         self._keys: dict[str, int] = {}  # insertion order is write order
+        self._earlier: dict[str, int] = {}  # per key in _keys, the write before its newest
         self._prefixes: dict[str, int] = {}
 
     def mark(self, seq: int, keys: Iterable[str], prefixes: Iterable[str]) -> None:
         """Write ``seq`` replaced ``keys`` (whole-object cache keys) and ``prefixes``."""
         if seq < UNSEQUENCED:
             self._newest = max(self._newest, seq)
-        for marks, names, limit in (
-            (self._keys, keys, self.max_keys),
-            (self._prefixes, prefixes, self.max_prefixes),
-        ):
-            for name in names:
-                marks[name] = max(seq, marks.pop(name, 0))
+        for key in keys:
+            newest = self._keys.pop(key, 0)
+            if seq != newest:
+                self._earlier[key] = max(min(seq, newest), self._earlier.get(key, 0))
+            self._keys[key] = max(seq, newest)
+        for prefix in prefixes:
+            self._prefixes[prefix] = max(seq, self._prefixes.pop(prefix, 0))
+        for marks, limit in ((self._keys, self.max_keys), (self._prefixes, self.max_prefixes)):
             while len(marks) > limit:
-                forgotten = marks.pop(next(iter(marks)))
+                name = next(iter(marks))
+                forgotten = marks.pop(name)
+                self._earlier.pop(name, None)
                 # An unnumbered write forgotten: the newest number known stands for it.
                 self.floor = max(self.floor, min(forgotten, self._newest))
 
@@ -63,6 +68,23 @@ class WriteMarks:
             for name in names:
                 if marks.get(name) == UNSEQUENCED:
                     marks[name] = seq
+                    if self._earlier.get(name, 0) > seq:  # numbered below an earlier mark
+                        marks[name], self._earlier[name] = self._earlier[name], seq
+
+    def replaced_between(self, key: str, after: int, seq: int) -> bool:
+        """Whether a write other than ``seq``, numbered after ``after``, replaced ``key``.
+
+        For a write ``seq`` of ``key`` that started when this worker had applied every
+        write up to ``after``: ``False`` means no other write of ``key`` could have
+        reached the source after it (given every write up to ``seq`` is applied here).
+        Forgotten marks count as such writes.
+        """
+        base = base_key(key)
+        newest, earlier = self._keys.get(base, 0), self._earlier.get(base, 0)
+        other = earlier if newest == seq else newest
+        if self.floor > after or other > after:
+            return True
+        return any(s > after and key.startswith(p) for p, s in self._prefixes.items())
 
     def needed(self, key: str) -> int:
         """The newest write this worker applied that replaced cache key ``key``."""

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dask_zarr_cache.core.protocol import FETCH, PEER
+from dask_zarr_cache.core.protocol import FETCH, PEER, Decision
 from dask_zarr_cache.index import client as index_client
 from dask_zarr_cache.index.digests import key_digest, shard_of
 from tests.fakes import FakeClock, FakeNetwork, Source, shard_address
@@ -152,7 +152,7 @@ async def test_summary_adds_up_shards_and_survives_a_lost_one(net, clock, tmp_pa
     assert summary["entries"] == sum(1 for k in KEYS if shard_of(k, SHARDS) != 2)
     b = index_client.IndexClient(B, net.scheduler, net)
     decisions = await b.acquire([k for k in KEYS if shard_of(k, SHARDS) != 2])
-    assert set(decisions) == {(PEER, A, 0)}
+    assert set(decisions) == {Decision(PEER, A)}
 
 
 async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, tmp_path):

@@ -30,9 +30,10 @@ def fill(index: CacheIndex, worker: str, keys, tag=0) -> None:
 def test_first_asker_fetches_others_wait_then_read_from_the_owner():
     index = CacheIndex()
     (k,) = d("k")
-    assert index.acquire("A", [k]) == [(FETCH, "A", 1)]  # the cluster asked once
-    assert index.acquire("B", [k]) == [Decision(PENDING, "A")]
-    assert index.acquire("C", [k]) == [Decision(PENDING, "A")]
+    assert index.acquire("A", [k]) == [Decision(FETCH, "A", 1)]  # the cluster asked once
+    (waiting,) = index.acquire("B", [k])
+    assert waiting[:2] == (PENDING, "A") and waiting.claim > 0
+    assert index.acquire("C", [k]) == [waiting]
     assert index.commit("A", [(k, 0)]) == []
     assert index.acquire("B", [k]) == [Decision(PEER, "A")]
     assert index.owner(k) == "A" and k in index
@@ -45,8 +46,8 @@ def test_a_fetch_decision_carries_the_clusters_count_of_misses():
     for _ in range(3):
         index.acquire("B", [k])
         index.abandon("B", [k])
-    assert index.acquire("A", [k]) == [(FETCH, "A", 4)]
-    assert CacheIndex(policy="lru").acquire("A", [k]) == [(FETCH, "A", 0)]
+    assert index.acquire("A", [k]) == [Decision(FETCH, "A", 4)]
+    assert CacheIndex(policy="lru").acquire("A", [k]) == [Decision(FETCH, "A", 0)]
 
 
 def test_abandoned_fetch_lets_the_next_asker_fetch():
@@ -67,13 +68,39 @@ def test_an_unreachable_holder_loses_its_entry_and_claim_once():
     index = CacheIndex()
     fill(index, "A", ["k0"])
     index.acquire("C", d("k1"))
-    decisions = index.acquire("B", d("k0", "k1"), unreachable="X")
-    assert decisions == [Decision(PEER, "A"), Decision(PENDING, "C")]  # X holds neither
-    decisions = index.acquire("B", d("k0", "k1"), unreachable="C")
+    decisions = index.acquire("B", d("k0", "k1"), unreachable=("X", 0))
+    assert [x[:2] for x in decisions] == [(PEER, "A"), (PENDING, "C")]  # X holds neither
+    decisions = index.acquire("B", d("k0", "k1"), unreachable=("C", decisions[1].claim))
     assert [x[:2] for x in decisions] == [(PEER, "A"), (FETCH, "B")]
-    decisions = index.acquire("B", d("k0"), unreachable="A")
+    decisions = index.acquire("B", d("k0"), unreachable=("A", 0))
     assert decisions[0][:2] == (FETCH, "B")
-    assert index.acquire("D", d("k0")) == [Decision(PENDING, "B")]
+    assert index.acquire("D", d("k0"))[0][:2] == (PENDING, "B")
+
+
+def test_a_claim_renewed_since_the_asker_saw_it_is_not_taken_over():
+    # X's claim was stale (an acquire its worker gave up on), so X answered "missing";
+    # meanwhile X started reading the key and renewed the claim: it fetches now, and B
+    # is sent back to it instead of fetching too (which would read the source twice).
+    index = CacheIndex()
+    (k,) = d("k")
+    index.acquire("X", [k])
+    (seen,) = index.acquire("B", [k])
+    assert index.acquire("X", [k])[0][:2] == (FETCH, "X")  # its own claim, renewed
+    (again,) = index.acquire("B", [k], unreachable=("X", seen.claim))
+    assert again[:2] == (PENDING, "X") and again.claim != seen.claim
+    (taken,) = index.acquire("B", [k], unreachable=("X", again.claim))  # X failed again
+    assert taken[:2] == (FETCH, "B")
+
+
+def test_an_owner_that_fetches_again_keeps_its_claim_when_a_reader_found_its_copy_gone():
+    # B was sent to A's copy; A lost the file and, reading the key itself, claimed it
+    # again before B's "missing" came back: B waits for A's fetch instead of fetching too.
+    index = CacheIndex()
+    fill(index, "A", ["k"])
+    (k,) = d("k")
+    assert index.acquire("B", [k])[0][:2] == (PEER, "A")
+    assert index.acquire("A", [k])[0][:2] == (FETCH, "A")  # its own entry: fetch again
+    assert index.acquire("B", [k], unreachable=("A", 0))[0][:2] == (PENDING, "A")
 
 
 def test_ttl_makes_entries_absent():

@@ -18,7 +18,6 @@ from zarr.storage import MemoryStore
 
 from dask_zarr_cache import ZarrCachePlugin
 from dask_zarr_cache.core.names import EXTENSION_NAME
-from dask_zarr_cache.core.protocol import pack
 from dask_zarr_cache.scheduler.state import ZarrCacheScheduler, scheduler_state
 
 
@@ -32,7 +31,7 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 def caught_up(s, *workers) -> bool:
     state = scheduler_state(s)
-    return state is not None and all(w.address in state.workers for w in workers)
+    return state is not None and all(w.address in state.writes.workers for w in workers)
 
 
 async def install(c, s, *workers) -> ZarrCacheScheduler:
@@ -70,17 +69,7 @@ async def test_a_lost_shard_comes_back_on_the_other_worker(c, s, a, b):
             and state.shards.locations[0]["address"] == other.address
         )
     )
-    assert host not in state.workers  # forgotten: writes no longer wait for it
-
-
-@gen_cluster(client=True)
-async def test_a_write_returns_once_every_worker_applied_it(c, s, a, b):
-    state = await install(c, s, a, b)
-    reply = await state.zarr_cache_write(keys=pack(["ns\x00k"]), prefixes=pack([]))
-    assert reply["unreached"] == []
-    for w in (a, b):  # applied before the write returned, not at the next catch-up
-        assert w.extensions[EXTENSION_NAME].state.position()[1] >= reply["seq"]
-    assert state.workers[a.address] >= reply["seq"] and state.workers[b.address] >= reply["seq"]
+    assert host not in state.writes.workers  # forgotten: writes no longer wait for it
 
 
 @gen_cluster(client=True)

@@ -49,3 +49,23 @@ def test_finding_the_due_entries_looks_at_them_and_one_more(monkeypatch):
     monkeypatch.setattr(LocalEntry, "vouched_at", lambda e: looked.append(e) or vouched_at(e))
     assert len(found.due()) == 4
     assert len(looked) == 5  # not the 10,000 on every flush
+
+
+def test_a_check_keeps_an_entrys_place_in_the_ttl_sweep():
+    clock = Clock()
+    found = Entries(5.0, clock, Budget(1 << 40), CacheCounters(), revalidate_after=10.0)
+    for i in range(3):
+        clock.now = float(i)
+        found.add(f"ns\x00k{i}", LocalEntry(1, 0, clock.now))
+    found.add("ns\x00k0", replace(found["ns\x00k0"], checked_at=2.0))  # vouched again
+    clock.now = 6.5
+    assert found.expired() == ["ns\x00k0", "ns\x00k1"]  # k0 is as old as it was
+
+
+def test_without_revalidation_nothing_is_kept_in_vouched_order():
+    clock = Clock()
+    found = Entries(None, clock, Budget(1 << 40), CacheCounters())
+    found.add("ns\x00k0", LocalEntry(1, 0, 0.0))
+    clock.now = 1e9
+    assert found.due() == {}
+    assert not found._vouched

@@ -6,6 +6,7 @@ import threading
 
 from dask_zarr_cache.worker.entries import LocalEntry
 from dask_zarr_cache.worker.state import LocalState
+from tests.fakes import FakeClock
 
 K = "ns\x00data.zarr/c/0"
 
@@ -71,3 +72,25 @@ def test_counters_are_read_and_updated_under_the_lock():
     for t in threads:
         t.join()
     assert state.counts()["hits"] == 10_000 and state.counts()["caching_disabled"] == 1
+
+
+def test_a_peer_in_back_off_is_asked_briefly_and_its_first_answer_ends_it():
+    clock = FakeClock()
+    state = LocalState(None, 10.0, clock, capacity=1000, peer_backoff=30.0)
+
+    def patience(peer: str) -> float:  # for a read that starts now
+        return state.peer_patience(peer, clock.now, 5.0, 0.5)
+
+    assert patience("tcp://p:1") == 5.0
+    state.peer_failed("tcp://p:1")
+    assert state.peer_patience("tcp://p:1", clock.now, 5.0, 0.5) == 0  # failed this read
+    clock.now += 1.0
+    assert patience("tcp://p:1") == 0.5  # in back-off: asked briefly
+    state.peer_answered("tcp://p:1")  # it was only frozen for a while
+    assert patience("tcp://p:1") == 5.0
+    state.peer_failed("tcp://p:1")
+    clock.now += 30.0
+    assert patience("tcp://p:1") == 5.0  # the back-off ran out
+    state.peer_left("tcp://gone:1")
+    clock.now += 1.0
+    assert patience("tcp://gone:1") == 0  # a peer that left is not asked

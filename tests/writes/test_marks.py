@@ -32,3 +32,36 @@ def test_forgotten_marks_leave_a_floor_for_every_key():
     assert marks.needed("ns\x00a") == 1
     assert marks.needed("ns\x00never") == 1
     assert marks.needed("ns\x00c") == 3
+
+
+def test_a_write_knows_whether_another_one_of_its_key_came_since_it_started():
+    marks = WriteMarks()
+    marks.mark(2, ["ns\x00a"], [])  # before the write of seq 9 started (after=4)
+    marks.mark(9, ["ns\x00a"], [])
+    assert not marks.replaced_between("ns\x00a", 4, 9)
+    marks.mark(6, ["ns\x00a"], [])  # another writer's, numbered while ours was under way
+    assert marks.replaced_between("ns\x00a", 4, 9)
+    assert marks.replaced_between("ns\x00b", 8, 9) is False
+    marks.mark(10, ["ns\x00b"], [])  # a newer write
+    assert marks.replaced_between("ns\x00b", 8, 9)
+    marks.mark(7, [], ["ns\x00d/"])
+    assert marks.replaced_between("ns\x00d/x", 4, 9)
+    assert not marks.replaced_between("ns\x00d/x", 7, 9)
+
+
+def test_an_own_write_numbered_keeps_the_two_newest_marks_in_order():
+    marks = WriteMarks()
+    marks.mark(5, ["ns\x00a"], [])
+    marks.mark(UNSEQUENCED, ["ns\x00a"], [])
+    marks.numbered(["ns\x00a"], [], 8)
+    assert marks.needed("ns\x00a") == 8
+    assert not marks.replaced_between("ns\x00a", 5, 8)
+    assert marks.replaced_between("ns\x00a", 4, 8)
+
+
+def test_a_forgotten_mark_counts_as_a_write_since():
+    marks = WriteMarks(max_keys=1)
+    marks.mark(3, ["ns\x00a"], [])
+    marks.mark(4, ["ns\x00b"], [])  # "a" forgotten: floor 3
+    assert marks.replaced_between("ns\x00a", 2, 3)
+    assert not marks.replaced_between("ns\x00b", 3, 4)
