@@ -362,7 +362,9 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
             final: list[ReadOp] = []
             final_gets = None
             if recovered:
-                time.sleep(2.0)
+                # A peer that failed in the chaos is skipped for read-timeout (5 s), then
+                # asked again: the final phase starts once that has passed.
+                time.sleep(5.5)
                 before, counters = s3.object_gets, _worker_counters(client)
                 final = _final_phase(client, args, storage_options, deadline)
                 final_gets = chunk_gets(s3.object_gets - before, args.chunks)

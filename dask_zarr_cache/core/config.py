@@ -186,8 +186,8 @@ class CacheSettings:
 
     - ``disk_retry``: writing to the cache disk stays paused this long after a write failed.
     - ``peer_backoff``: a peer that failed is in back-off this long (its first answer ends
-      it): hints do not name it, and a read sent to it asks it for ``peer_probe_timeout``
-      at most.
+      it): hints do not name it, a read sent to it within ``read_timeout`` of its failure
+      skips it, and a later one asks it for ``peer_probe_timeout`` at most.
     - ``peer_probe_timeout``: how long a read waits for a peer in back-off.  A healthy one
       answers in time (and its answer ends the back-off); a frozen one costs each read
       this much, not the whole ``read_timeout``.

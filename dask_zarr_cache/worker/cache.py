@@ -242,6 +242,7 @@ class WorkerCache:
                 started,
                 deadline - time.monotonic(),
                 self.settings.peer_probe_timeout,
+                self.settings.read_timeout,
             )
             if wait <= 0:
                 continue

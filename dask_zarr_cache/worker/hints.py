@@ -64,17 +64,21 @@ class PeerHints:
         since = self._failed.get(address)
         return since is not None and self.clock() - since < self.backoff
 
-    def patience(self, address: str, read_started: float, full: float, probe: float) -> float:
+    def patience(
+        self, address: str, read_started: float, full: float, probe: float, quiet: float
+    ) -> float:
         """Seconds a read that started at ``read_started`` waits for ``address`` (0: none).
 
-        ``full`` for a peer in good standing; ``probe`` at most for one in back-off (a
-        healthy one answers in time, and its answer ends the back-off); none for one that
-        left, or failed during this very read.
+        ``full`` for a peer in good standing; none for one that left, failed during this
+        very read, or failed less than ``quiet`` seconds ago (a frozen peer costs one
+        timeout, not one per read); ``probe`` at most for one in back-off since longer (a
+        healthy one answers in time, and its answer ends the back-off).
         """
         since = self._failed.get(address)
-        if since is None or self.clock() - since >= self.backoff:
+        now = self.clock()
+        if since is None or now - since >= self.backoff:
             return full
-        if since >= read_started:  # left (time infinite), or failed this read already
+        if since >= read_started or now - since < quiet:  # left: failed at time infinity
             return 0.0
         return min(full, probe)
 

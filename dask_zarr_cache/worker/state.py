@@ -424,10 +424,12 @@ class LocalState:
         with self.lock:
             self.hints.failed(address)
 
-    def peer_patience(self, address: str, read_started: float, full: float, probe: float) -> float:
+    def peer_patience(
+        self, address: str, read_started: float, full: float, probe: float, quiet: float
+    ) -> float:
         """Seconds a read waits for peer ``address`` (see :meth:`PeerHints.patience`)."""
         with self.lock:
-            return self.hints.patience(address, read_started, full, probe)
+            return self.hints.patience(address, read_started, full, probe, quiet)
 
     def peer_answered(self, address: str) -> None:
         """``address`` answered: its back-off, if any, ends."""

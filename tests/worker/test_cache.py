@@ -553,11 +553,11 @@ async def test_a_thawed_peer_is_asked_again_not_taken_over(net, clock, tmp_path)
     net.hung.add(A)
     assert await b.get(K, Source(b"from source")) == b"from source"  # a timed out
     net.hung.discard(A)
-    clock.now += 1.0  # a later read
+    clock.now += 6.0  # a read a read-timeout later
     untouched = Source(b"never read")
     assert await b.get(other, untouched) == b"other" and untouched.reads == 0
     assert net.index.owner(key_digest(other)) == A
-    assert b.state.peer_patience(A, clock.now, 5.0, 0.5) == 5.0  # its answer ended it
+    assert b.state.peer_patience(A, clock.now, 5.0, 0.5, 5.0) == 5.0  # its answer ended it
 
 
 async def test_a_frozen_host_costs_a_read_at_most_the_read_timeout(net, clock, tmp_path):
