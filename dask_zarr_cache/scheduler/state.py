@@ -247,11 +247,10 @@ class ZarrCacheScheduler:
         with contextlib.suppress(IndexUnavailableError):
             await self.index.remove_worker(worker)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return task
 
     async def close(self) -> None:
         """Stop background work and close the internal client."""
