@@ -212,7 +212,7 @@ class WorkerCache:
     ) -> Payload | None:
         # However the index and peers answer (or not: a frozen host), this read waits for
         # them at most ``read_timeout`` in all, then reads the source itself.
-        deadline, started = time.monotonic() + self.settings.read_timeout, self.clock()
+        deadline = time.monotonic() + self.settings.read_timeout
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
             status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
@@ -239,7 +239,6 @@ class WorkerCache:
             unreachable = (decision.address, decision.claim)
             wait = self.state.peer_patience(
                 decision.address,
-                started,
                 deadline - time.monotonic(),
                 self.settings.peer_probe_timeout,
                 self.settings.read_timeout,

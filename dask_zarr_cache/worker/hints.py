@@ -64,21 +64,20 @@ class PeerHints:
         since = self._failed.get(address)
         return since is not None and self.clock() - since < self.backoff
 
-    def patience(
-        self, address: str, read_started: float, full: float, probe: float, quiet: float
-    ) -> float:
-        """Seconds a read that started at ``read_started`` waits for ``address`` (0: none).
+    def patience(self, address: str, full: float, probe: float, quiet: float) -> float:
+        """Seconds a read waits for ``address`` (0: it is not asked).
 
-        ``full`` for a peer in good standing; none for one that left, failed during this
-        very read, or failed less than ``quiet`` seconds ago (a frozen peer costs one
-        timeout, not one per read); ``probe`` at most for one in back-off since longer (a
-        healthy one answers in time, and its answer ends the back-off).
+        ``full`` for a peer in good standing; none for one that left, or failed less than
+        ``quiet`` seconds ago (a read's whole wait: so also one that failed during this
+        very read; a frozen peer costs one timeout, not one per read); ``probe`` at most
+        for one in back-off since longer (a healthy one answers in time, and its answer
+        ends the back-off).
         """
         since = self._failed.get(address)
         now = self.clock()
         if since is None or now - since >= self.backoff:
             return full
-        if since >= read_started or now - since < quiet:  # left: failed at time infinity
+        if now - since < quiet:  # a peer that left failed at time infinity
             return 0.0
         return min(full, probe)
 

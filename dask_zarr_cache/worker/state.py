@@ -424,12 +424,10 @@ class LocalState:
         with self.lock:
             self.hints.failed(address)
 
-    def peer_patience(
-        self, address: str, read_started: float, full: float, probe: float, quiet: float
-    ) -> float:
+    def peer_patience(self, address: str, full: float, probe: float, quiet: float) -> float:
         """Seconds a read waits for peer ``address`` (see :meth:`PeerHints.patience`)."""
         with self.lock:
-            return self.hints.patience(address, read_started, full, probe, quiet)
+            return self.hints.patience(address, full, probe, quiet)
 
     def peer_answered(self, address: str) -> None:
         """``address`` answered: its back-off, if any, ends."""

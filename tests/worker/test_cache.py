@@ -557,7 +557,7 @@ async def test_a_thawed_peer_is_asked_again_not_taken_over(net, clock, tmp_path)
     untouched = Source(b"never read")
     assert await b.get(other, untouched) == b"other" and untouched.reads == 0
     assert net.index.owner(key_digest(other)) == A
-    assert b.state.peer_patience(A, clock.now, 5.0, 0.5, 5.0) == 5.0  # its answer ended it
+    assert b.state.peer_patience(A, 5.0, 0.5, 5.0) == 5.0  # its answer ended it
 
 
 async def test_a_frozen_host_costs_a_read_at_most_the_read_timeout(net, clock, tmp_path):

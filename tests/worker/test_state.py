@@ -79,11 +79,11 @@ def test_a_peer_in_back_off_is_asked_briefly_and_its_first_answer_ends_it():
     state = LocalState(None, 10.0, clock, capacity=1000, peer_backoff=30.0)
 
     def patience(peer: str) -> float:  # for a read that starts now
-        return state.peer_patience(peer, clock.now, 5.0, 0.5, 5.0)
+        return state.peer_patience(peer, 5.0, 0.5, 5.0)
 
     assert patience("tcp://p:1") == 5.0
     state.peer_failed("tcp://p:1")
-    assert state.peer_patience("tcp://p:1", clock.now, 5.0, 0.5, 5.0) == 0  # this read
+    assert patience("tcp://p:1") == 0  # failed during this very read
     clock.now += 1.0
     assert patience("tcp://p:1") == 0  # failed a moment ago: one timeout, not one per read
     clock.now += 5.0
