@@ -20,15 +20,16 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.zarr_suite
+from tests.zarr_suite.run import confirm_cache_only
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = ["test_api.py", "test_group.py", "test_array.py", "test_indexing.py"]
-PASS_TIMEOUT = 600  # seconds for each of the (up to) three passes
+PASS_TIMEOUT = 600  # seconds for each of the (up to) five passes
 TEST_TIMEOUT = 60  # seconds for one zarr test (a hang ends its worker; the pass goes on)
 
 
-@pytest.mark.timeout(4 * PASS_TIMEOUT)
+@pytest.mark.zarr_suite
+@pytest.mark.timeout(6 * PASS_TIMEOUT)
 def test_zarr_suite_through_cache(tmp_path: Path) -> None:
     files = os.environ.get("DASK_ZARR_CACHE_ZARR_SUITE_FILES", "").split() or FILES
     keyword = os.environ.get("DASK_ZARR_CACHE_ZARR_SUITE_K")
@@ -47,7 +48,7 @@ def test_zarr_suite_through_cache(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     with log.open("w") as fh:
         proc = subprocess.run(
-            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=4 * PASS_TIMEOUT - 60
+            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=6 * PASS_TIMEOUT - 60
         )
     output = log.read_text()
     print(output)
@@ -60,3 +61,21 @@ def test_zarr_suite_through_cache(tmp_path: Path) -> None:
     assert (cached["cache_stats"] or {}).get("misses", 0) > 0, output[-3000:]
     assert not result["only_cache"], f"tests fail only with the cache:\n{output[-6000:]}"
     assert proc.returncode == 0, output[-3000:]
+
+
+def _outcomes(**by_test: str) -> dict[str, dict[str, str]]:
+    return {n: {"outcome": o, "message": ""} for n, o in by_test.items()}
+
+
+def test_a_cache_only_failure_counts_only_when_both_reruns_agree():
+    cached = _outcomes(real="failed", flaky="failed", both="failed", lucky="failed")
+    cached["flaky"]["message"] = "hypothesis.errors.FlakyFailure: Hypothesis test ..."
+    plain_rerun = _outcomes(real="passed", flaky="passed", both="failed", lucky="passed")
+    cached_rerun = _outcomes(real="failed", flaky="failed", both="failed", lucky="passed")
+    sorted_ = confirm_cache_only(list(cached), cached, plain_rerun, cached_rerun)
+    assert sorted_ == {"confirmed": ["real"], "flaky": ["flaky", "lucky"], "fail_plain": ["both"]}
+
+
+def test_a_test_the_reruns_did_not_reach_is_not_confirmed():
+    cached = _outcomes(gone="failed")
+    assert confirm_cache_only(["gone"], cached, {}, {})["confirmed"] == []

@@ -12,10 +12,17 @@
    worker, stores as zarr's fixtures build them.
 3. Pass *cached*: the same, with every store zarr's fixtures build wrapped in
    ``ClusterCacheStore`` (``wrap_plugin.StoreWrapping``).
-4. Control: the tests that fail only in pass 3 run once more wrapped in zarr's plain
+4. Re-runs: the tests that fail only in pass 3 run once more in each mode, plain and
+   cached.  A test hypothesis reports as flaky (``FlakyFailure``), one that fails in the
+   plain re-run too, or one that passes in the cached re-run is not a cache-only failure
+   (reported as flaky or as failing without the cache, and not counted).
+5. Control: the confirmed cache-only failures run once more wrapped in zarr's plain
    ``WrapperStore`` (no cache).  A test that fails there too fails because *a* wrapper
    hides the store's type (``isinstance(store, ZipStore)`` in the test, ...), not because
    of the cache; it is reported as a wrapping artifact and does not fail the run.
+
+zarr's ``filterwarnings = error`` holds in every pass, except for hypothesis's
+``HypothesisDeprecationWarning``: it comes from zarr's test strategies, not the cache.
 
 Each pass is bounded: ``--test-timeout`` per test (pytest-timeout; its thread method ends
 the worker process, the pass goes on in a fresh worker without the tests already done and
@@ -186,6 +193,7 @@ def run_pass(
     files: list[str],
     out: Path,
     *,
+    name: str | None = None,
     timeout: float,
     test_timeout: float,
     include: list[str] | None = None,
@@ -193,14 +201,18 @@ def run_pass(
     n_workers: int = 2,
     max_restarts: int = 10,
 ) -> dict[str, Any]:
-    """Run zarr's tests in a worker of a fresh cluster; return per-test outcomes."""
+    """Run zarr's tests in a worker of a fresh cluster; return per-test outcomes.
+
+    ``name`` (default: ``mode``) names the pass's files under ``out``.
+    """
     import dask.config
     from distributed import Client, LocalCluster
 
     from dask_zarr_cache import ZarrCachePlugin, cluster_stats
 
-    results_path = out / f"{mode}.jsonl"
-    log_path = out / f"{mode}.log"
+    name = name or mode
+    results_path = out / f"{name}.jsonl"
+    log_path = out / f"{name}.log"
     results_path.unlink(missing_ok=True)
     log_path.unlink(missing_ok=True)
     deadline = time.monotonic() + timeout
@@ -210,7 +222,7 @@ def run_pass(
     extra: dict[str, dict[str, Any]] = {}  # outcomes the worker could not record itself
     stats: dict[str, Any] | None = None
     finished = False
-    workdir = out / f"work-{mode}"
+    workdir = out / f"work-{name}"
     reaped = 0
     # A dead worker must fail the task at once, not rerun the whole suite on the other one;
     # non-daemonic workers, so zarr's test_multiprocessing may start processes.
@@ -233,7 +245,7 @@ def run_pass(
     client = Client(cluster)
     try:
         client.register_plugin(
-            ZarrCachePlugin(max_size="2GiB", directory=str(out / f"cache-{mode}"))
+            ZarrCachePlugin(max_size="2GiB", directory=str(out / f"cache-{name}"))
         )
         for attempt in range(max_restarts + 1):
             done, started_before = _read_results(results_path)
@@ -256,7 +268,7 @@ def run_pass(
                 kwargs,
                 pure=False,
                 retries=0,
-                key=f"zarr-suite-{mode}-{attempt}",
+                key=f"zarr-suite-{name}-{attempt}",
             )
             try:
                 summaries.append(future.result(timeout=max(1.0, deadline - time.monotonic())))
@@ -298,6 +310,7 @@ def run_pass(
     counts = Counter(r["outcome"] for r in results.values())
     return {
         "mode": mode,
+        "name": name,
         "finished": finished,
         "seconds": round(time.monotonic() - t0, 1),
         "counts": dict(counts),
@@ -310,6 +323,42 @@ def run_pass(
         "cache_stats": stats,
         "log": str(log_path),
     }
+
+
+def is_flaky(result: dict[str, Any]) -> bool:
+    """Whether hypothesis reported the test's failure as flaky (it failed, then passed)."""
+    return "Flaky" in result.get("message", "")
+
+
+def confirm_cache_only(
+    suspects: list[str],
+    cached: dict[str, dict[str, Any]],
+    plain_rerun: dict[str, dict[str, Any]],
+    cached_rerun: dict[str, dict[str, Any]],
+) -> dict[str, list[str]]:
+    """Sort the tests that failed only in the cached pass by their re-runs in each mode.
+
+    Returns ``{"confirmed": ..., "flaky": ..., "fail_plain": ...}``: ``confirmed`` failed
+    in the cached re-run and passed in the plain one; ``fail_plain`` failed in the plain
+    re-run (a failure with or without the cache); ``flaky`` is the rest: hypothesis
+    reported a flaky failure, or the cached re-run passed (or either re-run gave nothing).
+    """
+    sorted_: dict[str, list[str]] = {"confirmed": [], "flaky": [], "fail_plain": []}
+    for nodeid in suspects:
+        plain_again = plain_rerun.get(nodeid, {}).get("outcome")
+        cached_again = cached_rerun.get(nodeid, {}).get("outcome")
+        if plain_again in BAD:
+            sorted_["fail_plain"].append(nodeid)
+        elif (
+            is_flaky(cached[nodeid])
+            or is_flaky(cached_rerun.get(nodeid, {}))
+            or plain_again not in OK
+            or cached_again not in BAD
+        ):
+            sorted_["flaky"].append(nodeid)
+        else:
+            sorted_["confirmed"].append(nodeid)
+    return sorted_
 
 
 def _fmt_counts(p: dict[str, Any]) -> str:
@@ -429,6 +478,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     not_run = sorted(n for n in pr if n not in cr) if not cached["finished"] else []
 
+    reruns: dict[str, list[str]] = {"confirmed": only_cache, "flaky": [], "fail_plain": []}
+    if only_cache:
+        again = {
+            mode: run_pass(
+                mode, root, args.files, out, name=f"{mode}-rerun", include=only_cache, **common
+            )
+            for mode in ("plain", "cache")
+        }
+        for mode, p in again.items():
+            print(
+                f"re-run ({mode}, the {len(only_cache)} cache-only failures): {_fmt_counts(p)}",
+                flush=True,
+            )
+        reruns = confirm_cache_only(
+            only_cache, cr, again["plain"]["results"], again["cache"]["results"]
+        )
+        for n in reruns["flaky"]:
+            print(f"  FLAKY      {n}\n      {cr[n]['outcome']}: {cr[n]['message']}")
+        for n in reruns["fail_plain"]:
+            print(f"  NOT-CACHE  {n}\n      failed in the plain re-run too: {cr[n]['message']}")
+        only_cache = reruns["confirmed"]
+
     control: dict[str, Any] | None = None
     if only_cache and not args.no_control:
         control = run_pass("wrapper", root, args.files, out, include=only_cache, **common)
@@ -471,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                     "cached": cached,
                     "control": control,
                     "only_cache": real,
+                    "rerun_flaky": reruns["flaky"],
+                    "rerun_fail_plain": reruns["fail_plain"],
                     "wrapper_artifacts": artifacts,
                     "only_plain": only_plain,
                     "not_run": not_run,
@@ -482,8 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = bool(real) or (plain["finished"] and not cached["finished"])
     c = cached["counts"]
     print(
-        f"zarr-suite: {c.get('passed', 0)} passed, "
-        f"{c.get('failed', 0) + c.get('error', 0)} failed, {c.get('skipped', 0)} skipped"
+        f"zarr-suite (zarr {installed_version('zarr')}, hypothesis "
+        f"{installed_version('hypothesis')}, pytest {installed_version('pytest')}): "
+        f"plain {sum(plain['counts'].values())} tests run, cached "
+        f"{sum(c.values())} run: {c.get('passed', 0)} passed, "
+        f"{c.get('failed', 0) + c.get('error', 0)} failed, {c.get('skipped', 0)} skipped; "
+        f"cache-only failures {len(real)} (re-runs: {len(reruns['flaky'])} flaky, "
+        f"{len(reruns['fail_plain'])} failed plain too)"
     )
     return 1 if failed else 0
 
