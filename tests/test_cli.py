@@ -27,19 +27,24 @@ def test_demo_reads_once_and_is_correct(capsys):
     assert "dashboard http://127.0.0.1:" in out
 
 
-def test_demo_exits_cleanly_without_a_warning_line():
-    # As a new user runs it: a process of its own, everything it prints read (a nanny
-    # that had to kill its worker at exit says "WARNING - Worker process still alive").
+#: What a clean exit never prints: a nanny that had to kill its worker says "WARNING -
+#: Worker process still alive"; a handler that failed while the cluster closed "ERROR -
+#: Exception while handling op"; a cancelled gather "exception was never retrieved".
+ALARMING = ("WARNING", "ERROR", "Traceback", "never retrieved", "Unclosed client session")
+
+
+def test_demo_exits_cleanly_without_an_alarming_line():
+    # As a new user runs it, with its defaults (3 workers: closing them moves the
+    # index shards): a process of its own, everything it prints read.
     done = subprocess.run(
-        [sys.executable, "-m", "dask_zarr_cache.cli", "demo", "--workers", "2",
-         "--passes", "1", "--side", "256", "--chunk", "128", "--latency-ms", "0"],
+        [sys.executable, "-m", "dask_zarr_cache.cli", "demo", "--passes", "2"],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cache, cold" in done.stdout
     output = done.stdout + done.stderr
-    assert "Unclosed client session" not in output
-    assert [line for line in output.splitlines() if "WARNING" in line] == []
+    alarming = [line for line in output.splitlines() if any(a in line for a in ALARMING)]
+    assert alarming == [], done.stderr[-4000:]
 
 
 def test_stats_prints_a_table_and_json(client, capsys):

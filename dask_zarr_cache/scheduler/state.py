@@ -279,8 +279,18 @@ class ZarrCacheScheduler:
         """
         targets = [w for w in self._reachable() if w != skip and (to is None or w in to)]
         timeout = self.settings.write_lease if timeout is None else timeout
-        replies = await asyncio.gather(*(self._ask(w, op, timeout, **kwargs) for w in targets))
-        return {w: r for w, r in zip(targets, replies, strict=True) if r is not _UNREACHED}
+        # return_exceptions: a call cancelled as the scheduler closes must not leave the
+        # gathering future's exception unretrieved (logged at exit).
+        replies = await asyncio.gather(
+            *(self._ask(w, op, timeout, **kwargs) for w in targets), return_exceptions=True
+        )
+        answered = {}
+        for worker, reply in zip(targets, replies, strict=True):
+            if isinstance(reply, Exception):
+                logger.warning("zarr cache %s failed on %s: %r", op, worker, reply)
+            elif reply is not _UNREACHED and not isinstance(reply, BaseException):
+                answered[worker] = reply
+        return answered
 
     def _reachable(self) -> list[str]:
         """Workers with a cache (caught up at least once) the scheduler still knows."""

@@ -557,9 +557,11 @@ class WorkerCache:
         The report runs beside: a shard that does not answer (its worker just died, and
         connecting waits out the timeout) must not hold up the catch-up, or this worker's
         lease would run out and it would stop serving its files.  A flush waits at most
-        ``settings.report_wait`` for it, and starts none while one is still out.
+        ``settings.report_wait`` for it, and starts none while one is still out.  A
+        closed cache does nothing (its worker's connections may be closed already: a
+        scheduler's message can still reach the handlers while the worker closes).
         """
-        if self._flush_lock.locked():
+        if self._flush_lock.locked() or self._closed:
             return
         async with self._flush_lock:
             try:

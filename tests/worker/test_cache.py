@@ -649,3 +649,17 @@ async def test_a_kept_write_leaves_a_key_another_worker_fetches(net, clock, tmp_
     assert await fetching == b"written"
     await net.idle()
     assert net.index.owner(key_digest(K)) == B
+
+
+async def test_a_closed_cache_ignores_the_schedulers_late_messages(net, clock, tmp_path):
+    # A worker closes its cache (plugin teardown) before its connections; a scheduler's
+    # message that arrives in between must not make it call out on a closed pool.
+    a = await net.worker(A, tmp_path / "a", clock)
+    await a.close(finish_loads=False)
+
+    async def closed_pool(**kwargs):
+        raise RuntimeError("ConnectionPool is closed")
+
+    net.scheduler.zarr_cache_sync = closed_pool
+    await a.zarr_cache_index_moved(shard=0)
+    await a.flush()
