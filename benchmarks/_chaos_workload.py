@@ -186,10 +186,15 @@ class Workload:
             hot.update(c for c, t in self._written.items() if now - t < self.settings.hot_after)
         return sorted(hot)
 
-    def _claim(self, rng: random.Random) -> tuple[int, int] | None:
-        """A chunk no one writes now, and its next version (the caller must release it)."""
+    def _claim(self, rng: random.Random, chunk: int | None = None) -> tuple[int, int] | None:
+        """A chunk no one writes now (``chunk``, if free), and its next version.
+
+        The caller must release it.
+        """
         with self._lock:
             free = [c for c in range(self.settings.chunks) if c not in self._busy]
+            if chunk is not None:
+                free = [chunk] if chunk in free else []
             if not free:
                 return None
             chunk = rng.choice(free)
@@ -303,21 +308,40 @@ class Workload:
             if claim is None:
                 time.sleep(0.05)
                 continue
-            chunk, version = claim
-            value = np.full(s.chunk_size, encode(chunk, version), dtype="int64")
-            t_invoke = time.time()
-            try:
-                self.client_array[chunk_selection(chunk, s.chunk_size)] = value
-            except Exception as err:
-                op = WriteOp(
-                    chunk, version, t_invoke, time.time(), "client", None, "failed", _text(err)
-                )
-            else:
-                op = WriteOp(chunk, version, t_invoke, time.time(), "client", None, "ok")
-            self._release(chunk)
-            with self._lock:
-                self.writes.append(op)
+            self._client_write(*claim)
             time.sleep(rng.uniform(*s.write_pause))
+
+    def _client_write(self, chunk: int, version: int) -> None:
+        """Write ``chunk`` at ``version`` from the client, record it, release the chunk."""
+        s = self.settings
+        value = np.full(s.chunk_size, encode(chunk, version), dtype="int64")
+        t_invoke = time.time()
+        try:
+            self.client_array[chunk_selection(chunk, s.chunk_size)] = value
+        except Exception as err:
+            op = WriteOp(
+                chunk, version, t_invoke, time.time(), "client", None, "failed", _text(err)
+            )
+        else:
+            op = WriteOp(chunk, version, t_invoke, time.time(), "client", None, "ok")
+        self._release(chunk)
+        with self._lock:
+            self.writes.append(op)
+
+    def write_every_chunk(self) -> int:
+        """After the run: one more write of each chunk no write may still be running on.
+
+        From the client, one chunk after the other; returns the chunks written.  The
+        final phase's reads then each need the source once (what read-once promises).
+        """
+        rng = random.Random(0)
+        written = 0
+        for chunk in range(self.settings.chunks):
+            claim = self._claim(rng, chunk)
+            if claim is not None:
+                self._client_write(*claim)
+                written += 1
+        return written
 
     def _task_writer(self, rng: random.Random) -> None:
         s = self.settings

@@ -10,9 +10,10 @@ A scheduler and ``--workers`` nanny workers (``python -m dask ...``, the cache i
 ``--preload dask_zarr_cache.preload``, cache directories kept across restarts) read and
 write a zarr array on a loopback S3 server (GETs counted at the server) while a nemesis
 kills and freezes workers (modes ``kills``, ``both``) and a worker plugin holds back some
-of the cache's invalidations and peer replies (modes ``slow``, ``both``).  Afterwards every
-worker reads every chunk twice: each must see the last written version, and the source
-must be read at most once per chunk.  The history is checked by
+of the cache's invalidations and peer replies (modes ``slow``, ``both``).  Afterwards, once
+the cluster settled, the client writes every chunk once more, then every worker reads
+every chunk twice: each must see the last written version, and the source must be read
+at most once per chunk.  The history is checked by
 :func:`benchmarks._chaos_history.check`; exit status 0 when it found nothing, 1 when it
 found something, 2 when the run itself could not be carried out.
 
@@ -219,7 +220,7 @@ def _write_initial(s3: Any, chunks: int) -> list[WriteOp]:
 def _final_phase(
     client: Any, args: argparse.Namespace, storage_options: dict[str, Any], deadline: Deadline
 ) -> list[ReadOp]:
-    """Every worker reads every chunk, twice; the reads, recorded."""
+    """Every worker reads every chunk, twice (after the final writes); the reads, recorded."""
     reads = []
     rng = random.Random(f"{args.seed}:final")
     for _ in range(2):
@@ -365,6 +366,8 @@ def run(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
                 # A peer that failed in the chaos is skipped for read-timeout (5 s), then
                 # asked again: the final phase starts once that has passed.
                 time.sleep(5.5)
+                # As the field sees it: one more write per chunk, then the reads.
+                facts["final_writes"] = workload.write_every_chunk()
                 before, counters = s3.object_gets, _worker_counters(client)
                 final = _final_phase(client, args, storage_options, deadline)
                 final_gets = chunk_gets(s3.object_gets - before, args.chunks)

@@ -83,7 +83,7 @@ class _Endpoint:
 
         return call
 
-    async def zarr_cache_get(self, key: str) -> dict[str, Any] | None:
+    async def zarr_cache_get(self, key: str, probe: bool = False) -> dict[str, Any] | None:
         self.pool.calls.append((self.address, "get"))
         if self.address in self.pool.hung:  # frozen, or dead with a connect still retried
             await self.pool.hang()
@@ -91,7 +91,7 @@ class _Endpoint:
             raise OSError(f"{self.address} is down")
         if self.address in self.pool.handlerless:  # restarted, its plugin not set up yet
             return None
-        reply = await self.pool.caches[self.address].zarr_cache_get(key)
+        reply = await self.pool.caches[self.address].zarr_cache_get(key, probe)
         if "data" in reply:  # what the receiving end of a real comm gets
             reply = {**reply, "data": reply["data"].data}
         return reply

@@ -40,6 +40,7 @@ from dask_zarr_cache.core.protocol import (
 from dask_zarr_cache.identity.keys import is_immutable
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
+from dask_zarr_cache.worker.flights import ASKING, PEER, SOURCE, Fetch
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache.worker.proofs import check_against_source
@@ -208,13 +209,15 @@ class WorkerCache:
         return data
 
     async def _load(
-        self, key: str, fetch: Any, read_source: Callable[[], Awaitable[Payload | None]]
+        self, key: str, fetch: Fetch, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
         # However the index and peers answer (or not: a frozen host), this read waits for
-        # them at most ``read_timeout`` in all, then reads the source itself.
+        # them at most ``read_timeout`` in all, then reads the source itself.  ``fetch``'s
+        # phase tells peers asking for ``key`` meanwhile whether they may wait on it.
         deadline = time.monotonic() + self.settings.read_timeout
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
+            fetch.enter(PEER)
             status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
             if status != MISSING:
                 return data
@@ -226,6 +229,7 @@ class WorkerCache:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            fetch.enter(ASKING)
             try:
                 decision = await asyncio.wait_for(
                     self.worker_loop.call(self.index.acquire_one(key, unreachable)), remaining
@@ -243,12 +247,16 @@ class WorkerCache:
                 self.settings.peer_probe_timeout,
                 self.settings.read_timeout,
             )
+            fetch.enter(PEER)
             if wait <= 0:
                 continue
-            status, data = await self.peers.fetch(decision.address, key, wait)
+            status, data = await self.peers.fetch(
+                decision.address, key, wait, deadline - time.monotonic()
+            )
             if status != MISSING:
                 return data
             logger.debug("zarr cache: %s missing at %r (%s)", key, decision.address, decision)
+        fetch.enter(SOURCE)
         return await self._read_source_uncached(read_source)
 
     async def _read_source_uncached(
@@ -264,7 +272,7 @@ class WorkerCache:
     async def _fetch_and_cache(
         self,
         key: str,
-        fetch: Any,
+        fetch: Fetch,
         read_source: Callable[[], Awaitable[Payload | None]],
         reads: int = 0,
     ) -> Payload | None:
@@ -273,6 +281,7 @@ class WorkerCache:
         Every way out releases the cluster-wide claim at once, except a successful commit,
         which happens in the background after the reader has its bytes.
         """
+        fetch.enter(SOURCE)
         claimed = True
         try:
             created = self.clock()
@@ -388,9 +397,9 @@ class WorkerCache:
             "zarr_cache_worker_left": self.zarr_cache_worker_left,
         }
 
-    async def zarr_cache_get(self, key: str) -> dict[str, Any]:
+    async def zarr_cache_get(self, key: str, probe: bool = False) -> dict[str, Any]:
         """A peer asks for the bytes of ``key`` (see :meth:`Peers.serve`)."""
-        return await self.peers.serve(key)
+        return await self.peers.serve(key, probe)
 
     async def zarr_cache_apply_write(self, seq: int, keys: bytes, prefixes: bytes) -> int:
         """Apply write ``seq``: drop matching files, poison matching fetches in flight.

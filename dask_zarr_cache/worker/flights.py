@@ -15,7 +15,14 @@ if TYPE_CHECKING:
 
     from dask_zarr_cache.core.protocol import Payload
 
-__all__ = ["Fetch", "Flights"]
+__all__ = ["ASKING", "PEER", "SOURCE", "Fetch", "Flights", "NotFetchingError"]
+
+#: What a load is doing: asking the index who fetches, waiting on a peer, reading the source.
+ASKING, PEER, SOURCE = "asking", "peer", "source"
+
+
+class NotFetchingError(Exception):
+    """The load waits on a peer: a peer asking for the key must not wait on it too."""
 
 
 class Fetch:
@@ -24,15 +31,51 @@ class Fetch:
     A write of the key while it loads *poisons* it: the bytes still reach the readers that
     were already waiting (they started before the write returned), but are not cached, and
     readers that start later do not join it.
+
+    Its :attr:`phase` (set by the leader, read by peers' requests on another thread) says
+    whether a peer may wait on it: one that reads the source, yes; one that waits on
+    another peer, no (peers naming each other would wait on each other until the read
+    timeout); one that asks the index, until the index's answer arrives.
     """
 
-    __slots__ = ("future", "poisoned", "seq")
+    __slots__ = ("_asked", "future", "phase", "poisoned", "seq")
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, phase: str = ASKING) -> None:
         self.future: concurrent.futures.Future[Payload | None] = concurrent.futures.Future()
         self.poisoned = False
         #: Writes known to this worker when the load started (stamped on the file).
         self.seq = seq
+        self.phase = phase
+        #: Done when the load stops asking the index (a new one each time it asks again).
+        self._asked: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def enter(self, phase: str) -> None:
+        """The leader moves to ``phase`` (:data:`ASKING`, :data:`PEER` or :data:`SOURCE`)."""
+        if phase == self.phase:
+            return
+        if phase == ASKING:
+            self._asked = concurrent.futures.Future()
+        self.phase = phase
+        if not self._asked.done():
+            self._asked.set_result(None)
+
+    async def source_outcome(self) -> Payload | None:
+        """The load's bytes for a peer: :meth:`outcome`, unless it waits on a peer itself.
+
+        Raises
+        ------
+        NotFetchingError
+            If the load is waiting on another peer (after its index answer, if it was
+            asking the index).
+
+        """
+        if self.phase == ASKING and not self.future.done():
+            asked = asyncio.wrap_future(self._asked)
+            loaded = asyncio.wrap_future(self.future)
+            await asyncio.wait([asked, loaded], return_when=asyncio.FIRST_COMPLETED)
+        if self.phase != SOURCE and not self.future.done():
+            raise NotFetchingError(self.phase)
+        return await self.outcome()
 
     async def outcome(self) -> Payload | None:
         """Wait for the load's bytes (or its error) on the running event loop.
@@ -50,12 +93,12 @@ class Flights:
     def __init__(self) -> None:
         self._by_key: dict[str, Fetch] = {}
 
-    def begin(self, key: str, seq: int) -> tuple[Fetch, bool]:
-        """The load of ``key`` to join, or a new one (stamped ``seq``) the caller leads."""
+    def begin(self, key: str, seq: int, phase: str = ASKING) -> tuple[Fetch, bool]:
+        """The load of ``key`` to join, or a new one (stamped ``seq``, in ``phase``) to lead."""
         fetch = self._by_key.get(key)
         if fetch is not None:
             return fetch, False
-        fetch = self._by_key[key] = Fetch(seq)
+        fetch = self._by_key[key] = Fetch(seq, phase)
         return fetch, True
 
     def get(self, key: str) -> Fetch | None:

@@ -2,16 +2,19 @@
 
 Bytes travel as ``to_serialize(memoryview)`` (one frame, no copy) with their CRC32C,
 which the receiver verifies.  A peer serves only what it holds now, or the result of its
-fetch in flight (cluster-wide single-flight), and only while it may serve at all (see
-``LocalState.can_serve``).  Each reply carries the peer's position in the write history,
-and the asker refuses bytes older than a write it has applied itself
-(``LocalState.current``): an invalidation can reach the peer after it reached the asker.
+fetch from the source in flight (cluster-wide single-flight), and only while it may serve
+at all (see ``LocalState.can_serve``).  It never forwards a wait: asked for a key its own
+load is asking another peer for, it answers "missing" at once.  Each reply carries the
+peer's position in the write history, and the asker refuses bytes older than a write it
+has applied itself (``LocalState.current``): an invalidation can reach the peer after it
+reached the asker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
@@ -21,6 +24,7 @@ from dask_zarr_cache.core.departures import Departures
 from dask_zarr_cache.core.loops import LoopBlockedError, WorkerLoop
 from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.worker.disk import checksum
+from dask_zarr_cache.worker.flights import SOURCE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,12 +33,14 @@ if TYPE_CHECKING:
     from dask_zarr_cache.worker.disk import DiskCache
     from dask_zarr_cache.worker.state import LocalState
 
-__all__ = ["ABSENT", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
+__all__ = ["ABSENT", "FETCHING", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
 
 logger = logging.getLogger(__name__)
 
 #: Answers of ``zarr_cache_get``: bytes follow; the source has no such key; not served.
 OK, ABSENT, MISSING = "ok", "absent", "missing"
+#: Answer to a probe: alive, and reading the key from the source now (ask again, and wait).
+FETCHING = "fetching"
 #: What makes the cache give up on the index or a peer and read the source instead.
 UNAVAILABLE = (IndexUnavailableError, LoopBlockedError, OSError, TimeoutError)
 
@@ -73,17 +79,23 @@ class Peers:
         """Peer ``address`` left: the requests still waiting on it fail now."""
         self._calls.left(lambda a: a == address, "it left the cluster")
 
-    async def fetch(self, address: str, key: str, timeout: float) -> tuple[str, Payload | None]:
+    async def fetch(
+        self, address: str, key: str, timeout: float, full: float | None = None
+    ) -> tuple[str, Payload | None]:
         """Ask peer ``address`` for ``key`` (from any loop), waiting at most ``timeout``.
 
         Returns ``(OK, bytes)``, ``(ABSENT, None)`` if the source has no such key, or
         ``(MISSING, None)`` if the peer could not serve it, or served what may predate a
         write this worker applied (a peer that did not answer is not asked again for a
-        while).
+        while).  With ``full`` (more than ``timeout``: a probe of a peer in back-off), the
+        peer answers at once; one that is reading ``key`` from the source says so, and is
+        asked again, for ``full`` seconds in all: slow is not gone.
         """
+        probe = full is not None and full > timeout
+        started = time.monotonic()
         with context_meter.meter("zarr-cache-peer-fetch"):
             try:
-                reply = await self.worker_loop.call(self.request(address, key, timeout))
+                reply = await self.worker_loop.call(self.request(address, key, timeout, probe))
             except UNAVAILABLE as err:
                 logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
                 if not isinstance(err, LoopBlockedError):
@@ -92,6 +104,8 @@ class Peers:
         self.state.peer_answered(address)
         # A peer without the cache's handlers (just restarted) answers None.
         status = reply.get("status") if isinstance(reply, dict) else None
+        if probe and status == FETCHING and full is not None:
+            return await self.fetch(address, key, full - (time.monotonic() - started))
         if status not in (OK, ABSENT):
             return MISSING, None
         if not self.state.current(key, reply.get("epoch"), reply.get("seq")):
@@ -109,7 +123,7 @@ class Peers:
         self.state.served_by(key, address, len(data))
         return OK, data
 
-    async def request(self, address: str, key: str, timeout: float) -> Any:
+    async def request(self, address: str, key: str, timeout: float, probe: bool = False) -> Any:
         """The raw ``zarr_cache_get`` reply of ``address`` (worker loop).
 
         Raises
@@ -120,23 +134,29 @@ class Peers:
             If it did not answer within ``timeout`` (a frozen peer).
 
         """
-        call = self.rpc(address).zarr_cache_get(key=key)
+        call = self.rpc(address).zarr_cache_get(key=key, probe=probe)
         return await self._calls.call(address, call, max(0.0, timeout))
 
-    async def serve(self, key: str) -> dict[str, Any]:
+    async def serve(self, key: str, probe: bool = False) -> dict[str, Any]:
         """Handler ``zarr_cache_get``: a cached object, or its fetch in flight, to a peer.
 
         Only keys in this cache are served; anything else gets ``{"status": "missing"}``.
         Bytes (and "absent") come with this worker's position in the write history when
         it looked the key up, so the asker can tell whether they predate a write it knows.
+        A ``probe`` is answered at once: ``{"status": "fetching"}`` while this worker
+        reads ``key`` from the source.
         """
         if not self.state.can_serve():
             return {"status": MISSING}
         epoch, seq = self.state.position()  # before the lookup: the file is current up to it
         fetch = self.state.inflight(key)
+        if probe and fetch is not None and fetch.phase == SOURCE and not fetch.future.done():
+            return {"status": FETCHING}
         if fetch is not None:
+            # Only a load that reads the source is waited on: one waiting on a peer itself
+            # answers "missing" at once (peers naming each other would wait on each other).
             try:
-                data = await asyncio.wait_for(fetch.outcome(), self.read_timeout)
+                data = await asyncio.wait_for(fetch.source_outcome(), self.read_timeout)
             except Exception:
                 return {"status": MISSING}
             if data is None:

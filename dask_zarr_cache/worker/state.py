@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from dask_zarr_cache.worker.budget import Budget
 from dask_zarr_cache.worker.counters import CacheCounters
 from dask_zarr_cache.worker.entries import Entries, LocalEntry
-from dask_zarr_cache.worker.flights import Fetch, Flights
+from dask_zarr_cache.worker.flights import SOURCE, Fetch, Flights
 from dask_zarr_cache.worker.hints import PeerHints
 from dask_zarr_cache.worker.position import Position
 from dask_zarr_cache.writes.log import matcher
@@ -188,7 +188,7 @@ class LocalState:
                 or self.writes.marks.replaced_between(key, since[1], reply.seq)
             ):
                 return None
-            return self.flights.begin(key, reply.seq)[0]
+            return self.flights.begin(key, reply.seq, SOURCE)[0]  # the bytes are in hand
 
     def inflight(self, key: str) -> Fetch | None:
         """The load of ``key`` that new readers would join, if any."""

@@ -663,3 +663,65 @@ async def test_a_closed_cache_ignores_the_schedulers_late_messages(net, clock, t
     net.scheduler.zarr_cache_sync = closed_pool
     await a.zarr_cache_index_moved(shard=0)
     await a.flush()
+
+
+async def test_peers_that_name_each_other_for_a_key_never_wait_on_each_other(net, clock, tmp_path):
+    # After faults, stale hints can send A to B and B to A for the same key. A peer whose
+    # own load is asking a peer answers at once: it never forwards the wait to a third
+    # worker, so no cycle waits out the read timeout, and the index decides who fetches.
+    a = await net.worker(A, tmp_path / "a", clock, read_timeout=3.0)
+    b = await net.worker(B, tmp_path / "b", clock, read_timeout=3.0)
+    a.state.hints.served(K, B)
+    b.state.hints.served(K, A)
+    source = Source()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.gather(a.get(K, source), b.get(K, source)) == [b"bytes"] * 2
+    assert loop.time() - started < 1.0  # not the read timeout
+    assert source.reads == 1
+
+
+async def test_a_peer_asked_while_it_asks_the_index_waits_for_its_decision(net, clock, tmp_path):
+    # The index may send A to B while B's own claim is still on its way back to B: B
+    # must not answer "missing" then (A would take the claim over: two source reads).
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    decided, release = asyncio.Event(), asyncio.Event()
+    acquire_one = b.index.acquire_one
+
+    async def late_reply(*args, **kwargs):
+        decision = await acquire_one(*args, **kwargs)
+        decided.set()
+        await release.wait()
+        return decision
+
+    b.index.acquire_one = late_reply
+    source = Source()
+    b_read = asyncio.ensure_future(b.get(K, source))
+    await decided.wait()  # the index made B the fetcher; B does not know it yet
+    a_read = asyncio.ensure_future(a.get(K, source))
+    while ("tcp://b:1", "get") not in net.calls:
+        await asyncio.sleep(0.001)
+    release.set()
+    assert await asyncio.gather(a_read, b_read) == [b"bytes"] * 2
+    assert source.reads == 1
+
+
+async def test_a_probe_of_a_peer_fetching_from_the_source_waits_for_its_bytes(net, clock, tmp_path):
+    # B failed once (a reader gave up on it); its back-off has passed, so a reader probes
+    # it for peer_probe_timeout only. B is healthy, and its source read takes longer than
+    # a probe: it answers "fetching", and the reader waits for the bytes instead of taking
+    # B's claim over (a second source read).
+    a = await net.worker(A, tmp_path / "a", clock, peer_probe_timeout=0.05)
+    b = await net.worker(B, tmp_path / "b", clock)
+    slow = Source()
+    slow.gate = asyncio.Event()
+    b_read = asyncio.ensure_future(b.get(K, slow))
+    await slow.reached.wait()
+    a.state.peer_failed(B)
+    clock.now += a.settings.read_timeout + 1  # past the quiet window: B is probed
+    a_read = asyncio.ensure_future(a.get(K, slow))
+    await asyncio.sleep(0.2)  # four probe timeouts
+    slow.gate.set()
+    assert await asyncio.gather(a_read, b_read) == [b"bytes"] * 2
+    assert slow.reads == 1
