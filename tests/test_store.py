@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.buffer.cpu import Buffer
+from zarr.core.buffer import BufferPrototype, default_buffer_prototype
+from zarr.core.buffer.cpu import Buffer, NDBuffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
@@ -379,3 +379,91 @@ for _name, _test in vars(StoreTests).items():
         setattr(TestOverMemoryStore, _name, _in_a_thread(_test))
         for _cls in (TestOverFsspecS3, TestOverObjectStoreS3):
             setattr(_cls, _name, _not_for_this_source(_test))
+
+
+class _RecordingBuffer(Buffer):
+    """A CPU buffer that counts its builds: what a GPU prototype's buffer stands for here."""
+
+    built = 0
+
+    @classmethod
+    def from_bytes(cls, bytes_like):
+        cls.built += 1
+        return super().from_bytes(bytes_like)
+
+
+RECORDING = BufferPrototype(buffer=_RecordingBuffer, nd_buffer=NDBuffer)
+
+
+@pytest.fixture
+async def two_worker_caches(tmp_path, monkeypatch):
+    """Two real workers' caches in this test's loop; ``current["cache"]`` is the reader's."""
+    from distributed import Client, Scheduler, Worker
+
+    from dask_zarr_cache import ZarrCachePlugin
+
+    async with (
+        Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler,
+        Worker(scheduler.address, host="127.0.0.1", nthreads=1) as a,
+        Worker(scheduler.address, host="127.0.0.1", nthreads=1) as b,
+        Client(scheduler.address, asynchronous=True) as client,
+    ):
+        await client.register_plugin(ZarrCachePlugin(max_size="10MiB", directory=tmp_path / "c"))
+        caches = [a.extensions["zarr_cache"], b.extensions["zarr_cache"]]
+        current = {"cache": caches[0]}
+        monkeypatch.setattr("dask_zarr_cache.store.worker_cache", lambda: current["cache"])
+        yield caches, current
+
+
+async def test_every_read_path_returns_the_buffer_the_prototype_asks_for(
+    tmp_path, two_worker_caches
+):
+    # zarr with enable_gpu() passes a GPU prototype; whichever way the bytes come (the
+    # source, this worker's disk, a peer, a kept write, a byte range), the reader gets
+    # the prototype's buffer, built from the bytes.
+    (a, b), current = two_worker_caches
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "c0").write_bytes(b"chunk zero")
+    shard = bytes(range(256)) * 100
+    (tmp_path / "src" / "shard").write_bytes(shard)
+    store = ClusterCacheStore(LocalStore(tmp_path / "src"))
+
+    async def read(key, byte_range=None):
+        before = _RecordingBuffer.built
+        buf = await store.get(key, RECORDING, byte_range)
+        assert type(buf) is _RecordingBuffer and _RecordingBuffer.built > before
+        return buf.to_bytes()
+
+    assert await read("c0") == b"chunk zero"  # from the source
+    assert a.counters.remote_reads == 1
+    assert await read("c0") == b"chunk zero"  # from this worker's disk
+    assert a.counters.hits == 1
+    await a.idle()  # its commit reached the index
+    current["cache"] = b
+    assert await read("c0") == b"chunk zero"  # from the peer
+    assert b.counters.peer_reads == 1 and b.counters.remote_reads == 0
+    current["cache"] = a
+    for _ in range(2):  # a range of an object: from the source, then from disk
+        assert await read("shard", RangeByteRequest(10, 20)) == shard[10:20]
+    assert a.counters.remote_reads == 2 and a.counters.hits == 2
+
+
+def _write_then_read_back(store: ClusterCacheStore, key: str) -> tuple[str, bytes, int]:
+    """In a task: write ``key``, then read it with RECORDING; the buffer type, bytes, GETs."""
+    from distributed import get_worker
+    from zarr.core.sync import sync
+
+    worker = get_worker()
+    cache = worker.extensions["zarr_cache"]
+    sync(store.set(key, Buffer.from_bytes(b"written")))
+    asyncio.run_coroutine_threadsafe(cache.idle(), worker.loop.asyncio_loop).result()
+    reads = cache.counters.remote_reads
+    buf = sync(store.get(key, RECORDING))
+    return type(buf).__name__, buf.to_bytes(), cache.counters.remote_reads - reads
+
+
+def test_a_kept_write_is_read_back_in_the_buffer_the_prototype_asks_for(tmp_path, client):
+    (tmp_path / "src").mkdir()
+    store = ClusterCacheStore(LocalStore(tmp_path / "src"))
+    kind, data, source_reads = client.submit(_write_then_read_back, store, "c1").result()
+    assert (kind, data, source_reads) == ("_RecordingBuffer", b"written", 0)

@@ -153,6 +153,17 @@ def test_memory_stores_over_one_dict_share_an_identity_and_other_dicts_never():
     assert ClusterCacheStore(MemoryStore({})) != ClusterCacheStore(MemoryStore({}))
 
 
+def test_a_gpu_memory_store_is_named_by_the_dict_that_holds_it():
+    # GpuMemoryStore (zarr.config.enable_gpu()) is a MemoryStore whose values are device
+    # buffers: the same dict is the same objects, as for MemoryStore.
+    from zarr.storage import GpuMemoryStore
+
+    shared: dict = {}
+    gpu = GpuMemoryStore(shared)
+    assert source_identity(gpu) == source_identity(MemoryStore(shared))
+    assert source_identity(gpu) != source_identity(GpuMemoryStore({}))
+
+
 def test_object_stores_over_one_obstore_memory_store_share_an_identity():
     memory = obstore.store.MemoryStore()
     assert source_identity(ObjectStore(memory)) == source_identity(ObjectStore(memory))
