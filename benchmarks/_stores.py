@@ -59,6 +59,29 @@ def plain(url: str, options: tuple[tuple[str, Any], ...]) -> Store:
     return FsspecStore.from_url(url, read_only=True, storage_options=dict(options))
 
 
+def one_get(url: str, options: tuple[tuple[str, Any], ...]) -> Store:
+    """No cache: zarr's ``ObjectStore`` over obstore's ``S3Store``, one GET per object, no HEAD.
+
+    What a user who wants the fastest uncached read picks today; the cache's cold pass is
+    measured against it.
+    """
+    from obstore.store import S3Store
+    from zarr.storage import ObjectStore
+
+    opts = dict(options)
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    store = S3Store(
+        bucket,
+        prefix=prefix,
+        endpoint=opts["endpoint_url"],
+        region="us-east-1",
+        access_key_id=opts["key"],
+        secret_access_key=opts["secret"],
+        client_options={"allow_http": True},
+    )
+    return ObjectStore(store, read_only=True)
+
+
 def zarr_cache_store(url: str, options: tuple[tuple[str, Any], ...], root: str) -> Store:
     """zarr's own ``CacheStore`` with a worker-local ``LocalStore`` cache."""
     from zarr.experimental.cache_store import CacheStore

@@ -33,7 +33,8 @@ import zarr
 from distributed import Client
 from zarr.storage import LocalStore
 
-from benchmarks import _micro, _report, _stores, _traces, _workloads
+from benchmarks import _breakdown, _micro, _report, _stores, _tiny, _traces, _workloads
+from benchmarks._report import Spread
 from benchmarks._s3 import ParallelS3Server, ServiceTimes
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin, cluster_stats, warm
 from dask_zarr_cache.core.names import POLICIES
@@ -41,7 +42,13 @@ from dask_zarr_cache.testing import loopback_cluster
 
 RESULTS = Path(__file__).parent / "results"
 BUCKET, PATH, COPY = "bench", "bench/data.zarr", "bench/copy.zarr"
+#: the same data again, for the cache over ObjectStore: a source's key is where its bytes
+#: live, so over the same objects it would find the other cache path's copies
+OBSTORE_COPY = "bench/obstore.zarr"
 WARMUP = "bench/warmup.zarr"  #: a few chunks, read untimed through every path first
+NO_CACHE, ONE_GET = "no cache (FsspecStore)", "no cache (ObjectStore, one GET)"
+OURS, OURS_ONE_GET = "dask-zarr-cache", "dask-zarr-cache over ObjectStore"
+FLOOR = "floor: worker-local LocalStore"
 
 
 @dataclass
@@ -56,6 +63,7 @@ class PathResult:
     source_bytes: list[int] = field(default_factory=list)
     #: dask-zarr-cache only: per pass, the share of cache reads from the reader's own disk
     local_share: list[float] = field(default_factory=list)
+    times: list[_breakdown.PassTime] = field(default_factory=list)
     correct: bool = True
 
     @property
@@ -71,27 +79,11 @@ class PathResult:
         return self.seconds[1:]
 
 
-@dataclass(frozen=True)
-class Spread:
-    """A median with the min and max it was taken over."""
-
-    median: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        return cls(float(np.median(values)), min(values), max(values))
-
-    def __str__(self) -> str:
-        return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
-
-
-def _chunk_requests(counts: dict[str, Any]) -> Counter[str]:
-    """Requests for the dataset's chunks in ``counts`` (a server snapshot), per HTTP method."""
+def _chunk_requests(counts: dict[str, Any], dataset: str) -> Counter[str]:
+    """Requests for ``dataset``'s chunks in ``counts`` (a server snapshot), per HTTP method."""
     per_method: Counter[str] = Counter()
     for (method, path), n in counts["requests"].items():
-        if path.startswith(PATH + "/c/"):
+        if path.startswith(dataset + "/c/"):
             per_method[method] += n
     return per_method
 
@@ -113,7 +105,7 @@ def _copy_to_floor(source: str, root: str) -> None:
 def write_dataset(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, dict]:
     """The dataset, and a copy for ``warm()``, as buckets under ``root`` for the S3 snapshot."""
     data = np.random.default_rng(0).random((args.side, args.side), dtype="f4")
-    for path in (PATH, COPY):
+    for path in (PATH, COPY, OBSTORE_COPY):
         arr = zarr.create_array(
             LocalStore(root / path), shape=data.shape, chunks=(args.chunk,) * 2, dtype="f4"
         )
@@ -134,18 +126,28 @@ def _local_share(before: dict, after: dict) -> float:
     return hits / (hits + peers) if hits + peers else 0.0
 
 
-def _read_paths(url: str, options: tuple, scratch: str) -> dict[str, object]:
-    """Every read path over the dataset at ``url``, by name."""
+def _read_paths(
+    options: tuple, scratch: str, dataset: str | None = None
+) -> dict[str, tuple[object, str]]:
+    """Every read path by name, with the dataset it reads (``dataset`` for all, if given)."""
+
+    def over(factory: Any, own: str = PATH) -> tuple[object, str]:
+        path = dataset or own
+        return factory(f"s3://{path}", options), path
+
+    def per_process(factory: Any, *args: Any) -> Any:
+        return lambda url, options: _stores.PerProcessStore(factory, url, options, *args)
+
     return {
-        "no cache (FsspecStore)": _stores.PerProcessStore(_stores.plain, url, options),
-        "zarr CacheStore per worker": _stores.PerProcessStore(
-            _stores.zarr_cache_store, url, options, scratch
+        NO_CACHE: over(per_process(_stores.plain)),
+        ONE_GET: over(per_process(_stores.one_get)),
+        "zarr CacheStore per worker": over(per_process(_stores.zarr_cache_store, scratch)),
+        "fsspec simplecache per worker": over(per_process(_stores.fsspec_simplecache, scratch)),
+        OURS: over(lambda url, options: ClusterCacheStore(_stores.plain(url, options))),
+        OURS_ONE_GET: over(
+            lambda url, options: ClusterCacheStore(_stores.one_get(url, options)), OBSTORE_COPY
         ),
-        "fsspec simplecache per worker": _stores.PerProcessStore(
-            _stores.fsspec_simplecache, url, options, scratch
-        ),
-        "dask-zarr-cache": ClusterCacheStore(_stores.plain(url, options)),
-        "floor: worker-local LocalStore": _stores.PerProcessStore(_stores.local_floor, scratch),
+        FLOOR: (_stores.PerProcessStore(_stores.local_floor, scratch), dataset or PATH),
     }
 
 
@@ -160,7 +162,6 @@ def run_paths(
         Client(cluster) as client,
     ):
         options = tuple(sorted(s3.storage_options.items()))
-        url = f"s3://{PATH}"
         client.register_plugin(ZarrCachePlugin(max_size="4GiB"))
         # The floor's data, untimed: on every worker, and in this process, which opens
         # the array's metadata before submitting the reads.
@@ -168,29 +169,37 @@ def run_paths(
         for dataset, root in ((PATH, scratch), (WARMUP, warmup_scratch)):
             client.run(_copy_to_floor, str(source / dataset), root)
             _copy_to_floor(str(source / dataset), root)
-        stores = _read_paths(url, options, scratch)
+        stores = _read_paths(options, scratch)
         # Warm-up, untimed: imports, S3 sessions and the cache's index in every worker
         # process, on a small dataset of its own, through every path.
         s3.latency = 0
-        warmup = _read_paths(f"s3://{WARMUP}", options, warmup_scratch)
-        for store in warmup.values():
+        warmup = _read_paths(options, warmup_scratch, WARMUP)
+        for store, _ in warmup.values():
             _read_pass(store, client, None)
         s3.latency = args.latency_ms / 1000
         s3.reset_counts()
         results = {name: PathResult(name, info["n_chunks"]) for name in stores}
         for i in range(args.passes):
-            for name, store in stores.items():
+            for name, (store, dataset) in stores.items():
                 ours = isinstance(store, ClusterCacheStore)
                 counts0 = s3.counts()
                 cache0 = cluster_stats(client)["total"] if ours else {}
-                seconds, ok = _read_pass(store, client, expected)
+                label = f"{name}, pass {i + 1}"
+                (seconds, ok), times = _breakdown.measured(
+                    client,
+                    label,
+                    info["n_chunks"],
+                    lambda store=store: _read_pass(store, client, expected),
+                    ours,
+                )
                 counts = s3.counts()
-                requests = _chunk_requests(counts) - _chunk_requests(counts0)
+                requests = _chunk_requests(counts, dataset) - _chunk_requests(counts0, dataset)
                 result = results[name]
                 if ours:
                     cache = cluster_stats(client)["total"]
                     result.local_share.append(_local_share(cache0, cache))
                 result.seconds.append(seconds)
+                result.times.append(times)
                 result.chunk_gets.append(requests["GET"])
                 result.chunk_heads.append(requests["HEAD"])
                 result.source_bytes.append(counts["bytes_sent"] - counts0["bytes_sent"])
@@ -198,8 +207,7 @@ def run_paths(
             print(
                 f"  pass {i + 1}: "
                 + ", ".join(
-                    f"{name.split(' (')[0].split(':')[0]} {r.seconds[-1]:.2f}"
-                    for name, r in results.items()
+                    f"{name.split(':')[0]} {r.seconds[-1]:.2f}" for name, r in results.items()
                 )
                 + " s",
                 flush=True,
@@ -240,10 +248,6 @@ def run_workloads(args: argparse.Namespace, s3: ParallelS3Server, info: dict) ->
     ]
 
 
-def _paired(ours: list[float], theirs: list[float]) -> Spread:
-    return Spread.of([a / b for a, b in zip(ours, theirs, strict=True)])
-
-
 def ratios(results: list[PathResult]) -> dict[str, Spread | float]:
     """The target ratios, each the median (min-max) of per-pass ratios.
 
@@ -251,15 +255,37 @@ def ratios(results: list[PathResult]) -> dict[str, Spread | float]:
     to each other); the cold pass, run once, is set against every no-cache pass.
     """
     by = {r.name: r for r in results}
-    nocache, ours = by["no cache (FsspecStore)"], by["dask-zarr-cache"]
-    floor = by["floor: worker-local LocalStore"]
+    nocache, one_get, ours = by[NO_CACHE], by[ONE_GET], by[OURS]
+    floor, ours_one_get = by[FLOOR], by[OURS_ONE_GET]
     return {
         "remote GETs per unique chunk (dask-zarr-cache)": ours.gets_per_chunk,
-        "cold pass / no-cache pass": Spread.of([ours.seconds[0] / s for s in nocache.seconds]),
-        "warm pass / floor pass": _paired(ours.warm, floor.warm),
-        "warm pass / no-cache pass": _paired(ours.warm, nocache.warm),
+        "cold pass / one-GET no-cache pass (ObjectStore)": Spread.of(
+            [ours.seconds[0] / s for s in one_get.seconds]
+        ),
+        "cold pass over ObjectStore / one-GET no-cache pass": Spread.of(
+            [ours_one_get.seconds[0] / s for s in one_get.seconds]
+        ),
+        "cold pass / no-cache pass (FsspecStore)": Spread.of(
+            [ours.seconds[0] / s for s in nocache.seconds]
+        ),
+        "warm pass / floor pass": Spread.paired(ours.warm, floor.warm),
+        "warm pass / no-cache pass": Spread.paired(ours.warm, nocache.warm),
         "warm-pass cache reads from the reader's own disk": Spread.of(ours.local_share[1:]),
     }
+
+
+def breakdown_markdown(results: list[PathResult]) -> str:
+    """Where the time of the no-cache, cold and warm passes went."""
+    by = {r.name: r for r in results}
+    return _breakdown.markdown(
+        [
+            by[ONE_GET].times[0],
+            by[OURS_ONE_GET].times[0],
+            by[OURS].times[0],
+            by[OURS_ONE_GET].times[1],
+            by[FLOOR].times[1],
+        ]
+    )
 
 
 def paths_markdown(results: list[PathResult]) -> str:
@@ -341,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-keys", default="1000,100000,1000000")
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--skip-workloads", action="store_true", help="locality and policy")
+    parser.add_argument("--skip-tiny", action="store_true", help="the tiny-chunk workload")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
     parser.add_argument("--name", default="latest", help="report file names: NAME.md, NAME.png")
     args = parser.parse_args(argv)
@@ -362,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run_paths(args, scratch, s3, data, info)
             s3.latency = args.latency_ms / 1000
             workloads = [] if args.skip_workloads else run_workloads(args, s3, info)
+        if not args.skip_tiny:
+            tiny = _tiny.run(Path(scratch), args.workers, args.passes)
+            workloads += ["## Tiny chunks", _tiny.markdown(tiny)]
     service: ServiceTimes = info["s3"]
     sections = [
         f"# dask-zarr-cache benchmark ({when})",
@@ -377,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         paths_markdown(results),
         "## Ratios",
         ratios_markdown(ratios(results)),
+        "## Where the time goes",
+        "Each worker thread's share of a pass, per chunk: no task running, task work "
+        "outside the cache (zarr, decoding, the sum), and the cache's read path as its "
+        "timing counters saw it (waiting for the source, the index, peers, writing the "
+        "file, the rest).",
+        breakdown_markdown(results),
         "## Warm-up",
         f"`warm()` of a copy of the dataset ({info['warm']['chunks']} objects, "
         f"{info['warm']['gets']} GETs): **{info['warm']['seconds']:.2f} s**, against "
@@ -393,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(report)
     plot(results, args.out / f"{args.name}.png")
-    return 0 if all(r.correct for r in results) else 1
+    correct = all(r.correct for r in results) and (args.skip_tiny or tiny.correct)
+    return 0 if correct else 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -39,6 +38,7 @@ import zarr
 from distributed import Client
 from zarr.storage import FsspecStore, LocalStore
 
+from benchmarks._report import Spread
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
 from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
 
@@ -46,18 +46,6 @@ __all__ = ["main"]
 
 BUCKET = "writes"
 REGION_CHUNKS = 8  # chunks per xarray region write
-
-
-@dataclass(frozen=True)
-class Spread:
-    """A median and its min-max, of the paired ratios of one run."""
-
-    median: float
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
 
 
 class Source:
@@ -102,11 +90,6 @@ def _timed(write: Callable[[Any, np.ndarray, int], None], store: Any, data, chun
     start = time.perf_counter()
     write(store, data, chunk)
     return time.perf_counter() - start
-
-
-def _spread(ours: list[float], theirs: list[float]) -> Spread:
-    paired = [a / b for a, b in zip(ours, theirs, strict=True)]
-    return Spread(statistics.median(paired), min(paired), max(paired))
 
 
 def _read_back_gets(client: Client, source: Source, data: np.ndarray, chunk: int) -> int:
@@ -166,7 +149,7 @@ def run_source(args: argparse.Namespace, kind: str, workers: int, scratch: str) 
                     s3.latency = 0.0
                 lines.append(
                     f"| {kind} | {workers} | {name} | {statistics.median(direct):.2f} | "
-                    f"{statistics.median(cached):.2f} | {_spread(cached, direct)} |"
+                    f"{statistics.median(cached):.2f} | {Spread.paired(cached, direct)} |"
                 )
             if s3 is not None:
                 kept = _read_back_gets(client, source, data, chunk)

@@ -14,13 +14,13 @@ import s3fs
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from benchmarks import _micro, _s3, index_load, next_cluster, run, write_load, writes
+from benchmarks import _micro, _s3, _tiny, index_load, next_cluster, run, write_load, writes
 
 
 def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
     argv = ["--workers", "2", "--passes", "2", "--side", "256", "--chunk", "64"]
-    argv += ["--latency-ms", "5", "--skip-micro", "--skip-workloads", "--out", str(tmp_path)]
-    assert run.main(argv) == 0
+    argv += ["--latency-ms", "5", "--skip-micro", "--skip-workloads", "--skip-tiny"]
+    assert run.main([*argv, "--out", str(tmp_path)]) == 0
     report = (tmp_path / "latest.md").read_text()
     for name in ("no cache", "zarr CacheStore", "simplecache", "dask-zarr-cache", "floor"):
         assert name in report
@@ -29,6 +29,18 @@ def test_benchmark_runs_every_path_and_reports(tmp_path, capsys):
     assert "warm-pass cache reads from the reader's own disk: **" in report
     assert "remote GETs per unique chunk (dask-zarr-cache): **1.00**" in report
     assert (tmp_path / "latest.png").stat().st_size > 10_000
+    assert "cold pass over ObjectStore / one-GET no-cache pass: **" in report
+    assert "| dask-zarr-cache over ObjectStore, pass 1 |" in report  # where the time goes
+
+
+def test_tiny_chunk_workload_counts_the_index_decisions_of_its_cold_pass(tmp_path):
+    result = _tiny.run(tmp_path, workers=2, passes=2, shape=(320, 160))
+    assert result.correct and result.n_chunks == 200
+    # Every chunk of the cold pass was decided once (a fetch), in fewer messages than keys.
+    assert result.cold_decisions == 200 and 0 < result.cold_asks < 200
+    report = _tiny.markdown(result)
+    assert "- cold pass / no-cache pass: **" in report
+    assert "index decisions/s during the cold pass: **" in report
 
 
 @pytest.mark.slow

@@ -463,14 +463,19 @@ def _rows(items: Iterable[Item]) -> bytes:
     return pack([(key_digest(i.key), i.tag) for i in items])
 
 
+#: Counters of each shard since it started, summed over shards.
+_SUMMED = ("decisions", "asks")
+
+
 def index_summary(
     replies: dict[int, dict[str, Any]], addresses: list[str | None]
 ) -> dict[str, Any]:
     """Add up the shards' ``zarr_cache_index_summary`` replies (by shard; missing: no answer).
 
-    Returns ``entries``, ``pending``, ``workers`` (entries per worker) and ``shards``:
-    each shard's ``{"address", "entries", "pending", "nbytes"}``, ``None`` if it did not
-    answer.
+    Returns ``entries``, ``pending``, ``decisions`` (keys the shards decided how to get,
+    since they started), ``asks`` (the messages that asked for them), ``workers`` (entries
+    per worker) and ``shards``: each shard's ``{"address", "entries", "pending",
+    "decisions", "asks", "nbytes"}``, ``None`` if it did not answer.
     """
     workers: dict[str, dict[str, int]] = {}
     for reply in replies.values():
@@ -480,11 +485,12 @@ def index_summary(
                 total[name] += value
     shards: list[dict[str, Any] | None] = [None] * len(addresses)
     for shard, reply in replies.items():
-        numbers = {k: reply[k] for k in ("entries", "pending", "nbytes")}
+        numbers = {k: reply[k] for k in ("entries", "pending", *_SUMMED, "nbytes")}
         shards[shard] = {"address": addresses[shard], **numbers}
     return {
         "entries": sum(r["entries"] for r in replies.values()),
         "pending": sum(r["pending"] for r in replies.values()),
+        **{k: sum(r[k] for r in replies.values()) for k in _SUMMED},
         "workers": workers,
         "shards": shards,
     }

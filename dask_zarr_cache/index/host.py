@@ -130,11 +130,13 @@ class IndexHost:
         return pack(self._shard(shard).cached(unpack(digests)))
 
     async def zarr_cache_index_summary(self, shard: str) -> dict[str, object]:
-        """Entries, pending fetches and entries per worker, for stats and tests."""
+        """Entries, pending fetches, keys decided and asks, and entries per worker."""
         index = self._shard(shard)
         return {
             "entries": len(index),
             "pending": index.pending_count,
+            "decisions": index.decisions,
+            "asks": index.asks,
             "workers": index.workers(),
             "nbytes": index.nbytes,
         }

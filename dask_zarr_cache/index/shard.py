@@ -79,6 +79,9 @@ class CacheIndex:
         self._workers: dict[str, _Worker] = {}
         self._by_id: dict[int, _Worker] = {}
         self._reads = Admission(policy)
+        #: Keys decided by :meth:`acquire`, and the calls that asked for them (batches).
+        self.decisions = 0
+        self.asks = 0
 
     @property
     def policy(self) -> str:
@@ -249,6 +252,9 @@ class CacheIndex:
                 continue
             self._pending[digest] = (worker, now, next(self._claims))
             decisions.append(Decision(FETCH, worker, self._reads.count(digest)))
+        if decisions:
+            self.asks += 1
+            self.decisions += len(decisions)
         return decisions
 
     def commit(self, worker: str, items: Sequence[tuple[int, int]]) -> list[int]:

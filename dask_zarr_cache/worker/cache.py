@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from dask_zarr_cache.core.config import CacheSettings
     from dask_zarr_cache.core.protocol import Item, WriteReply
+    from dask_zarr_cache.worker.flights import Fetch
 
 __all__ = ["WorkerCache"]
 
@@ -173,6 +174,12 @@ class WorkerCache:
             Its exceptions propagate to the caller unchanged.
 
         """
+        with self.state.reading():
+            return await self._get(key, read_source)
+
+    async def _get(
+        self, key: str, read_source: Callable[[], Awaitable[Payload | None]]
+    ) -> Payload | None:
         if not self.state.can_serve():  # may have missed a write: do not trust the files
             return await self._read_source_uncached(read_source)
         data = await self._read_local(key)
@@ -231,9 +238,11 @@ class WorkerCache:
                 break
             fetch.enter(ASKING)
             try:
-                decision = await asyncio.wait_for(
-                    self.worker_loop.call(self.index.acquire_one(key, unreachable)), remaining
-                )
+                with self.state.timed("index_wait_us"):
+                    decision = await asyncio.wait_for(
+                        self.worker_loop.call(self.index.acquire_one(key, unreachable)),
+                        remaining,
+                    )
             except UNAVAILABLE as err:
                 logger.debug("zarr cache index unavailable (%s); reading %s from source", err, key)
                 break
@@ -262,7 +271,7 @@ class WorkerCache:
     async def _read_source_uncached(
         self, read_source: Callable[[], Awaitable[Payload | None]]
     ) -> Payload | None:
-        with context_meter.meter("zarr-cache-source-fetch"):
+        with self.state.timed("source_wait_us"):
             data = await read_source()
         self.state.count(fallbacks=1)
         if data is not None:
@@ -282,35 +291,50 @@ class WorkerCache:
         which happens in the background after the reader has its bytes.
         """
         fetch.enter(SOURCE)
-        claimed = True
+        kept = None
         try:
             created = self.clock()
-            with context_meter.meter("zarr-cache-source-fetch"):
+            with self.state.timed("source_wait_us"):
                 data = await read_source()
             if data is None:
                 return None
             self.state.count(remote_reads=1, remote_bytes=len(data))
-            if len(data) > self.settings.max_size or fetch.poisoned:
-                return data
             epoch = self.state.epoch
-            if epoch is None or self._closed:
+            if len(data) > self.settings.max_size or fetch.poisoned or epoch is None:
                 return data
-            crc = await asyncio.to_thread(
-                self.guarded_disk.write, key, data, epoch, fetch.seq, created
-            )
-            if crc is None:
-                return data
-            entry = LocalEntry(len(data), crc, created)
-            admitted, doomed = self.state.admit(key, entry, fetch, reads)
-            await self._delete(doomed)
-            if not admitted:  # a write came in meanwhile, or the budget keeps the others
-                return data
-            claimed = False
-            self._in_background(self._commit(entry.item(key)))
+            with self.state.timed("file_write_us"):
+                kept = await self._keep_file(key, data, fetch, epoch, fetch.seq, created, reads)
+            if kept is not None:
+                self._in_background(self._commit(kept))
             return data
         finally:
-            if claimed and not self.state.superseded(key, fetch):
+            if kept is None and not self.state.superseded(key, fetch):
                 self._in_background(self._abandon(key))
+
+    async def _keep_file(
+        self,
+        key: str,
+        data: Payload,
+        fetch: Fetch,
+        epoch: bytes,
+        seq: int,
+        created: float,
+        reads: int = 0,
+    ) -> Item | None:
+        """Write ``key``'s file and admit it as ``fetch``'s; the copy, or ``None`` if not kept.
+
+        Not kept: the cache closed, the disk failed, a write poisoned ``fetch``, or the
+        budget keeps the others.
+        """
+        if self._closed:
+            return None
+        crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, seq, created)
+        if crc is None:
+            return None
+        entry = LocalEntry(len(data), crc, created)
+        admitted, doomed = self.state.admit(key, entry, fetch, reads)
+        await self._delete(doomed)
+        return entry.item(key) if admitted else None
 
     async def idle(self) -> None:
         """Return once the index calls started in the background (commits, abandons) end."""
@@ -518,16 +542,9 @@ class WorkerCache:
         fetch = self.state.begin_keep(key, reply, since)
         if fetch is None:
             return
-        epoch, seq = reply.epoch, reply.seq
         kept = None
         try:
-            created = self.clock()
-            crc = await asyncio.to_thread(self.guarded_disk.write, key, data, epoch, seq, created)
-            if crc is not None:
-                entry = LocalEntry(len(data), crc, created)
-                admitted, doomed = self.state.admit(key, entry, fetch)
-                await self._delete(doomed)
-                kept = entry.item(key) if admitted else None
+            kept = await self._keep_file(key, data, fetch, reply.epoch, reply.seq, self.clock())
         finally:
             fetch.future.set_result(data)  # readers that joined: the bytes just written
             self.state.end_fetch(key, fetch)

@@ -37,6 +37,13 @@ class CacheCounters:
     adopt_refused: int = 0  #: files of an earlier cluster dropped: changed, or not shown current
     revalidated: int = 0  #: objects a check of the source (``revalidate_after``) kept
     revalidate_dropped: int = 0  #: objects a check of the source dropped: changed, or unknown
+    # Where readers' time went, in microseconds (reads overlap: a sum over readers).
+    read_us: int = 0  #: in the cache's read path, in all (hits, misses, fallbacks)
+    read_busy_us: int = 0  #: with at least one read in the cache's read path
+    index_wait_us: int = 0  #: waiting for the index's decisions
+    peer_wait_us: int = 0  #: waiting for peers' replies
+    source_wait_us: int = 0  #: waiting for source reads
+    file_write_us: int = 0  #: writing fetched objects to disk before the reader got them
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""

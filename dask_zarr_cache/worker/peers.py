@@ -93,7 +93,7 @@ class Peers:
         """
         probe = full is not None and full > timeout
         started = time.monotonic()
-        with context_meter.meter("zarr-cache-peer-fetch"):
+        with self.state.timed("peer_wait_us"):
             try:
                 reply = await self.worker_loop.call(self.request(address, key, timeout, probe))
             except UNAVAILABLE as err:

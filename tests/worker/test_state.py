@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from dask_zarr_cache.worker.entries import LocalEntry
 from dask_zarr_cache.worker.state import LocalState
@@ -96,3 +97,19 @@ def test_a_peer_in_back_off_is_asked_briefly_and_its_first_answer_ends_it():
     state.peer_left("tcp://gone:1")
     clock.now += 1.0
     assert patience("tcp://gone:1") == 0  # a peer that left is not asked
+
+
+def test_overlapping_reads_sum_their_time_and_count_their_span_once():
+    state = LocalState(None, lease=10.0)
+    first, second = state.reading(), state.reading()
+    first.__enter__()
+    time.sleep(0.05)
+    second.__enter__()  # 50 ms later
+    time.sleep(0.05)
+    first.__exit__(None, None, None)
+    time.sleep(0.05)
+    second.__exit__(None, None, None)
+    counts = state.counts()
+    # Summed: 100 ms + 100 ms; spanned: the 150 ms with at least one read in flight.
+    assert counts["read_us"] >= 200_000
+    assert 150_000 <= counts["read_busy_us"] <= counts["read_us"] - 40_000
