@@ -141,7 +141,10 @@ class CacheIndex:
         to_delete = self._add(state, files, own_fetch_landed=True)
         if last:
             mine = self._table.slots_where(self._table.owners == state.id)
-            gone = mine[~np.isin(self._table.digests[mine], np.fromiter(seen, np.uint64))]
+            # kind="sort": numpy 2.0's default picks a lookup table for a narrow range of
+            # values and overflows on uint64 digests above 2**63 (OverflowError).
+            on_disk = np.fromiter(seen, np.uint64)
+            gone = mine[~np.isin(self._table.digests[mine], on_disk, kind="sort")]
             if gone.size:
                 doomed = np.zeros(self._table.size, bool)
                 doomed[gone] = True
