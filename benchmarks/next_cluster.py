@@ -56,7 +56,7 @@ def _cluster_pass(
         for (m, p), n in after["requests"].items()
         if m == "GET" and "/" not in p
     )
-    gets = _chunk_requests(after)["GET"] - _chunk_requests(before)["GET"]
+    gets = _chunk_requests(after, PATH)["GET"] - _chunk_requests(before, PATH)["GET"]
     return {
         "seconds": seconds,
         "correct": ok,
