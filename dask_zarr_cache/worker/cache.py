@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
     from dask_zarr_cache.core.config import CacheSettings
     from dask_zarr_cache.core.protocol import Item, WriteReply
-    from dask_zarr_cache.worker.flights import Fetch
 
 __all__ = ["WorkerCache"]
 

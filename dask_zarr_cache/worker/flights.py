@@ -53,10 +53,11 @@ class Fetch:
         """The leader moves to ``phase`` (:data:`ASKING`, :data:`PEER` or :data:`SOURCE`)."""
         if phase == self.phase:
             return
+        leaves_asking = self.phase == ASKING
         if phase == ASKING:
             self._asked = concurrent.futures.Future()
         self.phase = phase
-        if not self._asked.done():
+        if leaves_asking:  # after the phase is set: a waiter woken sees the new one
             self._asked.set_result(None)
 
     async def source_outcome(self) -> Payload | None:
