@@ -104,7 +104,7 @@ def _array_keys(arr: zarr.Array, selection: Mapping[str, slice]) -> list[str]:
 
 
 def _dimension_names(arr: zarr.Array) -> list[str | None]:
-    names = getattr(arr.metadata, "dimension_names", None)
+    names: Any = getattr(arr.metadata, "dimension_names", None)
     if names is None:
         names = arr.attrs.get("_ARRAY_DIMENSIONS")  # zarr v2 written by xarray
     return list(names) if names else [None] * arr.ndim

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from distributed import Client
+    from zarr.abc.store import Store
 
     from dask_zarr_cache.testing import LocalS3Server
 
@@ -121,7 +122,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> list[
                 "s3://demo/data.zarr", read_only=True, storage_options=opts
             )
 
-            def reader(store: zarr.abc.store.Store) -> Callable[[], float]:
+            def reader(store: Store) -> Callable[[], float]:
                 def read() -> float:
                     x = da.from_zarr(zarr.open_array(store, mode="r")).astype("f8")
                     return float(client.compute(x.sum()).result())

@@ -15,6 +15,7 @@ from distributed.protocol.pickle import loads
 from tornado.ioloop import PeriodicCallback
 
 from dask_zarr_cache.core.config import CacheSettings, worker_directory
+from dask_zarr_cache.core.loops import event_loop_of
 from dask_zarr_cache.core.names import (
     EXTENSION_NAME,
     METRIC_PREFIX,
@@ -187,7 +188,7 @@ class WorkerCachePlugin(WorkerPlugin):
             worker.address,
             worker.scheduler,
             worker.rpc,
-            worker.loop.asyncio_loop,
+            event_loop_of(worker),
             self.settings,
             directory,
             timeout=timeout,

@@ -29,6 +29,9 @@ from dask_zarr_cache.plugin import ZarrCachePlugin
 
 __all__ = ["dask_setup"]
 
+#: Registrations under way (a task the loop holds only weakly could vanish midway).
+_registering: set[asyncio.Future[None]] = set()
+
 logger = logging.getLogger(__name__)
 
 register_dashboard_page()
@@ -41,7 +44,8 @@ async def dask_setup(server: Any) -> None:
         await server.register_scheduler_plugin(plugin, name=plugin.name, idempotent=True)
     elif isinstance(server, Worker):
         task = asyncio.ensure_future(_register_from_worker(server, plugin))
-        server._zarr_cache_preload_task = task  # keep a reference until it is done
+        _registering.add(task)
+        task.add_done_callback(_registering.discard)
 
 
 async def _register_from_worker(worker: Worker, plugin: ZarrCachePlugin) -> None:

@@ -18,7 +18,7 @@ from dask_zarr_cache.identity.stores import SourceLocation, declared_immutable, 
 from dask_zarr_cache.writes.announce import announce_write
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 
     from zarr.abc.buffer import Buffer
     from zarr.abc.store import ByteRequest
@@ -234,7 +234,8 @@ class ClusterCacheStore(WrapperStore[Store]):
             "max_coalesced_bytes": max_coalesced_bytes,
         }
         settings = {name: value for name, value in given.items() if value is not None}
-        async for group in Store.get_ranges(
+        # zarr >= 3.2 (this method is not called on zarr 3.1, which has no get_ranges)
+        async for group in Store.get_ranges(  # type: ignore[attr-defined,unused-ignore]
             self, key, byte_ranges, prototype=prototype, **settings
         ):
             yield group
@@ -352,7 +353,7 @@ class ClusterCacheStore(WrapperStore[Store]):
         self,
         cache: Any,
         values: dict[str, Buffer],
-        replaced: set[str],
+        replaced: Collection[str],
         reply: WriteReply,
         since: tuple[bytes | None, int],
     ) -> None:

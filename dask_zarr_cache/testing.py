@@ -187,7 +187,7 @@ class LocalS3Server:
     @property
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:<port>``."""
-        host, port = self._server.server_address[:2]
+        host, port = self._server.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     @property

@@ -44,8 +44,9 @@ class Departures:
         if gone is None or gone.done():
             gone = self._gone[destination] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(call)
+        waits: list[asyncio.Future[Any]] = [task, gone]
         try:
-            await asyncio.wait([task, gone], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()

@@ -27,12 +27,22 @@ from dask_zarr_cache.core.exceptions import ZarrCacheError
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-__all__ = ["LoopBlockedError", "WorkerLoop", "run_on", "spawn_on", "zarr_loop"]
+__all__ = ["LoopBlockedError", "WorkerLoop", "event_loop_of", "run_on", "spawn_on", "zarr_loop"]
 
 T = TypeVar("T")
 
 #: Seconds a hop may wait for its loop to start running it (see the module docstring).
 HOP_START_WAIT = 1.0
+
+
+def event_loop_of(server: Any) -> asyncio.AbstractEventLoop:
+    """The asyncio loop of a Dask worker or client.
+
+    Tornado types their ``loop`` as a plain ``IOLoop``; distributed's is an ``AsyncIOLoop``.
+    """
+    loop: asyncio.AbstractEventLoop = server.loop.asyncio_loop
+    return loop
+
 
 #: Loops a hop found blocked (by ``id``), until they run again.
 _blocked: set[int] = set()

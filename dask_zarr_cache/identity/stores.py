@@ -33,7 +33,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -82,7 +82,11 @@ _ICECHUNK_INITIAL_SNAPSHOT = "1CECHNKREP0F1RSTCMT0"
 class SourceIdentity:
     """How the cache names the objects of one source store (a value; pickles small)."""
 
-    namespace: str  #: what the source is called in messages and statistics
+    if TYPE_CHECKING:  # a field of some identities, a property of others
+
+        @property
+        def namespace(self) -> str:
+            """What the source is called in messages and statistics."""
 
     def read_key(
         self, source: Store, key: str, byte_range: ByteRequest | None = None
@@ -195,7 +199,9 @@ class ReferenceTargets(SourceIdentity):
     ) -> str | None:
         """The key of the referenced range; ``None`` for metadata and inlined chunks."""
         validate_key(key)
-        resolve = _manifest_target if self.kind == "manifest" else _reference_target
+        resolve: Callable[[Any, str], Target | None] = (
+            _manifest_target if self.kind == "manifest" else _reference_target
+        )
         try:
             target = resolve(source, key)
         except Exception as err:  # private APIs of the reference libraries changed
@@ -262,7 +268,8 @@ def source_identity(store: Store, namespace: str | None = None) -> SourceIdentit
             )
         return SourceLocation(namespace)
     if isinstance(store, LoggingStore) or type(store).__name__ == "LatencyStore":
-        return source_identity(store._store)  # pass-through wrappers (zarr's own)
+        wrapped: Store = getattr(store, "_store")  # noqa: B009 (pass-through wrappers: zarr's own)
+        return source_identity(wrapped)
     if isinstance(store, WrapperStore):
         inner = source_identity(store._store)  # a wrapper may change bytes: its own space
         if not isinstance(inner, SourceLocation):
@@ -275,6 +282,8 @@ def source_identity(store: Store, namespace: str | None = None) -> SourceIdentit
     if isinstance(store, LocalStore):
         return SourceLocation(_token(["file"]), _clean(os.path.realpath(store.root)))
     if isinstance(store, ZipStore):
+        if store.path is None:  # over an open file object (zarr >= 3.4): nothing names it
+            return ReadThrough("a zip store over an open file")
         return SourceLocation(_token(["zip"]), _clean(os.path.realpath(store.path)))
     if isinstance(store, MemoryStore):
         data = store._store_dict
@@ -426,7 +435,7 @@ def _manifest_target(store: Any, key: str) -> Target | None:
     ):
         return None  # metadata: made in memory from the manifest
     separator = getattr(node.metadata.chunk_key_encoding, "separator", ".")
-    index = parse_manifest_index(key, separator, expand_pattern=True)
+    index = parse_manifest_index(key, cast("Literal['.', '/']", separator), expand_pattern=True)
     if index in getattr(node.manifest, "_inlined", ()):  # bytes in the manifest itself
         return None
     entry = node.manifest.get_entry(index)

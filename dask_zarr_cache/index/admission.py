@@ -11,6 +11,11 @@ Counts are halved every ``10 x width`` accesses, so what was hot long ago fades.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable
+
 __all__ = ["Admission", "FrequencySketch"]
 
 _MASK = (1 << 64) - 1
@@ -53,12 +58,12 @@ class FrequencySketch:
         if 2 * keys > self.width:
             self._reset(4 * keys)
 
-    def _positions(self, key: str) -> list[int]:
+    def _positions(self, key: Hashable) -> list[int]:
         h = hash(key) & _MASK
         shift = 64 - self._bits
         return [((h * seed) & _MASK) >> shift for seed in _SEEDS]
 
-    def increment(self, key: str) -> None:
+    def increment(self, key: Hashable) -> None:
         """Count one access of ``key``."""
         table = self._table
         for i in self._positions(key):
@@ -69,7 +74,7 @@ class FrequencySketch:
             self._table = bytearray(bytes(self._table).translate(_HALVE))
             self._additions //= 2
 
-    def frequency(self, key: str) -> int:
+    def frequency(self, key: Hashable) -> int:
         """Estimated accesses of ``key`` (never under the truth, until halved)."""
         table = self._table
         return min(table[i] for i in self._positions(key))
@@ -91,16 +96,16 @@ class Admission:
         self.policy = policy
         self._sketch = FrequencySketch(2 * keys) if policy == "tinylfu" else None
 
-    def record(self, key: str) -> None:
+    def record(self, key: Hashable) -> None:
         """Count one access of ``key`` (a miss or a hit)."""
         if self._sketch is not None:
             self._sketch.increment(key)
 
-    def count(self, key: object) -> int:
+    def count(self, key: Hashable) -> int:
         """Estimated recent accesses of ``key`` (0 under ``"lru"``)."""
         return 0 if self._sketch is None else self._sketch.frequency(key)
 
-    def raise_to(self, key: object, count: int) -> None:
+    def raise_to(self, key: Hashable, count: int) -> None:
         """Count ``key`` up to at least ``count`` accesses (what others saw of it)."""
         if self._sketch is not None:
             for _ in range(min(count, _MAX_COUNT) - self._sketch.frequency(key)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import dask.config
 from dask.utils import parse_timedelta
@@ -182,7 +182,7 @@ class IndexClient:
         return [Decision(*d) for d in decisions], [items[i].key for i in rejected]
 
     async def _send_exchange(self, slot: Hashable, values: list[tuple[str, Any]]) -> list[Any]:
-        shard, unreachable = slot
+        shard, unreachable = cast("tuple[int, tuple[str, int]]", slot)
         keys = [v for kind, v in values if kind == _ACQUIRE]
         items = [v for kind, v in values if kind == _COMMIT]
         decisions, rejected = await self._exchange(shard, keys, unreachable, items)
@@ -221,12 +221,12 @@ class IndexClient:
         worker is forgotten, so the next call registers again.
         """
         shards = await self.shard_count()
-        dropped = group_by_shard(dropped, shards, itemgetter(0))
+        by_shard = group_by_shard(dropped, shards, itemgetter(0))
         targets = (
             range(shards)
             if everywhere
             else {
-                *dropped,
+                *by_shard,
                 *(s for s in range(shards) if self._location(s) is None),
             }
         )
@@ -236,7 +236,7 @@ class IndexClient:
                     s,
                     "zarr_cache_index_touch",
                     worker=self.worker,
-                    dropped=_rows(dropped.get(s, [])),
+                    dropped=_rows(by_shard.get(s, [])),
                 )
                 for s in targets
             },
@@ -340,7 +340,8 @@ class IndexClient:
         replies = await self._fan_out(
             {s: self._call(s, "zarr_cache_index_summary") for s in range(shards)}, partial=True
         )
-        addresses = [self._location(s) and self._location(s)["address"] for s in range(shards)]
+        locations = [self._location(s) for s in range(shards)]
+        addresses = [None if at is None else at["address"] for at in locations]
         return index_summary(replies, addresses)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -425,7 +426,7 @@ class IndexClient:
                 if len(self._locations) != len(layout):
                     raise IndexUnavailableError("the zarr cache index changed its shard count")
                 self._locations[shard] = location
-            return self._locations[shard]
+            return cast("Location", self._locations[shard])
 
     async def _ask_layout(self) -> list[Location | None]:
         """Ask where the shards are; a new shard count resets every location."""

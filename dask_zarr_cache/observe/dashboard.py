@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from dask_zarr_cache.core.names import WARM_METADATA
@@ -74,6 +75,10 @@ StatsHandler = _json_handler_class(_latest_sample)
 DatasetsHandler = _json_handler_class(_dataset_statuses)
 
 
+#: Schedulers whose HTTP server has the routes already.
+_routed: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
 def add_http_routes(scheduler: Scheduler) -> None:
     """Serve ``/zarr-cache/stats.json`` and the page on a running scheduler (idempotent).
 
@@ -85,9 +90,9 @@ def add_http_routes(scheduler: Scheduler) -> None:
     from tornado.ioloop import IOLoop
 
     http = getattr(scheduler, "http_application", None)
-    if http is None or getattr(scheduler, "_zarr_cache_routes", False):
+    if http is None or scheduler in _routed:
         return
-    scheduler._zarr_cache_routes = True
+    _routed.add(scheduler)
     prefix = _dashboard_prefix(scheduler)
     http.add_application(
         web.Application(

@@ -87,12 +87,15 @@ class CacheHistory:
         self.scheduler = scheduler
         maxlen = int(dask.config.get("zarr-cache.history-seconds"))
         self.samples: deque[dict[str, Any]] = deque(maxlen=maxlen)
-        self._callback = PeriodicCallback(self.sample, 1000)
+        self._callback = PeriodicCallback(self._tick, 1000)
 
     def start(self) -> None:
         """Start sampling every second."""
         self.sample()
         self._callback.start()
+
+    def _tick(self) -> None:
+        self.sample()
 
     def stop(self) -> None:
         """Stop sampling."""

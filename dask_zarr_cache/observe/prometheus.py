@@ -58,9 +58,9 @@ class PrometheusCollector:
             if isinstance(server, Scheduler):
                 if history_of(server) is None:
                     continue
-                counters = worker_counters(server)
-                per_worker.update(counters)
-                totals[server.address] = total_of(counters)
+                workers = worker_counters(server)
+                per_worker.update(workers)
+                totals[server.address] = total_of(workers)
             else:
                 cache = server.extensions.get(EXTENSION_NAME)
                 if cache is not None:

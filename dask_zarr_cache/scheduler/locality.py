@@ -95,7 +95,7 @@ def chunk_cache_keys(spec: Any, resolve: Resolve) -> list[str]:
     keys: list[str] = []
     for getter, scope in _getters(spec, resolve):
         array = _zarr_array(_value(getter.args[0], scope))
-        store = getattr(array, "store", None)
+        store: Any = getattr(array, "store", None)
         location = getattr(store, "location", None)
         if not isinstance(location, SourceIdentity):  # not read through the cluster cache
             continue

@@ -347,9 +347,14 @@ class WorkerCache:
         future.add_done_callback(self._background.discard)
 
     async def _delete(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        if keys:
-            await asyncio.to_thread(lambda: [self.disk.delete(k) for k in keys])
+        doomed = list(keys)
+
+        def delete() -> None:
+            for key in doomed:
+                self.disk.delete(key)
+
+        if doomed:
+            await asyncio.to_thread(delete)
 
     # -- index calls (worker loop) -------------------------------------------------------
     async def _commit(self, item: Item) -> None:

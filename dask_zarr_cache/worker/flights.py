@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,9 +71,11 @@ class Fetch:
 
         """
         if self.phase == ASKING and not self.future.done():
-            asked = asyncio.wrap_future(self._asked)
-            loaded = asyncio.wrap_future(self.future)
-            await asyncio.wait([asked, loaded], return_when=asyncio.FIRST_COMPLETED)
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.wrap_future(self._asked),
+                asyncio.wrap_future(self.future),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if self.phase != SOURCE and not self.future.done():
             raise NotFetchingError(self.phase)
         return await self.outcome()

@@ -50,7 +50,8 @@ async def check_against_source(
                 return None
 
     listings = await asyncio.gather(*(listed(d) for d in by_directory))
-    current, stale = {}, {}
+    current: dict[str, LocalEntry] = {}
+    stale: dict[str, LocalEntry] = {}
     for rows, listing in zip(by_directory.values(), listings, strict=True):
         for key, name, entry in rows:
             found = None if listing is None else listing.get(name)

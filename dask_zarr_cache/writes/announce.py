@@ -21,7 +21,7 @@ from distributed import Worker, default_client
 from distributed.core import rpc
 
 from dask_zarr_cache.core.lookup import cache_of, current_worker, process_workers
-from dask_zarr_cache.core.loops import LoopBlockedError, run_on
+from dask_zarr_cache.core.loops import LoopBlockedError, event_loop_of, run_on
 from dask_zarr_cache.core.protocol import WriteReply, pack, unpack
 from dask_zarr_cache.writes.group_commit import GroupCommit
 
@@ -108,16 +108,16 @@ def _clusters() -> list[_Cluster]:
     """
     worker = current_worker()
     if worker is not None:
-        return [_Cluster(worker.loop.asyncio_loop, worker.scheduler, worker)]
+        return [_Cluster(event_loop_of(worker), worker.scheduler, worker)]
     try:
         client = default_client()
     except ValueError:
         pass
     else:
-        return [_Cluster(client.loop.asyncio_loop, client.scheduler)]
+        return [_Cluster(event_loop_of(client), client.scheduler)]
     found: dict[str, _Cluster] = {}
     for worker in process_workers():
         found.setdefault(
-            worker.scheduler.address, _Cluster(worker.loop.asyncio_loop, worker.scheduler, worker)
+            worker.scheduler.address, _Cluster(event_loop_of(worker), worker.scheduler, worker)
         )
     return list(found.values())

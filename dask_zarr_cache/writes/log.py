@@ -111,9 +111,12 @@ class InvalidationLog:
 class Stamped(Protocol):
     """A cache file as the write history judges it: its key and where it was read."""
 
-    key: str
-    epoch: bytes
-    seq: int
+    @property
+    def key(self) -> str: ...
+    @property
+    def epoch(self) -> bytes: ...
+    @property
+    def seq(self) -> int: ...
 
 
 F = TypeVar("F", bound=Stamped)

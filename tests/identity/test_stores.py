@@ -11,10 +11,12 @@ from __future__ import annotations
 import gc
 import json
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
 import zarr
+from packaging.version import Version
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 
@@ -134,6 +136,15 @@ def test_zip_stores_are_named_by_their_file(tmp_path):
     one = source_identity(ZipStore(tmp_path / "a.zip", mode="w"))
     assert one == source_identity(ZipStore(tmp_path / "a.zip", mode="w"))
     assert one != source_identity(ZipStore(tmp_path / "b.zip", mode="w"))
+
+
+@pytest.mark.skipif(
+    Version(zarr.__version__) < Version("3.4"), reason="zarr < 3.4 opens zip stores by path only"
+)
+def test_zip_store_over_an_open_file_reads_through(tmp_path):
+    zipfile.ZipFile(tmp_path / "a.zip", "w").close()
+    with open(tmp_path / "a.zip", "rb") as f:
+        assert isinstance(source_identity(ZipStore(f, mode="r")), ReadThrough)
 
 
 # -- in-memory stores ---------------------------------------------------------------------
