@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
     from zarr.core.buffer import BufferPrototype
 
+    from dask_zarr_cache.core.interfaces import CacheKeeper
     from dask_zarr_cache.core.protocol import WriteReply
 
 __all__ = ["ClusterCacheStore"]
@@ -173,7 +174,7 @@ class ClusterCacheStore(WrapperStore[Store]):
             return await self._store.get(key, prototype, byte_range)
         ckey = self.cache_key(key, byte_range)
         cache = worker_cache() if ckey is not None else None
-        if cache is None:
+        if ckey is None or cache is None:
             return await self._store.get(key, prototype, byte_range)
         if isinstance(self.location, SourceLocation):  # files of an earlier cluster: checked
             await cache.settle(self.location.prefix(""), self._store, self)
@@ -333,10 +334,10 @@ class ClusterCacheStore(WrapperStore[Store]):
             write.close()
             raise
         keeper = worker_cache() if values and ckeys else None
-        if keeper is not None and not keeper.settings.cache_writes:
+        if keeper is not None and not keeper.keeps_writes:
             keeper = None
         # Where this worker stood before the bytes reached the source (see keep_written).
-        since = keeper.state.position() if keeper is not None else None
+        since = keeper.position() if keeper is not None else None
         await write
         if not ckeys and not cprefixes:
             return  # nothing of this source can be cached
@@ -351,7 +352,7 @@ class ClusterCacheStore(WrapperStore[Store]):
 
     def _keep_written(
         self,
-        cache: Any,
+        cache: CacheKeeper,
         values: dict[str, Buffer],
         replaced: Collection[str],
         reply: WriteReply,

@@ -182,7 +182,9 @@ class FakeNetwork:
         entry = self.scheduler.log.append(list(keys), list(prefixes))
         message = {"keys": pack(list(keys)), "prefixes": pack(list(prefixes))}
         return {
-            address: unpack(await cache.zarr_cache_apply_evict(entry.seq, **message))
+            address: unpack(
+                await cache.zarr_cache_apply_evict(self.scheduler.log.epoch, entry.seq, **message)
+            )
             for address, cache in self.caches.items()
             if address not in self.down
         }
@@ -191,7 +193,7 @@ class FakeNetwork:
         """Deliver write ``seq`` to worker ``address``."""
         (entry,) = [e for e in self.scheduler.log.since(seq - 1) if e.seq == seq]
         await self.caches[address].zarr_cache_apply_write(
-            seq, pack(list(entry.keys)), pack(list(entry.prefixes))
+            self.scheduler.log.epoch, seq, pack(list(entry.keys)), pack(list(entry.prefixes))
         )
 
     def index_calls(self, function: str) -> int:

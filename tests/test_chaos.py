@@ -206,7 +206,7 @@ class FakeWorker:
         self.name = "w9"
         self.calls: list[tuple[str, float]] = []
 
-        async def invalidate(seq, keys, prefixes):
+        async def invalidate(epoch, seq, keys, prefixes):
             self.calls.append(("invalidate", time.monotonic()))
             return seq
 
@@ -224,7 +224,10 @@ async def test_wrapped_handlers_delay_invalidations_before_and_replies_after():
     assert sorted(wrapped) == ["zarr_cache_apply_write", "zarr_cache_get"]
     assert wrap_handlers(worker, lambda: 0.05, lambda: 0.05) == []  # never twice
     start = time.monotonic()
-    assert await worker.handlers["zarr_cache_apply_write"](seq=3, keys=b"", prefixes=b"") == 3
+    assert (
+        await worker.handlers["zarr_cache_apply_write"](epoch=b"e", seq=3, keys=b"", prefixes=b"")
+        == 3
+    )
     assert worker.calls[-1][1] - start >= 0.05  # applied only after the delay
     start = time.monotonic()
     assert (await worker.handlers["zarr_cache_get"](key="k"))["key"] == "k"
@@ -252,7 +255,7 @@ async def test_the_plugin_wraps_handlers_installed_after_its_setup(tmp_path):
         if hasattr(worker.handlers["zarr_cache_apply_write"], "__chaos_wrapped__"):
             break
         await _sleep(0.01)
-    await worker.handlers["zarr_cache_apply_write"](seq=1, keys=b"", prefixes=b"")
+    await worker.handlers["zarr_cache_apply_write"](epoch=b"e", seq=1, keys=b"", prefixes=b"")
     await worker.handlers["zarr_cache_get"](key="k")
     await plugin.teardown(worker)
     assert worker.handlers["zarr_cache_apply_write"] is originals["zarr_cache_apply_write"]

@@ -13,12 +13,14 @@ tell every cluster this code can reach (``writes.announce``), from the same prim
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dask_zarr_cache.core.names import EXTENSION_NAME
 
 if TYPE_CHECKING:
     from distributed import Worker
+
+    from dask_zarr_cache.core.interfaces import WorkerCacheAPI
 
 __all__ = ["cache_of", "current_worker", "process_workers", "worker_cache"]
 
@@ -44,13 +46,13 @@ def process_workers() -> list[Worker]:
     ]
 
 
-def cache_of(worker: Worker) -> Any | None:
+def cache_of(worker: Worker) -> WorkerCacheAPI | None:
     """The cache installed on ``worker``, if any, and if this is the process that runs it."""
-    cache = worker.extensions.get(EXTENSION_NAME)
+    cache: WorkerCacheAPI | None = worker.extensions.get(EXTENSION_NAME)
     return cache if getattr(cache, "pid", None) == os.getpid() else None
 
 
-def worker_cache() -> Any | None:
+def worker_cache() -> WorkerCacheAPI | None:
     """The cache of the worker this code runs for, or ``None`` (client, no plugin).
 
     The task's worker; else, in a thread a task started, the process's only worker with a

@@ -156,7 +156,12 @@ class WriteCoordinator:
         entry = self.log.append(keys, prefixes)
         index = asyncio.ensure_future(self._drop_from_index(keys))
         reached: dict[str, Any] = {}  # workers that applied it, and their replies
-        message = {"seq": entry.seq, "keys": pack(keys), "prefixes": pack(prefixes)}
+        message = {
+            "epoch": self.log.epoch,
+            "seq": entry.seq,
+            "keys": pack(keys),
+            "prefixes": pack(prefixes),
+        }
         pushes = [
             self._push(w, op, reached, message)
             for w in self.reachable()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.metrics import context_meter
 from distributed.protocol.pickle import dumps, loads
 
+from dask_zarr_cache.core.interfaces import WorkerCacheAPI
 from dask_zarr_cache.core.loops import WorkerLoop
 from dask_zarr_cache.core.protocol import (
     FETCH,
@@ -58,8 +59,11 @@ __all__ = ["WorkerCache"]
 logger = logging.getLogger(__name__)
 
 
-class WorkerCache:
+class WorkerCache(WorkerCacheAPI):
     """A worker's cache: local files, in-process single-flight, index and peer traffic.
+
+    Implements the seams of :mod:`~dask_zarr_cache.core.interfaces`, through which the
+    store and the writes layer call it.
 
     Parameters
     ----------
@@ -308,6 +312,7 @@ class WorkerCache:
             return data
         finally:
             if kept is None and not self.state.superseded(key, fetch):
+                logger.debug("zarr cache keeps no copy of %r (poisoned: %s)", key, fetch.poisoned)
                 self._in_background(self._abandon(key))
 
     async def _keep_file(
@@ -402,7 +407,7 @@ class WorkerCache:
             doomed += self.state.forget_all(reply.seq)  # the history is lost, or another's
         else:
             for seq, keys, prefixes in reply.invalidations:
-                doomed += self.state.invalidate(keys, prefixes, seq)
+                doomed += self.state.apply_write(reply.epoch, seq, keys, prefixes)
         good, unknown, stale = verify_files(files, reply.epoch, reply.invalidations)
         snapshots = [f for f in unknown if is_immutable(f.key)]  # never change: no check
         to_check = [f for f in unknown if not is_immutable(f.key)]
@@ -429,28 +434,30 @@ class WorkerCache:
         """A peer asks for the bytes of ``key`` (see :meth:`Peers.serve`)."""
         return await self.peers.serve(key, probe)
 
-    async def zarr_cache_apply_write(self, seq: int, keys: bytes, prefixes: bytes) -> int:
-        """Apply write ``seq``: drop matching files, poison matching fetches in flight.
+    async def zarr_cache_apply_write(
+        self, epoch: bytes, seq: int, keys: bytes, prefixes: bytes
+    ) -> int:
+        """Apply write ``seq`` of ``epoch``'s history: drop matching files, poison fetches.
 
         Returns the highest write sequence this worker has applied without a gap.
         """
-        await self._delete(self.state.invalidate(unpack(keys), unpack(prefixes), seq))
-        self.state.applied(seq)
+        await self._delete(self.state.apply_write(epoch, seq, unpack(keys), unpack(prefixes)))
         return self.state.applied_seq
 
-    async def zarr_cache_apply_evict(self, seq: int, keys: bytes, prefixes: bytes) -> bytes:
-        """Apply eviction ``seq``: as a write, then tell the index at once.
+    async def zarr_cache_apply_evict(
+        self, epoch: bytes, seq: int, keys: bytes, prefixes: bytes
+    ) -> bytes:
+        """Apply eviction ``seq`` of ``epoch``'s history: as a write, then tell the index.
 
         Returns an :class:`~dask_zarr_cache.core.protocol.EvictReply` (packed): the
         highest write applied without a gap, and the objects and bytes dropped here.
         """
-        doomed, nbytes = self.state.evict(unpack(keys), unpack(prefixes), seq)
+        doomed, objects, nbytes = self.state.evict(epoch, seq, unpack(keys), unpack(prefixes))
         await self._delete(doomed)
-        self.state.applied(seq)
         if self._reporting is not None and not self._reporting.done():
             await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
         await self._start_report()  # so the index stops sending readers here
-        return pack(EvictReply(self.state.applied_seq, len(doomed), nbytes))
+        return pack(EvictReply(self.state.applied_seq, objects, nbytes))
 
     async def zarr_cache_apply_prove(self, prefix: str, store: bytes) -> bytes:
         """Check this worker's files of an earlier cluster below ``prefix`` against the source.
@@ -523,6 +530,15 @@ class WorkerCache:
     def written(self, keys: list[str], prefixes: list[str], seq: int) -> None:
         """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
         self.state.numbered(keys, prefixes, seq)
+
+    @property
+    def keeps_writes(self) -> bool:
+        """Whether this cache keeps what tasks on its worker write (``cache_writes``)."""
+        return self.settings.cache_writes
+
+    def position(self) -> tuple[bytes | None, int]:
+        """Whose write history this worker follows, and up to which write it applied it."""
+        return self.state.position()
 
     def keep_written(
         self, key: str, data: bytes, reply: WriteReply, since: tuple[bytes | None, int]

@@ -51,6 +51,10 @@ class Position:
             self._above.add(seq)
             self._advance()
 
+    def has_applied(self, seq: int) -> bool:
+        """Whether write ``seq`` (of this worker's epoch) was applied here."""
+        return seq <= self.applied_seq or seq in self._above
+
     def synced(self, epoch: bytes, seq: int, sent_at: float) -> None:
         """A catch-up sent at ``sent_at`` applied every write of ``epoch`` up to ``seq``."""
         self.applied_seq = max(seq, self.applied_seq) if epoch == self.epoch else seq

@@ -53,6 +53,11 @@ TIMED_METRICS = {
 }
 
 
+#: Writes whose drops are remembered (see ``LocalState.evict``): far more than can be in
+#: flight between a catch-up and a push.
+_DROPS_KEPT = 1024
+
+
 class LocalState:
     """Entries, loads in flight, write position, peer knowledge and counters of a worker.
 
@@ -109,6 +114,9 @@ class LocalState:
         self.hints = PeerHints(clock, peer_backoff, max_hints)
         # Files found on disk at start, not served until the write history clears them.
         self.unverified: dict[str, CacheFile] = {}
+        #: Objects and bytes each of the latest writes applied here dropped (by epoch and
+        #: seq), for the reply to an eviction's push.
+        self._dropped: dict[tuple[bytes, int], tuple[int, int]] = {}
 
     @property
     def epoch(self) -> bytes | None:
@@ -324,31 +332,62 @@ class LocalState:
             return self.entries.remove(k for k, e in stale.items() if self.entries.get(k) is e)
 
     # -- writes --------------------------------------------------------------------------
-    def invalidate(
-        self, keys: Iterable[str], prefixes: Iterable[str], seq: int = UNSEQUENCED
-    ) -> list[str]:
-        """Apply write ``seq``: poison and detach matching loads, drop matching entries.
+    def invalidate(self, keys: Iterable[str], prefixes: Iterable[str]) -> list[str]:
+        """Apply this worker's own write before the scheduler numbered it (see :meth:`numbered`).
 
-        ``seq`` is :data:`~dask_zarr_cache.writes.marks.UNSEQUENCED` for this worker's own
-        write applied before the scheduler numbered it (see :meth:`numbered`).  Returns
-        the keys whose files must be deleted.
+        Poisons and detaches matching loads, drops matching entries.  Returns the keys
+        whose files must be deleted.
         """
         with self.lock:
-            return self._invalidate(list(keys), tuple(prefixes), seq)
+            return self._invalidate(list(keys), tuple(prefixes), UNSEQUENCED)
+
+    def apply_write(
+        self, epoch: bytes, seq: int, keys: Iterable[str], prefixes: Iterable[str]
+    ) -> list[str]:
+        """Apply write ``seq`` of ``epoch``'s history, unless it was applied here already.
+
+        As :meth:`invalidate`, then the write counts as applied.  A write reaches a worker
+        twice, pushed and brought by a catch-up, in either order and either late; only
+        the first application counts.  A second one would poison the loads begun since
+        the first and drop the files they kept, though they read the source after the
+        write reached it: a second GET of the key cluster-wide.  Returns the keys whose
+        files must be deleted.
+        """
+        with self.lock:
+            if self._applied_already(epoch, seq):
+                return []
+            return self._apply(epoch, seq, list(keys), tuple(prefixes))
 
     def evict(
-        self, keys: Iterable[str], prefixes: Iterable[str], seq: int
-    ) -> tuple[list[str], int]:
-        """Apply eviction ``seq``: a write that left the source unchanged.
+        self, epoch: bytes, seq: int, keys: Iterable[str], prefixes: Iterable[str]
+    ) -> tuple[list[str], int, int]:
+        """Apply eviction ``seq`` of ``epoch``'s history: a write that left the source unchanged.
 
-        Returns the keys whose files must be deleted, and their bytes.
+        Once, as :meth:`apply_write`.  Returns the keys whose files must be deleted, and
+        the objects and bytes the eviction dropped here, whichever route applied it (a
+        catch-up may bring it before its push: the push's reply still counts them).
         """
-        keys, prefixes = list(keys), tuple(prefixes)
-        matches = matcher(keys, prefixes)
         with self.lock:
-            nbytes = sum(f.size for k, f in self.unverified.items() if matches(k))
-            nbytes += sum(self.entries[k].size for k in self.entries.written(keys, prefixes))
-            return self._invalidate(keys, prefixes, seq), nbytes
+            doomed = []
+            if not self._applied_already(epoch, seq):
+                doomed = self._apply(epoch, seq, list(keys), tuple(prefixes))
+            return (doomed, *self._dropped.get((epoch, seq), (0, 0)))
+
+    def _applied_already(self, epoch: bytes, seq: int) -> bool:
+        return epoch == self.writes.epoch and self.writes.has_applied(seq)
+
+    def _apply(
+        self, epoch: bytes, seq: int, keys: list[str], prefixes: tuple[str, ...]
+    ) -> list[str]:
+        matches = matcher(keys, prefixes)
+        nbytes = sum(f.size for k, f in self.unverified.items() if matches(k))
+        nbytes += sum(self.entries[k].size for k in self.entries.written(keys, prefixes))
+        doomed = self._invalidate(keys, prefixes, seq)
+        self.writes.applied(seq)  # pushes may arrive out of order
+        self._dropped[(epoch, seq)] = (len(doomed), nbytes)
+        if len(self._dropped) > _DROPS_KEPT:
+            del self._dropped[next(iter(self._dropped))]
+        return doomed
 
     def _invalidate(self, keys: list[str], prefixes: tuple[str, ...], seq: int) -> list[str]:
         matches = matcher(keys, prefixes)
@@ -380,11 +419,6 @@ class LocalState:
                 return self.writes.epoch, self.writes.applied_seq
             oldest = min(self.unverified.values(), key=lambda f: f.seq)
             return oldest.epoch, oldest.seq
-
-    def applied(self, seq: int) -> None:
-        """A pushed write ``seq`` was applied (pushes may arrive out of order)."""
-        with self.lock:
-            self.writes.applied(seq)
 
     def position(self) -> tuple[bytes | None, int]:
         """Whose history, and up to which write every write is applied here.

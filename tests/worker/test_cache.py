@@ -80,6 +80,33 @@ async def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(net, cloc
     assert net.index.owner(key_digest(K)) == A
 
 
+async def test_a_write_that_arrives_twice_is_applied_once(net, clock, tmp_path):
+    # Chaos seed 2000: a write's push to B was held back; B's catch-up brought the write,
+    # the write returned, and B began a fresh fetch. The late push must not poison it
+    # (nor, in the second round, drop the file it kept): A would read the source again.
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock)
+    seq = await net.write([K], late={B})
+    await b.sync()  # the catch-up applies the write first
+    src = Source(b"new")
+    src.gate = asyncio.Event()
+    load = asyncio.ensure_future(b.get(K, src))
+    await src.reached.wait()
+    await net.push(B, seq)  # the held-back push, while B reads the new bytes
+    src.gate.set()
+    assert await load == b"new"
+    await net.idle()
+    seq = await net.write([K], late={B})  # round two: the copy is kept before the push
+    await b.sync()
+    assert await b.get(K, src) == b"new"
+    await net.idle()
+    await net.push(B, seq)
+    await b.flush()
+    await net.idle()
+    assert await a.get(K, src) == b"new"
+    assert src.reads == 2  # once per write, cluster-wide
+
+
 async def test_an_eviction_drops_a_prefix_everywhere_and_keeps_no_load_of_it(net, clock, tmp_path):
     a = await net.worker(A, tmp_path / "a", clock)
     b = await net.worker(B, tmp_path / "b", clock)

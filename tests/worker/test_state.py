@@ -56,10 +56,32 @@ def test_a_write_poisons_the_load_and_drops_the_entry_in_one_step():
     state = LocalState(None, lease=10.0, capacity=1_000)
     fetch, leader = state.begin_fetch(K)
     assert leader
-    state.invalidate([K], [], seq=1)
+    state.apply_write(b"e", 1, [K], [])
     stays, doomed = state.admit(K, LocalEntry(3, 1, 0.0), fetch)
     assert not stays and doomed == [K] and K not in state.entries
     assert state.inflight(K) is None  # readers that start now do not join it
+
+
+def test_a_write_applied_already_spares_the_loads_and_files_begun_since():
+    state = LocalState(None, lease=10.0, capacity=1_000)
+    state.synced(b"e", 0, 0.0)
+    assert state.apply_write(b"e", 1, [K], []) == []  # a catch-up brought write 1
+    fetch, _ = state.begin_fetch(K)  # reads the source after write 1 reached it
+    assert state.apply_write(b"e", 1, [K], []) == []  # the late push of write 1
+    assert not fetch.poisoned and state.inflight(K) is fetch
+    assert state.admit(K, LocalEntry(3, 1, 0.0), fetch) == (True, [])
+    assert state.evict(b"e", 1, [K], []) == ([], 0, 0)  # write 1 dropped nothing here
+    assert state.apply_write(b"other", 1, [K], []) == [K]  # another history's write 1
+    assert K not in state.entries
+
+
+def test_an_eviction_a_catch_up_applied_first_still_reports_what_it_dropped():
+    state = LocalState(None, lease=10.0, capacity=1_000)
+    state.synced(b"e", 0, 0.0)
+    fetch, _ = state.begin_fetch(K)
+    state.admit(K, LocalEntry(3, 1, 0.0), fetch)
+    assert state.apply_write(b"e", 1, [], ["ns"]) == [K]  # the catch-up brings eviction 1
+    assert state.evict(b"e", 1, [], ["ns"]) == ([], 1, 3)  # its push: nothing left to drop
 
 
 def test_counters_are_read_and_updated_under_the_lock():
