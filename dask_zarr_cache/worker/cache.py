@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
-from distributed.protocol.pickle import dumps, loads
 
 from dask_zarr_cache.core.interfaces import WorkerCacheAPI
 from dask_zarr_cache.core.loops import WorkerLoop
@@ -33,7 +31,6 @@ from dask_zarr_cache.core.protocol import (
     NOBODY,
     EvictReply,
     Payload,
-    ProveReply,
     SyncReply,
     pack,
     unpack,
@@ -41,11 +38,12 @@ from dask_zarr_cache.core.protocol import (
 from dask_zarr_cache.identity.keys import is_immutable
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
+from dask_zarr_cache.worker.earlier_files import EarlierFiles
 from dask_zarr_cache.worker.flights import ASKING, PEER, SOURCE, Fetch
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
-from dask_zarr_cache.worker.proofs import check_against_source
 from dask_zarr_cache.worker.state import LocalEntry, LocalState
+from dask_zarr_cache.worker.upkeep import Upkeep
 from dask_zarr_cache.writes.log import verify_files
 
 if TYPE_CHECKING:
@@ -121,17 +119,20 @@ class WorkerCache(WorkerCacheAPI):
         self.peers = Peers(self.state, self.disk, rpc, self.worker_loop, settings.read_timeout)
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.state, clock, settings.disk_retry)
-        self._flush_lock = asyncio.Lock()
-        self._reporting: asyncio.Future[None] | None = None
-        self._checked_at = clock()
+        self.earlier_files = EarlierFiles(
+            self.state, scheduler, self.index, self.worker_loop, settings, clock, self._delete
+        )
+        self.upkeep = Upkeep(
+            self.state,
+            self.index,
+            self.sync,
+            self.earlier_files.sources,
+            settings,
+            clock,
+            self._delete,
+        )
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
-        #: Dataset key prefixes whose files of an earlier cluster were checked (or tried).
-        self._settled: set[str] = set()
-        self._settling: dict[str, asyncio.Future[None]] = {}
-        #: A source store of each dataset key prefix read here (for revalidation).
-        self._sources: dict[str, Any] = {}
-        self._revalidating: asyncio.Future[None] | None = None
 
     # -- lifecycle (worker loop) ---------------------------------------------------------
     async def start(self) -> None:
@@ -156,7 +157,7 @@ class WorkerCache(WorkerCacheAPI):
         registers what is on disk (the index takes the disk as the truth), and a closing
         worker's scheduler may already be gone (connecting would wait out the timeout).
         """
-        self._closed = True  # loads still running read on, but write no more files
+        self._closed = self.upkeep.closed = True  # loads read on, but write no more files
         pending = self.state.pending_fetches() if finish_loads else []
         if pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=self.timeout)
@@ -454,70 +455,16 @@ class WorkerCache(WorkerCacheAPI):
         """
         doomed, objects, nbytes = self.state.evict(epoch, seq, unpack(keys), unpack(prefixes))
         await self._delete(doomed)
-        if self._reporting is not None and not self._reporting.done():
-            await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
-        await self._start_report()  # so the index stops sending readers here
+        await self.upkeep.report()  # so the index stops sending readers here
         return pack(EvictReply(self.state.applied_seq, objects, nbytes))
 
     async def zarr_cache_apply_prove(self, prefix: str, store: bytes) -> bytes:
-        """Check this worker's files of an earlier cluster below ``prefix`` against the source.
-
-        ``store`` is the source store (pickled) whose root is ``prefix``.  Files shown
-        unchanged are served again and registered with the index; the rest are deleted.
-        Returns a packed :class:`~dask_zarr_cache.core.protocol.ProveReply`.
-        """
-        entries = self.state.unproven(prefix)
-        if not entries:
-            return pack(ProveReply(0, 0))
-        at = self.clock()  # the listing vouches for them from here (``revalidate_after``)
-        current, stale = await check_against_source(
-            entries, prefix, loads(store), self.settings.clock_margin
-        )
-        await self._delete(self.state.checked(current, stale, proven=True, checked_at=at))
-        self.state.count(adopted=len(current), adopt_refused=len(stale))
-        if current:  # the index learns of these (and only these) files now
-            proved = [entry.item(key) for key, entry in current.items()]
-            with contextlib.suppress(*UNAVAILABLE):
-                await self._delete(self.state.remove(await self.index.add(proved)))
-        return pack(ProveReply(len(current), len(stale)))
+        """Check this worker's earlier cluster's files below ``prefix`` (:class:`EarlierFiles`)."""
+        return await self.earlier_files.apply_prove(prefix, store)
 
     async def settle(self, prefix: str, source: Any, dataset: Any) -> None:
-        """Before this worker's first read below ``prefix``: have the cluster check its files.
-
-        Files of an earlier cluster below the dataset's key prefix ``prefix`` are checked
-        against ``source`` on every worker (``zarr_cache_prove``), once per cluster, so
-        the first read finds them wherever they are.  Waits at most ``prove_wait``; the
-        check goes on without this reader.  The scheduler also learns of ``dataset`` (the
-        ``ClusterCacheStore`` read) for the dashboard's datasets table.
-        """
-        self._sources.setdefault(prefix, source)
-        if prefix in self._settled:
-            return
-        with contextlib.suppress(*UNAVAILABLE):
-            await asyncio.wait_for(
-                self.worker_loop.call(self._settle(prefix, source, dataset)),
-                self.settings.prove_wait,
-            )
-
-    async def _settle(self, prefix: str, source: Any, dataset: Any) -> None:
-        """One check per prefix (worker loop); callers that give up leave it running."""
-        check = self._settling.get(prefix)
-        if check is None:
-            check = asyncio.ensure_future(self._prove(prefix, source, dataset))
-            self._settling[prefix] = check
-        await asyncio.shield(check)
-
-    async def _prove(self, prefix: str, source: Any, dataset: Any) -> None:
-        try:
-            await asyncio.wait_for(
-                self.scheduler.zarr_cache_prove(
-                    prefix=prefix, store=dumps(source), dataset=dumps(dataset)
-                ),
-                self.settings.prove_timeout,
-            )
-        except UNAVAILABLE as err:
-            logger.info("zarr cache: files below %r were not checked: %r", prefix, err)
-        self._settled.add(prefix)
+        """Before this worker's first read below ``prefix``: see :meth:`EarlierFiles.settle`."""
+        await self.earlier_files.settle(prefix, source, dataset)
 
     async def drop_written(self, keys: list[str], prefixes: list[str]) -> None:
         """Drop what this worker's own write replaced, before the write has a number.
@@ -596,63 +543,7 @@ class WorkerCache(WorkerCacheAPI):
         """Return the counters of this worker."""
         return self.state.counts()
 
-    # -- periodic flush (worker loop) ------------------------------------------------------
+    # -- periodic upkeep (worker loop) -----------------------------------------------------
     async def flush(self) -> None:
-        """Catch up on writes, expire old files, report dropped copies to the index.
-
-        The report runs beside: a shard that does not answer (its worker just died, and
-        connecting waits out the timeout) must not hold up the catch-up, or this worker's
-        lease would run out and it would stop serving its files.  A flush waits at most
-        ``settings.report_wait`` for it, and starts none while one is still out.  A
-        closed cache does nothing (its worker's connections may be closed already: a
-        scheduler's message can still reach the handlers while the worker closes).
-        """
-        if self._flush_lock.locked() or self._closed:
-            return
-        async with self._flush_lock:
-            try:
-                await self.sync()
-            except UNAVAILABLE as err:
-                logger.debug("zarr cache could not reach the scheduler: %s", err)
-            await self._delete(self.state.expired_keys())
-        if self._reporting is None or self._reporting.done():
-            await self._start_report()
-        if self.settings.revalidate_after is not None and (
-            self._revalidating is None or self._revalidating.done()
-        ):
-            self._revalidating = asyncio.ensure_future(self._revalidate())
-
-    async def _revalidate(self) -> None:
-        """Check the objects due (``revalidate_after``) against their sources, in bulk.
-
-        Beside the flush, one at a time.  Objects of a dataset no task read here yet (no
-        store to list with) are not checked: they expire ``revalidate_grace`` later.
-        """
-        due = self.state.due_for_check()
-        for prefix, source in list(self._sources.items()):
-            mine = {k: e for k, e in due.items() if k.startswith(prefix)}
-            if not mine:
-                continue
-            at = self.clock()
-            current, stale = await check_against_source(
-                mine, prefix, source, self.settings.clock_margin
-            )
-            await self._delete(self.state.checked(current, stale, checked_at=at))
-            self.state.count(revalidated=len(current), revalidate_dropped=len(stale))
-
-    async def _start_report(self) -> None:
-        """Report to the index beside; wait for it at most ``settings.report_wait``."""
-        self._reporting = asyncio.ensure_future(self._report())
-        await asyncio.wait([self._reporting], timeout=self.settings.report_wait)
-
-    async def _report(self) -> None:
-        dropped = self.state.take_reports()
-        check = self.clock() - self._checked_at >= self.settings.known_check_interval
-        if not dropped and self.index.connected and not check:
-            return
-        if self.state.epoch is None:
-            return  # nothing verified to register yet
-        if check:
-            self._checked_at = self.clock()
-        with contextlib.suppress(*UNAVAILABLE):
-            await self.index.touch(dropped, everywhere=check)
+        """Catch up on writes, expire old files, report to the index (see :class:`Upkeep`)."""
+        await self.upkeep.flush()

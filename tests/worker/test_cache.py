@@ -362,12 +362,12 @@ async def test_revalidation_keeps_unchanged_objects_and_drops_changed_ones(
     )
     clock.now += 9
     await a.flush()
-    await a._revalidating  # nothing due yet
+    await a.upkeep.idle()  # nothing due yet
     assert a.counters.revalidated == 0
     clock.now += 2  # due: checked at the next flush, served meanwhile
     assert await a.get(DATASET + "c/0", Source(b"never read")) == b"v1"
     await a.flush()
-    await a._revalidating
+    await a.upkeep.idle()
     assert (a.counters.revalidated, a.counters.revalidate_dropped) == (1, 1)
     clock.now += 9  # vouched for 9 s ago, read 20 s ago: still served
     assert await a.get(DATASET + "c/0", Source(b"never read")) == b"v1"
