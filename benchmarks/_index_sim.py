@@ -31,8 +31,9 @@ from typing import Any
 import psutil
 from distributed.core import ConnectionPool
 
+from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import FETCH, Item
-from dask_zarr_cache.index.client import IndexClient, IndexUnavailableError
+from dask_zarr_cache.index.client import IndexClient
 
 TRACES = ("cold", "warm", "skewed")
 

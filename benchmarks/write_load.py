@@ -4,7 +4,7 @@
 
     python -m benchmarks.write_load [--workers 4,100,1000] [--seconds 5] [--rtt-ms 1]
 
-The scheduler's real :class:`~dask_zarr_cache.scheduler.writes.WriteCoordinator` runs in
+The scheduler's real :class:`~dask_zarr_cache.writes.coordinator.WriteCoordinator` runs in
 this process against ``--workers`` simulated workers: each answers a push after
 ``--rtt-ms`` (a round trip, no CPU) and writes one chunk after another, as a worker with
 one thread running ``to_zarr`` does (its write returns, then it writes the next).  The
@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from dask_zarr_cache.core.config import CacheSettings
-from dask_zarr_cache.scheduler.writes import WriteCoordinator
+from dask_zarr_cache.writes.coordinator import WriteCoordinator
 
 __all__ = ["main"]
 

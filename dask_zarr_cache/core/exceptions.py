@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CacheConfigError",
     "CacheDirectoryError",
+    "IndexUnavailableError",
     "InvalidCacheKeyError",
     "InvalidationError",
     "ZarrCacheError",
@@ -25,6 +26,10 @@ class InvalidCacheKeyError(ZarrCacheError, ValueError):
 
 class CacheDirectoryError(ZarrCacheError):
     """A cache directory cannot be used: somebody else's data, or in use by another worker."""
+
+
+class IndexUnavailableError(ZarrCacheError):
+    """An index shard does not exist yet, was lost, or did not answer."""
 
 
 class InvalidationError(ZarrCacheError):

@@ -20,7 +20,7 @@ import dask.config
 from dask.utils import parse_timedelta
 
 from dask_zarr_cache.core.departures import Departures
-from dask_zarr_cache.core.exceptions import ZarrCacheError
+from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import (
     FETCH,
     NOBODY,
@@ -37,7 +37,7 @@ from dask_zarr_cache.index.digests import group_by_shard, key_digest, shard_of
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Hashable, Iterable
 
-__all__ = ["REGISTER_BATCH", "IndexClient", "IndexUnavailableError"]
+__all__ = ["REGISTER_BATCH", "IndexClient"]
 
 #: Files per ``register`` message: a worker with many files sends them in parts, one
 #: part in flight at a time, so re-filling a shard never blocks it for long.
@@ -46,10 +46,6 @@ REGISTER_BATCH = 10_000
 Location = dict[str, str]
 R = TypeVar("R")
 _ACQUIRE, _COMMIT = "acquire", "commit"  # what a caller of the coalesced exchange asks
-
-
-class IndexUnavailableError(ZarrCacheError):
-    """An index shard does not exist yet, was lost, or did not answer."""
 
 
 class IndexClient:

@@ -10,7 +10,7 @@ Handlers (``scheduler.handlers``), each a named operation with a typed reply:
 - ``zarr_cache_write(keys, prefixes, origin)`` -> packed
   :class:`~dask_zarr_cache.core.protocol.WriteReply`: record a write, drop it from the
   index and every worker, return once no worker can serve the old bytes
-  (:class:`~dask_zarr_cache.scheduler.writes.WriteCoordinator`: group-committed).
+  (:class:`~dask_zarr_cache.writes.coordinator.WriteCoordinator`: group-committed).
 - ``zarr_cache_evict(keys, prefixes)`` -> ``{"seq", "unreached", "objects", "bytes", "workers"}``:
   a write that changed nothing at the source; returns what the workers dropped.
 - ``zarr_cache_prove(prefix, store, dataset)`` -> ``{"current", "stale"}``: every worker
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps
 
-from dask_zarr_cache.core.exceptions import ZarrCacheError
+from dask_zarr_cache.core.exceptions import IndexUnavailableError, ZarrCacheError
 from dask_zarr_cache.core.names import EXTENSION_NAME, WORKER_PLUGIN_NAME
 from dask_zarr_cache.core.protocol import (
     DatasetObjects,
@@ -43,14 +43,13 @@ from dask_zarr_cache.core.protocol import (
     pack,
     unpack,
 )
-from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.index.placement import IndexShards
 from dask_zarr_cache.observe.coverage import DatasetCoverage
 from dask_zarr_cache.observe.dashboard import add_http_routes
 from dask_zarr_cache.observe.history import CacheHistory
 from dask_zarr_cache.observe.prometheus import bind_prometheus
-from dask_zarr_cache.scheduler.writes import WriteCoordinator
 from dask_zarr_cache.worker.counters import total_of
+from dask_zarr_cache.writes.coordinator import WriteCoordinator
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection

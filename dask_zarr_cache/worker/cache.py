@@ -31,11 +31,9 @@ from dask_zarr_cache.core.protocol import (
     NOBODY,
     EvictReply,
     Payload,
-    SyncReply,
     pack,
     unpack,
 )
-from dask_zarr_cache.identity.keys import is_immutable
 from dask_zarr_cache.index.client import IndexClient
 from dask_zarr_cache.worker.disk import DiskCache
 from dask_zarr_cache.worker.earlier_files import EarlierFiles
@@ -44,7 +42,7 @@ from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache.worker.state import LocalEntry, LocalState
 from dask_zarr_cache.worker.upkeep import Upkeep
-from dask_zarr_cache.writes.log import verify_files
+from dask_zarr_cache.writes.catch_up import catch_up
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -142,9 +140,7 @@ class WorkerCache(WorkerCacheAPI):
         write replaced them since they were read (see :meth:`sync`).
         """
         if await asyncio.to_thread(self.guarded_disk.usable):
-            files = await asyncio.to_thread(lambda: list(self.disk.scan()))
-            with self.state.lock:
-                self.state.unverified = {f.key: f for f in files}
+            self.state.found(await asyncio.to_thread(lambda: list(self.disk.scan())))
         await self.flush()  # catches up with the write history first
 
     async def close(self, finish_loads: bool = True) -> None:
@@ -386,36 +382,12 @@ class WorkerCache(WorkerCacheAPI):
     async def sync(self) -> None:
         """Catch up with the scheduler's write history, and renew this worker's lease.
 
-        The first call also decides which files found on disk at start may be served.
+        The first call also decides which files found on disk at start may be served
+        (see :func:`~dask_zarr_cache.writes.catch_up.catch_up`).
         """
-        epoch, seq = self.state.sync_position()
-        with self.state.lock:
-            found_files = bool(self.state.unverified)
-        sent_at = self.clock()
-        raw = await asyncio.wait_for(
-            self.scheduler.zarr_cache_sync(
-                worker=self.address, epoch=epoch, seq=seq, found_files=found_files
-            ),
-            self.timeout,
+        await self._delete(
+            await catch_up(self.scheduler, self.address, self.state, self.timeout, self.clock)
         )
-        if raw is None:  # a scheduler without the plugin
-            return
-        reply = SyncReply(*unpack(raw))
-        doomed = []
-        with self.state.lock:
-            files, self.state.unverified = list(self.state.unverified.values()), {}
-        if reply.invalidations is None or self.state.epoch not in (None, reply.epoch):
-            doomed += self.state.forget_all(reply.seq)  # the history is lost, or another's
-        else:
-            for seq, keys, prefixes in reply.invalidations:
-                doomed += self.state.apply_write(reply.epoch, seq, keys, prefixes)
-        good, unknown, stale = verify_files(files, reply.epoch, reply.invalidations)
-        snapshots = [f for f in unknown if is_immutable(f.key)]  # never change: no check
-        to_check = [f for f in unknown if not is_immutable(f.key)]
-        doomed += stale + self.state.adopt(good + snapshots)
-        doomed += self.state.adopt(to_check, proven=False)  # see zarr_cache_apply_prove
-        self.state.synced(reply.epoch, reply.seq, sent_at)
-        await self._delete(doomed)
 
     # -- handlers for peers and the scheduler (worker loop) --------------------------------
     @property

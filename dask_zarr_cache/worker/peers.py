@@ -21,8 +21,8 @@ from distributed.metrics import context_meter
 from distributed.protocol import to_serialize
 
 from dask_zarr_cache.core.departures import Departures
+from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.loops import LoopBlockedError, WorkerLoop
-from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.worker.disk import checksum
 from dask_zarr_cache.worker.flights import SOURCE
 

@@ -4,7 +4,7 @@
 event loop of one worker.  Its parts each do one job: the entries on disk with their
 TTL and budget (:mod:`~dask_zarr_cache.worker.entries`), the loads in flight
 (:mod:`~dask_zarr_cache.worker.flights`), the position in the write history with the
-lease (:mod:`~dask_zarr_cache.worker.position`), what is known of peers
+lease (:mod:`~dask_zarr_cache.writes.position`), what is known of peers
 (:mod:`~dask_zarr_cache.worker.hints`) and the counters.  One lock covers them all,
 because a write must poison the loads of its keys and drop their entries in one step
 (else a load admitted between the two would keep what the write replaced), and every
@@ -31,9 +31,9 @@ from dask_zarr_cache.worker.counters import CacheCounters
 from dask_zarr_cache.worker.entries import Entries, LocalEntry
 from dask_zarr_cache.worker.flights import SOURCE, Fetch, Flights
 from dask_zarr_cache.worker.hints import PeerHints
-from dask_zarr_cache.worker.position import Position
 from dask_zarr_cache.writes.log import matcher
 from dask_zarr_cache.writes.marks import UNSEQUENCED
+from dask_zarr_cache.writes.position import Position
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -419,6 +419,22 @@ class LocalState:
                 return self.writes.epoch, self.writes.applied_seq
             oldest = min(self.unverified.values(), key=lambda f: f.seq)
             return oldest.epoch, oldest.seq
+
+    def found(self, files: Iterable[CacheFile]) -> None:
+        """Files found on disk at start: not served until the write history clears them."""
+        with self.lock:
+            self.unverified = {f.key: f for f in files}
+
+    def has_unverified(self) -> bool:
+        """Whether files found on disk at start still wait for the history's verdict."""
+        with self.lock:
+            return bool(self.unverified)
+
+    def take_unverified(self) -> list[CacheFile]:
+        """The files found on disk at start, handed over to the catch-up that judges them."""
+        with self.lock:
+            files, self.unverified = list(self.unverified.values()), {}
+            return files
 
     def position(self) -> tuple[bytes | None, int]:
         """Whose history, and up to which write every write is applied here.

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import FETCH, PEER, Decision
 from dask_zarr_cache.index import client as index_client
 from dask_zarr_cache.index.digests import key_digest, shard_of
@@ -169,7 +170,7 @@ async def test_a_moved_shard_fails_the_calls_waiting_on_it_at_once(net, clock, t
     net.hung.discard(shard_address(0))
     started = asyncio.get_running_loop().time()
     await a.zarr_cache_index_moved(0)
-    with pytest.raises(index_client.IndexUnavailableError):
+    with pytest.raises(IndexUnavailableError):
         await asyncio.wait_for(stuck, 1)  # this reader goes to the source now
     assert (await asyncio.wait_for(queued, 1)).kind == FETCH  # sent to the new shard
     assert asyncio.get_running_loop().time() - started < 0.5

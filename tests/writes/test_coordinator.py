@@ -1,4 +1,4 @@
-"""The scheduler's write path (``scheduler/writes.py``), in process (``gen_cluster``).
+"""The scheduler's side of the write protocol (``writes/coordinator.py``), in process.
 
 A write returns once every worker applied it; concurrent writes share a batch (one push
 per worker); a worker frozen past its lease costs one lease, not one per write.  The

@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import SyncReply, WriteReply, pack, unpack
-from dask_zarr_cache.index.client import IndexUnavailableError
 from dask_zarr_cache.writes.group_commit import GroupCommit
 from dask_zarr_cache.writes.log import InvalidationLog
 
