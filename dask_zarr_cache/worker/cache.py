@@ -266,6 +266,9 @@ class WorkerCache(WorkerCacheAPI):
                 return data
             logger.debug("zarr cache: %s missing at %r (%s)", key, decision.address, decision)
         fetch.enter(SOURCE)
+        logger.debug(
+            "zarr cache reads %r uncached (hint %r, last asked %r)", key, owner, unreachable
+        )
         return await self._read_source_uncached(read_source)
 
     async def _read_source_uncached(
@@ -507,6 +510,7 @@ class WorkerCache(WorkerCacheAPI):
 
     async def zarr_cache_worker_left(self, address: str) -> None:
         """A peer left the cluster: stop asking it, and fail the calls waiting on it now."""
+        logger.debug("zarr cache: %s left the cluster", address)
         self.state.peer_left(address)
         self.index.host_left(address)
         self.peers.host_left(address)

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PeerHints"]
 
+#: When a peer that left the cluster failed: never out of back-off again.
+_LEFT = float("inf")
+
 
 class PeerHints:
     """Owner hints (warm reads skip the index) and peers not to ask for a while.
@@ -42,7 +45,9 @@ class PeerHints:
         return None if owner is None or self.failed_lately(owner) else owner
 
     def served(self, key: str, address: str) -> None:
-        """``address`` served ``key``: ask it first next time."""
+        """``address`` served ``key``: ask it first next time (unless it left since)."""
+        if self._failed.get(address) == _LEFT:  # its reply came after the notice
+            return
         if len(self._owners) >= self.max_hints:
             self._owners.pop(next(iter(self._owners)))
         self._owners[key] = address
@@ -56,8 +61,15 @@ class PeerHints:
         self._failed[address] = self.clock()
 
     def answered(self, address: str) -> None:
-        """``address`` answered (whatever it said): it is neither frozen nor gone."""
-        self._failed.pop(address, None)
+        """``address`` answered (whatever it said): it is not frozen.
+
+        A peer that left stays left: a reply it sent before it died can be handled after
+        the notice of its departure (both waited on the sockets of a frozen worker), and
+        must not bring it back (chaos seed 2033: a hint to the dead peer outlived it, and
+        a read waited out ``read_timeout`` on it, then read the source uncached).
+        """
+        if self._failed.get(address) != _LEFT:
+            self._failed.pop(address, None)
 
     def failed_lately(self, address: str) -> bool:
         """Whether ``address`` failed within the last ``backoff`` seconds (or left)."""
@@ -83,5 +95,5 @@ class PeerHints:
 
     def left(self, address: str) -> None:
         """``address`` left the cluster: forget every hint naming it."""
-        self._failed[address] = float("inf")  # never asked again
+        self._failed[address] = _LEFT  # never asked again
         self._owners = {k: a for k, a in self._owners.items() if a != address}

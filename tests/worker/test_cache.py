@@ -18,7 +18,7 @@ from dask_zarr_cache.identity.listing import SourceObject
 from dask_zarr_cache.index.digests import key_digest
 from tests.fakes import INDEX, FakeClock, FakeNetwork, Source
 
-A, B = "tcp://a:1", "tcp://b:1"
+A, B, C = "tcp://a:1", "tcp://b:1", "tcp://c:1"
 K = "ns\x00data.zarr/c/0"
 
 
@@ -192,6 +192,41 @@ async def test_peer_reads_use_owner_hints_and_skip_a_dead_peer(net, clock, tmp_p
     assert sum(1 for addr, _ in net.calls if addr == A) <= calls_to_a + 1
     assert await b.get(K, source) == b"bytes"  # now local on b
     assert sum(1 for addr, _ in net.calls if addr == A) <= calls_to_a + 1
+
+
+async def test_a_peer_reply_that_lands_with_its_departure_leaves_no_hint(tmp_path):
+    # Chaos seed 2033: B froze with A's reply on its socket; on thaw the notice that A
+    # left was handled first. A hint to the dead A must not come back with the reply.
+    clock = FakeClock()
+    net = FakeNetwork()
+    a = await net.worker(A, tmp_path / "a", clock)
+    b = await net.worker(B, tmp_path / "b", clock, read_timeout=0.3)
+    c = await net.worker(C, tmp_path / "c", clock)
+    await a.get(K, Source(b"old"))
+    await net.idle()
+    gate, served, serve = asyncio.Event(), asyncio.Event(), a.zarr_cache_get
+
+    async def held(key, probe=False):
+        reply = await serve(key, probe)
+        served.set()
+        await gate.wait()
+        return reply
+
+    a.zarr_cache_get = held
+    read = asyncio.ensure_future(b.get(K, Source(b"never")))
+    await served.wait()
+    gate.set()
+    await b.zarr_cache_worker_left(A)  # handled before b's read takes the reply
+    assert await read == b"old"
+    net.hung.add(A)  # dead: a connect is retried until the timeout
+    net.index.remove_worker(A)
+    await net.write([K])
+    source = Source(b"new")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.gather(c.get(K, source), b.get(K, source)) == [b"new", b"new"]
+    assert source.reads == 1 and b.counters.fallbacks == 0
+    assert loop.time() - started < 0.2  # nobody waited on the dead peer
 
 
 async def test_a_departed_peer_is_forgotten_without_asking_it(net, clock, tmp_path):

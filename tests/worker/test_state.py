@@ -10,6 +10,7 @@ from dask_zarr_cache.worker.state import LocalState
 from tests.fakes import FakeClock
 
 K = "ns\x00data.zarr/c/0"
+A = "tcp://a:1"
 
 
 class OtherThreadBetweenHolds:
@@ -82,6 +83,17 @@ def test_an_eviction_a_catch_up_applied_first_still_reports_what_it_dropped():
     state.admit(K, LocalEntry(3, 1, 0.0), fetch)
     assert state.apply_write(b"e", 1, [], ["ns"]) == [K]  # the catch-up brings eviction 1
     assert state.evict(b"e", 1, [], ["ns"]) == ([], 1, 3)  # its push: nothing left to drop
+
+
+def test_a_reply_handled_after_the_departure_notice_does_not_bring_the_peer_back():
+    clock = FakeClock()
+    state = LocalState(None, 10.0, clock, capacity=1000, peer_backoff=30.0)
+    state.peer_left(A)
+    state.peer_answered(A)  # its reply, sent before it died, handled after the notice
+    state.served_by(K, A, 5)
+    assert state.owner_hint(K) is None
+    clock.now += 60.0
+    assert state.peer_patience(A, 5.0, 0.5, 5.0) == 0
 
 
 def test_counters_are_read_and_updated_under_the_lock():
