@@ -56,8 +56,17 @@ class PeerHints:
         """The hinted peer did not have ``key``."""
         self._owners.pop(key, None)
 
-    def failed(self, address: str) -> None:
-        """``address`` did not answer."""
+    def failed(self, address: str, probe: bool = False) -> None:
+        """``address`` did not answer (``probe``: within the short wait of a probe).
+
+        A failed probe of a peer in back-off keeps the time of its first failure: slow is
+        not gone. A new quiet window would make every read skip the peer unasked for
+        ``read_timeout``, each reporting it unreachable to the index, which then hands out
+        the peer's copies to be fetched again (chaos seed 3025: one reply 0.49 s late, and
+        15 chunks were fetched twice).
+        """
+        if probe and address in self._failed:
+            return
         self._failed[address] = self.clock()
 
     def answered(self, address: str) -> None:

@@ -99,7 +99,7 @@ class Peers:
             except UNAVAILABLE as err:
                 logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
                 if not isinstance(err, LoopBlockedError):
-                    self.state.peer_failed(address)
+                    self.state.peer_failed(address, probe)
                 return MISSING, None
         self.state.peer_answered(address)
         # A peer without the cache's handlers (just restarted) answers None.

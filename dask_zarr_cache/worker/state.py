@@ -519,10 +519,10 @@ class LocalState:
         with self.lock:
             self.hints.drop(key)
 
-    def peer_failed(self, address: str) -> None:
-        """``address`` did not answer: do not ask it again for a while."""
+    def peer_failed(self, address: str, probe: bool = False) -> None:
+        """``address`` did not answer: do not ask it again for a while (see ``PeerHints``)."""
         with self.lock:
-            self.hints.failed(address)
+            self.hints.failed(address, probe)
 
     def peer_patience(self, address: str, full: float, probe: float, quiet: float) -> float:
         """Seconds a read waits for peer ``address`` (see :meth:`PeerHints.patience`)."""

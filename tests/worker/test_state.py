@@ -85,6 +85,21 @@ def test_an_eviction_a_catch_up_applied_first_still_reports_what_it_dropped():
     assert state.evict(b"e", 1, [], ["ns"]) == ([], 1, 3)  # its push: nothing left to drop
 
 
+def test_a_slow_probe_of_a_peer_in_back_off_does_not_restart_its_quiet_window():
+    # Chaos seed 3025: one probe answered 0.49 s late (limit 0.5 s) made every read skip
+    # the peer unasked for 5 s, reporting it unreachable: 15 of its chunks fetched again.
+    clock = FakeClock()
+    state = LocalState(None, 10.0, clock, capacity=1000, peer_backoff=30.0)
+    state.peer_failed(A)
+    clock.now += 9.5
+    assert state.peer_patience(A, 5.0, 0.5, 5.0) == 0.5  # in back-off: probed
+    state.peer_failed(A, probe=True)  # the probe's answer came too late
+    clock.now += 0.3
+    assert state.peer_patience(A, 5.0, 0.5, 5.0) == 0.5  # the next read probes it too
+    state.peer_failed(A)  # a full wait that failed does restart it
+    assert state.peer_patience(A, 5.0, 0.5, 5.0) == 0
+
+
 def test_a_reply_handled_after_the_departure_notice_does_not_bring_the_peer_back():
     clock = FakeClock()
     state = LocalState(None, 10.0, clock, capacity=1000, peer_backoff=30.0)
