@@ -339,7 +339,7 @@ class LocalState:
         whose files must be deleted.
         """
         with self.lock:
-            return self._invalidate(list(keys), tuple(prefixes), UNSEQUENCED)
+            return self._invalidate(list(keys), tuple(prefixes), UNSEQUENCED)[0]
 
     def apply_write(
         self, epoch: bytes, seq: int, keys: Iterable[str], prefixes: Iterable[str]
@@ -379,24 +379,25 @@ class LocalState:
     def _apply(
         self, epoch: bytes, seq: int, keys: list[str], prefixes: tuple[str, ...]
     ) -> list[str]:
-        matches = matcher(keys, prefixes)
-        nbytes = sum(f.size for k, f in self.unverified.items() if matches(k))
-        nbytes += sum(self.entries[k].size for k in self.entries.written(keys, prefixes))
-        doomed = self._invalidate(keys, prefixes, seq)
+        doomed, nbytes = self._invalidate(keys, prefixes, seq)
         self.writes.applied(seq)  # pushes may arrive out of order
         self._dropped[(epoch, seq)] = (len(doomed), nbytes)
         if len(self._dropped) > _DROPS_KEPT:
             del self._dropped[next(iter(self._dropped))]
         return doomed
 
-    def _invalidate(self, keys: list[str], prefixes: tuple[str, ...], seq: int) -> list[str]:
+    def _invalidate(
+        self, keys: list[str], prefixes: tuple[str, ...], seq: int
+    ) -> tuple[list[str], int]:
+        """Keys whose files must go, and their bytes (one scan for a prefix write)."""
         matches = matcher(keys, prefixes)
         self.writes.marks.mark(seq, keys, prefixes)
         self.flights.poison(matches)
         unverified = [k for k in self.unverified if matches(k)]  # only before a sync
-        for key in unverified:
-            del self.unverified[key]
-        return unverified + self.entries.remove(self.entries.written(keys, prefixes))
+        nbytes = sum(self.unverified.pop(key).size for key in unverified)
+        written = self.entries.written(keys, prefixes)
+        nbytes += sum(self.entries[k].size for k in written)
+        return unverified + self.entries.remove(written), nbytes
 
     def numbered(self, keys: Iterable[str], prefixes: Iterable[str], seq: int) -> None:
         """Number this worker's own write, applied before it had a number, ``seq``."""
