@@ -44,8 +44,9 @@ def event_loop_of(server: Any) -> asyncio.AbstractEventLoop:
     return loop
 
 
-#: Loops a hop found blocked (by ``id``), until they run again.
-_blocked: set[int] = set()
+#: Loops a hop found blocked (by ``id``), until they run again: the longest wait that did.
+#: A hop that would wait no longer is refused at once; a more patient one still tries.
+_blocked: dict[int, float] = {}
 
 
 class LoopBlockedError(ZarrCacheError):
@@ -61,7 +62,8 @@ async def run_on(
     ------
     LoopBlockedError
         If ``loop`` is not running, did not start ``coro`` within ``wait`` seconds, or
-        did not run since a hop found it so.  ``coro`` then never runs.
+        did not run since a hop waiting as long or longer found it so.  ``coro`` then
+        never runs.
 
     """
     try:
@@ -70,7 +72,7 @@ async def run_on(
         running = None
     if running is loop:
         return await coro
-    if not loop.is_running() or id(loop) in _blocked:
+    if not loop.is_running() or wait <= _blocked.get(id(loop), -1.0):
         coro.close()
         raise LoopBlockedError("the worker's event loop is not running, or blocked")
     claim = threading.Lock()  # taken by whichever comes first: the hop's start, or giving up
@@ -89,8 +91,8 @@ async def run_on(
         _abandon(claim, coro, hop)
         raise
     if not started.done() and _abandon(claim, coro, hop):
-        _blocked.add(id(loop))
-        loop.call_soon_threadsafe(_blocked.discard, id(loop))  # runs once it runs again
+        _blocked[id(loop)] = max(wait, _blocked.get(id(loop), wait))
+        loop.call_soon_threadsafe(_blocked.pop, id(loop), None)  # runs once it runs again
         raise LoopBlockedError(
             f"the worker's event loop did not run a hop within {wait} s (blocked, maybe in "
             "zarr's synchronous API waiting for this very read)"

@@ -129,7 +129,7 @@ class EarlierFiles:
             return pack(ProveReply(0, 0))
         at = self.clock()  # the listing vouches for them from here (``revalidate_after``)
         current, stale = await check_against_source(
-            entries, prefix, loads(store), self.settings.clock_margin
+            entries, prefix, loads(store), self.settings.clock_margin, self.settings.prove_timeout
         )
         await self.delete(self.state.checked(current, stale, proven=True, checked_at=at))
         self.state.count(adopted=len(current), adopt_refused=len(stale))

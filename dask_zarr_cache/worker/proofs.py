@@ -11,6 +11,7 @@ started before the read and finished after it (S3 dates an object by its upload'
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from dask_zarr_cache.core.loops import run_on, zarr_loop
@@ -24,17 +25,21 @@ if TYPE_CHECKING:
 
 __all__ = ["check_against_source"]
 
+logger = logging.getLogger(__name__)
+
 #: Directory listings in flight at once per check.
 LISTINGS_IN_FLIGHT = 8
 
 
 async def check_against_source(
-    entries: dict[str, LocalEntry], prefix: str, source: Store, margin: float
+    entries: dict[str, LocalEntry], prefix: str, source: Store, margin: float, wait: float
 ) -> tuple[dict[str, LocalEntry], dict[str, LocalEntry]]:
     """Split ``entries`` (cache keys below ``prefix``, the key prefix of ``source``'s root).
 
     Returns the entries shown current and the rest.  A directory that cannot be listed
-    shows nothing current.
+    shows nothing current.  The listings run on zarr's loop and wait up to ``wait``
+    seconds for it to start them: no read waits on a check, so a loop slowed by load (not
+    the one-second hop of a read) must not cost the files it would have shown current.
     """
     by_directory: dict[str, list[tuple[str, str, LocalEntry]]] = {}
     for key, entry in entries.items():
@@ -45,8 +50,9 @@ async def check_against_source(
     async def listed(directory: str) -> dict[str, SourceObject] | None:
         async with limit:
             try:  # on zarr's loop, with the reads of the same store
-                return await run_on(zarr_loop(), list_directory(source, directory))
-            except Exception:  # unreachable, forbidden, ...: nothing shown current
+                return await run_on(zarr_loop(), list_directory(source, directory), wait)
+            except Exception as err:  # unreachable, forbidden, ...: nothing shown current
+                logger.info("zarr cache: %r could not be listed: %r", directory, err)
                 return None
 
     listings = await asyncio.gather(*(listed(d) for d in by_directory))
@@ -64,4 +70,6 @@ async def check_against_source(
                 and (not whole or found.size == entry.size)
             )
             (current if ok else stale)[key] = entry
+            if not ok:
+                logger.debug("zarr cache: %r not shown current: %r, listed %r", key, entry, found)
     return current, stale

@@ -138,7 +138,7 @@ class Upkeep:
                 continue
             at = self.clock()
             current, stale = await check_against_source(
-                mine, prefix, source, self.settings.clock_margin
+                mine, prefix, source, self.settings.clock_margin, self.settings.prove_timeout
             )
             await self.delete(self.state.checked(current, stale, checked_at=at))
             self.state.count(revalidated=len(current), revalidate_dropped=len(stale))

@@ -69,6 +69,23 @@ def test_a_loop_blocked_waiting_for_the_hop_is_refused_not_deadlocked(other_loop
     assert not ran
 
 
+def test_a_more_patient_hop_still_tries_a_loop_a_short_hop_found_blocked(other_loop):
+    # Under load a loop may be slow, not deadlocked: a hop found it so after 0.2 s; one
+    # willing to wait 5 s (a check of files, which no read waits on) waits and runs.
+    other_loop.call_soon_threadsafe(time.sleep, 0.8)
+
+    async def hops() -> list[str | int]:
+        results: list[str | int] = []
+        for wait in (0.2, 0.2, 5.0):
+            try:
+                results.append(await run_on(other_loop, _where(), wait=wait))
+            except LoopBlockedError:
+                results.append("refused")
+        return results
+
+    assert zarr.core.sync.sync(hops()) == ["refused", "refused", other_loop._thread_id]
+
+
 async def _call(function):
     return function()  # on the loop's own thread: blocks it
 
