@@ -22,6 +22,7 @@ from distributed import as_completed
 from zarr.core.buffer import default_buffer_prototype
 
 from dask_zarr_cache.client import cached_keys, cluster_stats
+from dask_zarr_cache.core.clock import monotonic_clock
 from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.names import WARM_METADATA
 from dask_zarr_cache.datasets import object_sizes
@@ -205,9 +206,9 @@ class WarmJob:
             If it did not end within ``timeout`` seconds.
 
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else monotonic_clock() + timeout
         while self._thread.is_alive():  # short joins: Ctrl-C stays responsive
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and monotonic_clock() > deadline:
                 raise TimeoutError("the warm-up is still running")
             self._thread.join(0.2)
         if self._error is not None and not self.cancelled:

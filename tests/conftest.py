@@ -19,6 +19,7 @@ from zarr.storage import FsspecStore
 
 from dask_zarr_cache import ClusterCacheStore, ZarrCachePlugin
 from dask_zarr_cache.testing import LocalS3Server, loopback_cluster
+from tests.fakes import FakeClock
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -30,6 +31,12 @@ _names = itertools.count()
 def _warm_zarr_threads() -> None:
     # zarr starts its I/O loop thread on first use; start it once, not inside a test.
     zarr.core.sync._get_loop()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The one fake clock of a unit test (every part it builds is given this one)."""
+    return FakeClock()
 
 
 @pytest.fixture(scope="session")

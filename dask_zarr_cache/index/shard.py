@@ -14,12 +14,12 @@ and hands the count to the worker it asks to fetch, for that decision.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dask_zarr_cache.core.clock import wall_clock
 from dask_zarr_cache.core.exceptions import ZarrCacheError
 from dask_zarr_cache.core.protocol import FETCH, NOBODY, PEER, PENDING, Decision
 from dask_zarr_cache.index.admission import Admission
@@ -64,7 +64,7 @@ class CacheIndex:
     def __init__(
         self,
         max_age_seconds: float | None = None,
-        clock=time.time,
+        clock=wall_clock,
         policy: str = "tinylfu",
         pending_timeout: float = 60.0,
     ) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache.core.clock import Clock, monotonic_clock
 from dask_zarr_cache.core.names import EXTENSION_NAME
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class DatasetCoverage:
         ``await cached(cache_keys)`` says which keys have a ready copy (the index).
     interval : float
         Seconds between two refreshes of one dataset's numbers.
+    clock : callable
+        Seconds, monotonic.
 
     """
 
@@ -130,8 +132,10 @@ class DatasetCoverage:
         describe: Callable[[bytes], Awaitable[DatasetObjects]],
         cached: Callable[[list[str]], Awaitable[Sequence[bool]]],
         interval: float,
+        clock: Clock = monotonic_clock,
     ) -> None:
         self._describe, self._cached, self.interval = describe, cached, interval
+        self.clock = clock
         self._loop = asyncio.get_running_loop()  # the scheduler's
         self._datasets: dict[str, bytes] = {}  # by key prefix
         self._status: dict[str, tuple[str, CacheStatus]] = {}
@@ -153,13 +157,13 @@ class DatasetCoverage:
         return {name: status.as_dict() for name, status in found}
 
     def _refresh_if_due(self) -> None:
-        due = time.monotonic() - self._refreshed >= self.interval
+        due = self.clock() - self._refreshed >= self.interval
         if due and self._datasets and (self._refreshing is None or self._refreshing.done()):
             self._refreshing = asyncio.ensure_future(self.refresh())
 
     async def refresh(self) -> None:
         """Find every dataset's status now (a dataset that cannot be listed keeps its last)."""
-        self._refreshed = time.monotonic()
+        self._refreshed = self.clock()
         for prefix, dataset in list(self._datasets.items()):
             try:
                 name, objects = await self._describe(dataset)

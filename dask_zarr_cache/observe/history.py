@@ -7,13 +7,13 @@ the JSON route and Prometheus.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import dask.config
 
+from dask_zarr_cache.core.clock import Clock, wall_clock
 from dask_zarr_cache.core.names import EXTENSION_NAME, METRIC_PREFIX
 from dask_zarr_cache.worker.counters import CacheCounters, total_of
 
@@ -79,12 +79,22 @@ def hit_ratio(total: dict[str, int], no_reads: float = 0.0) -> float:
 
 
 class CacheHistory:
-    """Samples of the cluster's cache counters, one per second, kept for a while."""
+    """Samples of the cluster's cache counters, one per second, kept for a while.
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    Parameters
+    ----------
+    scheduler : Scheduler
+        Whose workers' metrics are sampled.
+    clock : callable
+        Seconds since the epoch: each sample's time.
+
+    """
+
+    def __init__(self, scheduler: Scheduler, clock: Clock = wall_clock) -> None:
         from tornado.ioloop import PeriodicCallback
 
         self.scheduler = scheduler
+        self.clock = clock
         maxlen = int(dask.config.get("zarr-cache.history-seconds"))
         self.samples: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._callback = PeriodicCallback(self._tick, 1000)
@@ -105,7 +115,7 @@ class CacheHistory:
         """Take one sample now and return it."""
         workers = worker_counters(self.scheduler)
         total = total_of(workers)
-        sample = {"time": time.time(), "total": total, "workers": workers}
+        sample = {"time": self.clock(), "total": total, "workers": workers}
         self.samples.append(sample)
         return sample
 

@@ -19,11 +19,11 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
 
+from dask_zarr_cache.core.clock import Clock, wall_clock
 from dask_zarr_cache.core.interfaces import WorkerCacheAPI
 from dask_zarr_cache.core.loops import WorkerLoop
 from dask_zarr_cache.core.protocol import (
@@ -91,7 +91,7 @@ class WorkerCache(WorkerCacheAPI):
         settings: CacheSettings,
         directory: str,
         timeout: float = 30.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
     ) -> None:
         self.address = address
         self.pid = os.getpid()  # a process forked from a task has the object, not the loop
@@ -114,7 +114,15 @@ class WorkerCache(WorkerCacheAPI):
         self.counters = self.state.counters
         self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
         self.index = IndexClient(address, scheduler, rpc, on_connect=self._register)
-        self.peers = Peers(self.state, self.disk, rpc, self.worker_loop, settings.read_timeout)
+        self.peers = Peers(
+            self.state,
+            self.disk,
+            rpc,
+            self.worker_loop,
+            settings.read_timeout,
+            clock,
+            settings.loop_wait,
+        )
         self.index.timeout = timeout
         self.guarded_disk = GuardedDisk(self.disk, self.state, clock, settings.disk_retry)
         self.earlier_files = EarlierFiles(
@@ -221,11 +229,11 @@ class WorkerCache(WorkerCacheAPI):
         # However the index and peers answer (or not: a frozen host), this read waits for
         # them at most ``read_timeout`` in all, then reads the source itself.  ``fetch``'s
         # phase tells peers asking for ``key`` meanwhile whether they may wait on it.
-        deadline = time.monotonic() + self.settings.read_timeout
+        deadline = self.clock() + self.settings.read_timeout
         owner = self.state.owner_hint(key)
         if owner is not None:  # warm path: straight to the peer that served it last time
             fetch.enter(PEER)
-            status, data = await self.peers.fetch(owner, key, deadline - time.monotonic())
+            status, data = await self.peers.fetch(owner, key, deadline - self.clock())
             if status != MISSING:
                 return data
             self.state.drop_hint(key)
@@ -233,7 +241,7 @@ class WorkerCache(WorkerCacheAPI):
         # A second round only after a peer failed: the index then drops that peer's entry,
         # so one asker (maybe this one) re-fetches instead of everyone reading the source.
         for _ in range(2):
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 break
             fetch.enter(ASKING)
@@ -252,7 +260,7 @@ class WorkerCache(WorkerCacheAPI):
             unreachable = (decision.address, decision.claim)
             wait = self.state.peer_patience(
                 decision.address,
-                deadline - time.monotonic(),
+                deadline - self.clock(),
                 self.settings.peer_probe_timeout,
                 self.settings.read_timeout,
             )
@@ -260,7 +268,7 @@ class WorkerCache(WorkerCacheAPI):
             if wait <= 0:
                 continue
             status, data = await self.peers.fetch(
-                decision.address, key, wait, deadline - time.monotonic()
+                decision.address, key, wait, deadline - self.clock()
             )
             if status != MISSING:
                 return data

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.pickle import dumps, loads
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.core.protocol import ProveReply, pack
 from dask_zarr_cache.worker.peers import UNAVAILABLE
 from dask_zarr_cache.worker.proofs import check_against_source
@@ -63,7 +64,7 @@ class EarlierFiles:
         index: IndexClient,
         worker_loop: WorkerLoop,
         settings: CacheSettings,
-        clock: Callable[[], float],
+        clock: Clock,
         delete: Callable[[Iterable[str]], Awaitable[None]],
     ) -> None:
         self.state = state

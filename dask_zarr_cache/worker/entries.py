@@ -11,12 +11,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.core.protocol import Item
 from dask_zarr_cache.identity.keys import base_key, is_immutable
 from dask_zarr_cache.worker.budget import Budget
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
     from dask_zarr_cache.worker.counters import CacheCounters
 
@@ -67,7 +68,7 @@ class Entries(Mapping[str, LocalEntry]):
     def __init__(
         self,
         max_age_seconds: float | None,
-        clock: Callable[[], float],
+        clock: Clock,
         budget: Budget,
         counters: CacheCounters,
         revalidate_after: float | None = None,

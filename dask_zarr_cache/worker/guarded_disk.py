@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache.core.clock import Clock, wall_clock
 from dask_zarr_cache.core.exceptions import CacheDirectoryError
 from dask_zarr_cache.worker.disk import DiskCache, is_disk_failure
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from dask_zarr_cache.core.protocol import Payload
     from dask_zarr_cache.worker.state import LocalState
 
@@ -48,7 +46,7 @@ class GuardedDisk:
         self,
         disk: DiskCache,
         state: LocalState,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
         retry: float = 5.0,
     ) -> None:
         self.disk = disk

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache.core.clock import Clock
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    pass
 
 __all__ = ["PeerHints"]
 
@@ -32,7 +34,7 @@ class PeerHints:
 
     """
 
-    def __init__(self, clock: Callable[[], float], backoff: float, max_hints: int) -> None:
+    def __init__(self, clock: Clock, backoff: float, max_hints: int) -> None:
         self.clock = clock
         self.backoff = backoff
         self.max_hints = max_hints

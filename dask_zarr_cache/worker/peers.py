@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
 from distributed.protocol import to_serialize
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.core.departures import Departures
 from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.loops import LoopBlockedError, WorkerLoop
@@ -60,6 +60,12 @@ class Peers:
         The worker's event loop, where requests to peers run.
     read_timeout : float
         Seconds this worker serves a peer's request at most (waiting for its own fetch).
+    clock : callable
+        Seconds (the worker's clock): how long a request took.
+    stall : float
+        A request that timed out this much later than asked was late because this worker
+        stood still (frozen, or its loop blocked), not because the peer did: the peer is
+        not blamed (``loop_wait``).
 
     """
 
@@ -70,9 +76,13 @@ class Peers:
         rpc: Callable[[str], Any],
         worker_loop: WorkerLoop,
         read_timeout: float,
+        clock: Clock,
+        stall: float,
     ) -> None:
         self.state, self.disk, self.rpc, self.worker_loop = state, disk, rpc, worker_loop
         self.read_timeout = read_timeout
+        self.clock = clock
+        self.stall = stall
         self._calls = Departures()  # by peer address
 
     def host_left(self, address: str) -> None:
@@ -92,20 +102,25 @@ class Peers:
         asked again, for ``full`` seconds in all: slow is not gone.
         """
         probe = full is not None and full > timeout
-        started = time.monotonic()
+        started = self.clock()
         with self.state.timed("peer_wait_us"):
             try:
                 reply = await self.worker_loop.call(self.request(address, key, timeout, probe))
             except UNAVAILABLE as err:
-                logger.debug("zarr cache peer %s failed for %s: %s", address, key, err)
-                if not isinstance(err, LoopBlockedError):
+                late = self.clock() - started - timeout
+                logger.debug("zarr cache peer %s failed for %s: %r", address, key, err)
+                if isinstance(err, TimeoutError) and late > self.stall:
+                    logger.debug(
+                        "zarr cache: the timeout came %.1f s late: not %s's fault", late, address
+                    )
+                elif not isinstance(err, LoopBlockedError):
                     self.state.peer_failed(address, probe)
                 return MISSING, None
         self.state.peer_answered(address)
         # A peer without the cache's handlers (just restarted) answers None.
         status = reply.get("status") if isinstance(reply, dict) else None
         if probe and status == FETCHING and full is not None:
-            return await self.fetch(address, key, full - (time.monotonic() - started))
+            return await self.fetch(address, key, full - (self.clock() - started))
         if status not in (OK, ABSENT):
             return MISSING, None
         if not self.state.current(key, reply.get("epoch"), reply.get("seq")):

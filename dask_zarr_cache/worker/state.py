@@ -20,12 +20,13 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from distributed.metrics import context_meter
 
+from dask_zarr_cache.core.clock import Clock, wall_clock
 from dask_zarr_cache.worker.budget import Budget
 from dask_zarr_cache.worker.counters import CacheCounters
 from dask_zarr_cache.worker.entries import Entries, LocalEntry
@@ -88,7 +89,7 @@ class LocalState:
         self,
         max_age_seconds: float | None,
         lease: float,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
         capacity: int = 0,
         policy: str = "tinylfu",
         peer_backoff: float = 30.0,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.worker.peers import UNAVAILABLE
 from dask_zarr_cache.worker.proofs import check_against_source
 
@@ -56,7 +57,7 @@ class Upkeep:
         catch_up: Callable[[], Awaitable[None]],
         sources: dict[str, Any],
         settings: CacheSettings,
-        clock: Callable[[], float],
+        clock: Clock,
         delete: Callable[[Iterable[str]], Awaitable[None]],
     ) -> None:
         self.state = state

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.core.protocol import SyncReply, unpack
 from dask_zarr_cache.identity.keys import is_immutable
 from dask_zarr_cache.writes.log import Stamped, verify_files
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
 __all__ = ["Follower", "catch_up"]
 
@@ -70,7 +71,7 @@ async def catch_up(
     worker: str,
     follower: Follower[F],
     timeout: float,
-    clock: Callable[[], float],
+    clock: Clock,
 ) -> list[str]:
     """Catch ``worker`` up with the scheduler's write history, and renew its lease.
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from dask_zarr_cache.core.clock import Clock, monotonic_clock
 from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import SyncReply, WriteReply, pack, unpack
 from dask_zarr_cache.writes.group_commit import GroupCommit
@@ -56,6 +56,8 @@ class WriteCoordinator:
         Coroutine function dropping written keys from the index.
     group_commit : bool
         ``False``: each write is applied alone (for comparison, ``benchmarks.write_load``).
+    clock : callable
+        Seconds, monotonic: leases and waits (a fake one in unit tests).
 
     """
 
@@ -66,12 +68,14 @@ class WriteCoordinator:
         members: Callable[[], Container[str]],
         invalidate_index: Callable[[list[str]], Awaitable[Any]],
         group_commit: bool = True,
+        clock: Clock = monotonic_clock,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.log = InvalidationLog()
         #: Workers with a cache, and the highest write each has confirmed.
         self.workers: dict[str, int] = {}
-        #: When each worker's last catch-up arrived (``time.monotonic``): its lease ran
+        #: When each worker's last catch-up arrived (``clock``): its lease ran
         #: out ``write_wait`` after that at the latest.
         self._synced_at: dict[str, float] = {}
         self._ask = ask
@@ -98,7 +102,7 @@ class WriteCoordinator:
         reply = SyncReply(self.log.epoch, self.log.seq, invalidations)
         if worker not in self._members():
             return reply, False
-        self._synced_at[worker] = time.monotonic()  # in the step that read the history
+        self._synced_at[worker] = self.clock()  # in the step that read the history
         new = worker not in self.workers
         await self._acked(worker, applied)
         return reply, new
@@ -152,7 +156,7 @@ class WriteCoordinator:
         workers that did not answer time out beside.  Returns the write's number, the
         replies of the workers that applied it, and the workers that did not confirm.
         """
-        started = time.monotonic()
+        started = self.clock()
         entry = self.log.append(keys, prefixes)
         index = asyncio.ensure_future(self._drop_from_index(keys))
         reached: dict[str, Any] = {}  # workers that applied it, and their replies
@@ -165,7 +169,7 @@ class WriteCoordinator:
         pushes = [
             self._push(w, op, reached, message)
             for w in self.reachable()
-            if w != origin and time.monotonic() < self._lease_end(w, started)
+            if w != origin and self.clock() < self._lease_end(w, started)
         ]
         if op == APPLY_EVICT and pushes:
             await asyncio.wait(pushes)
@@ -245,7 +249,7 @@ class WriteCoordinator:
 
         async with self._changed:
             while True:
-                now = time.monotonic()
+                now = self.clock()
                 ends = [e for w in unconfirmed() if (e := self._lease_end(w, started)) > now]
                 if not ends:
                     return unconfirmed()

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.writes.marks import WriteMarks
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    pass
 
 __all__ = ["Position"]
 
@@ -32,7 +33,7 @@ class Position:
 
     """
 
-    def __init__(self, lease: float, clock: Callable[[], float]) -> None:
+    def __init__(self, lease: float, clock: Clock) -> None:
         self.lease = lease
         self.clock = clock
         self.epoch: bytes | None = None

@@ -10,16 +10,11 @@ from dask_zarr_cache.core.exceptions import IndexUnavailableError
 from dask_zarr_cache.core.protocol import FETCH, PEER, Decision
 from dask_zarr_cache.index import client as index_client
 from dask_zarr_cache.index.digests import key_digest, shard_of
-from tests.fakes import FakeClock, FakeNetwork, Source, shard_address
+from tests.fakes import FakeNetwork, Source, shard_address
 
 A, B = "tcp://a:1", "tcp://b:1"
 SHARDS = 3
 KEYS = [f"ns\x00data.zarr/c/{i}" for i in range(60)]
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture

@@ -8,14 +8,7 @@ from dask_zarr_cache.core.protocol import FETCH, PEER, PENDING, Decision, Item, 
 from dask_zarr_cache.identity.keys import IMMUTABLE
 from dask_zarr_cache.index.digests import key_digest
 from dask_zarr_cache.index.shard import CacheIndex
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def d(*keys: str) -> list[int]:
@@ -104,7 +97,7 @@ def test_an_owner_that_fetches_again_keeps_its_claim_when_a_reader_found_its_cop
 
 
 def test_ttl_makes_entries_absent():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     index = CacheIndex(max_age_seconds=5, clock=clock)
     fill(index, "A", ["k"])
     clock.now += 4
@@ -115,7 +108,7 @@ def test_ttl_makes_entries_absent():
 
 
 def test_entries_of_immutable_data_never_expire():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     index = CacheIndex(max_age_seconds=5, clock=clock)
     snapshot = IMMUTABLE + "snap\x00a/c/0"
     fill(index, "A", [snapshot, "k"])
@@ -215,7 +208,7 @@ def test_touch_from_an_unknown_worker_asks_it_to_register():
 
 
 def test_a_stale_claim_can_be_taken_over():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     index = CacheIndex(clock=clock)
     index.acquire("A", d("k"))
     clock.now += 3600

@@ -23,11 +23,6 @@ K = "ns\x00data.zarr/c/0"
 
 
 @pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
 def net():
     return FakeNetwork()
 

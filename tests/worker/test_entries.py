@@ -7,22 +7,15 @@ from dataclasses import replace
 from dask_zarr_cache.worker.budget import Budget
 from dask_zarr_cache.worker.counters import CacheCounters
 from dask_zarr_cache.worker.entries import Entries, LocalEntry
+from tests.fakes import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def entries(clock: Clock) -> Entries:
+def entries(clock: FakeClock) -> Entries:
     return Entries(None, clock, Budget(1 << 40), CacheCounters(), revalidate_after=10.0)
 
 
 def test_due_are_the_entries_vouched_for_longest_ago_and_a_check_moves_one_back():
-    clock = Clock()
+    clock = FakeClock(0.0)
     found = entries(clock)
     for i in range(5):
         clock.now = float(i)
@@ -38,7 +31,7 @@ def test_due_are_the_entries_vouched_for_longest_ago_and_a_check_moves_one_back(
 
 
 def test_finding_the_due_entries_looks_at_them_and_one_more(monkeypatch):
-    clock = Clock()
+    clock = FakeClock(0.0)
     found = entries(clock)
     for i in range(10_000):
         clock.now = i / 1000
@@ -52,7 +45,7 @@ def test_finding_the_due_entries_looks_at_them_and_one_more(monkeypatch):
 
 
 def test_a_check_keeps_an_entrys_place_in_the_ttl_sweep():
-    clock = Clock()
+    clock = FakeClock(0.0)
     found = Entries(5.0, clock, Budget(1 << 40), CacheCounters(), revalidate_after=10.0)
     for i in range(3):
         clock.now = float(i)
@@ -63,7 +56,7 @@ def test_a_check_keeps_an_entrys_place_in_the_ttl_sweep():
 
 
 def test_without_revalidation_nothing_is_kept_in_vouched_order():
-    clock = Clock()
+    clock = FakeClock(0.0)
     found = Entries(None, clock, Budget(1 << 40), CacheCounters())
     found.add("ns\x00k0", LocalEntry(1, 0, 0.0))
     clock.now = 1e9

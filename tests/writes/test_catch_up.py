@@ -10,6 +10,7 @@ from dask_zarr_cache.worker.disk import CacheFile
 from dask_zarr_cache.worker.entries import LocalEntry
 from dask_zarr_cache.worker.state import LocalState
 from dask_zarr_cache.writes.catch_up import catch_up
+from tests.fakes import FakeClock
 
 K = "ns\x00data.zarr/c/0"
 
@@ -33,18 +34,18 @@ def cached(state: LocalState, key: str) -> None:
 
 
 async def test_a_catch_up_applies_each_write_once_and_renews_the_lease():
-    now = [100.0]
-    state = LocalState(None, lease=10.0, clock=lambda: now[0], capacity=1_000)
+    clock = FakeClock(100.0)
+    state = LocalState(None, lease=10.0, clock=clock, capacity=1_000)
     scheduler = Scheduler(SyncReply(b"e", 2, [(1, [K], []), (2, ["ns\x00other"], [])]))
-    assert await catch_up(scheduler, "tcp://w:1", state, 5.0, lambda: now[0]) == []
+    assert await catch_up(scheduler, "tcp://w:1", state, 5.0, clock) == []
     assert scheduler.requests == [
         {"worker": "tcp://w:1", "epoch": None, "seq": 0, "found_files": False}
     ]
     assert state.position() == (b"e", 2) and state.can_serve()
     cached(state, K)  # read after write 1
-    assert await catch_up(scheduler, "tcp://w:1", state, 5.0, lambda: now[0]) == []  # again
+    assert await catch_up(scheduler, "tcp://w:1", state, 5.0, clock) == []  # again
     assert K in state.entries
-    now[0] += 11
+    clock.now += 11
     assert not state.can_serve()  # the lease runs from the request, and ran out
 
 

@@ -15,9 +15,12 @@ import dask
 from distributed.utils_test import gen_cluster
 
 from dask_zarr_cache import ZarrCachePlugin
+from dask_zarr_cache.core.config import CacheSettings
 from dask_zarr_cache.core.names import EXTENSION_NAME
 from dask_zarr_cache.core.protocol import pack, unpack
 from dask_zarr_cache.scheduler.state import scheduler_state
+from dask_zarr_cache.writes.coordinator import WriteCoordinator
+from tests.fakes import FakeClock
 from tests.scheduler.test_lifecycle import caught_up, install, until
 
 
@@ -80,3 +83,34 @@ async def test_a_worker_frozen_past_its_lease_costs_one_lease_not_one_per_write(
     assert loop.time() - started < 0.5  # b serves nothing: no wait, and no push
     assert pushed == [first.seq]
     assert a.extensions[EXTENSION_NAME].state.position()[1] >= second.seq
+
+
+async def test_leases_run_on_the_coordinator_s_clock():
+    # No real time passes: the fake clock alone says whose lease still runs.
+    clock = FakeClock()
+    pushed: list[str] = []
+    applied: dict[str, int] = {}
+
+    async def ask(worker, op, timeout, seq, **message):
+        pushed.append(worker)
+        applied[worker] = seq
+        return seq
+
+    async def invalidate_index(keys):
+        return None
+
+    coordinator = WriteCoordinator(
+        CacheSettings(max_size=1), ask, lambda: {"a", "b"}, invalidate_index, clock=clock
+    )
+    await coordinator.catch_up("a", None, 0)
+    await coordinator.catch_up("b", None, 0)
+    first = await coordinator.write(["ns\x00k"], [], None)
+    assert sorted(pushed) == ["a", "b"] and first.unreached == []  # both leases run
+    clock.now += coordinator.settings.write_wait / 2
+    await coordinator.catch_up(
+        "a", coordinator.log.epoch, first.seq
+    )  # a renews its lease; b does not
+    clock.now += coordinator.settings.write_wait / 2 + 0.1  # b's has run out
+    pushed.clear()
+    second = await asyncio.wait_for(coordinator.write(["ns\x00k"], [], None), 1.0)
+    assert pushed == ["a"] and second.unreached == ["b"]  # b: neither pushed nor waited for
