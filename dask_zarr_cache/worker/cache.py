@@ -39,6 +39,7 @@ from dask_zarr_cache.worker.disk import DiskCache
 from dask_zarr_cache.worker.earlier_files import EarlierFiles
 from dask_zarr_cache.worker.flights import ASKING, PEER, SOURCE, Fetch
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
+from dask_zarr_cache.worker.kept_writes import KeptWrites
 from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
 from dask_zarr_cache.worker.state import LocalEntry, LocalState
 from dask_zarr_cache.worker.upkeep import Upkeep
@@ -136,6 +137,15 @@ class WorkerCache(WorkerCacheAPI):
             settings,
             clock,
             self._delete,
+        )
+        self.kept_writes = KeptWrites(
+            self.state,
+            self.index,
+            settings.max_size,
+            self._keep_file,
+            self._delete,
+            self._in_background,
+            clock,
         )
         self._closed = False
         self._background: set[concurrent.futures.Future[Any]] = set()
@@ -455,11 +465,11 @@ class WorkerCache(WorkerCacheAPI):
         For a write whose announcement cannot go through this worker's loop (see
         :mod:`~dask_zarr_cache.writes.announce`); :meth:`written` gives it its number after.
         """
-        await self._delete(self.state.invalidate(keys, prefixes))
+        await self.kept_writes.drop(keys, prefixes)
 
     def written(self, keys: list[str], prefixes: list[str], seq: int) -> None:
         """Number this worker's own write, dropped by :meth:`drop_written`, ``seq``."""
-        self.state.numbered(keys, prefixes, seq)
+        self.kept_writes.numbered(keys, prefixes, seq)
 
     @property
     def keeps_writes(self) -> bool:
@@ -473,43 +483,8 @@ class WorkerCache(WorkerCacheAPI):
     def keep_written(
         self, key: str, data: bytes, reply: WriteReply, since: tuple[bytes | None, int]
     ) -> None:
-        """Keep the bytes a task on this worker wrote to ``key`` (beside the task).
-
-        For ``cache_writes``: the next read of ``key`` anywhere in the cluster is then
-        served from here, not from the source.  ``reply`` is the scheduler's for the
-        write, ``since`` where this worker stood in the history before the bytes reached
-        the source.  Kept as a load of ``key`` whose bytes are ``data``, only if they are
-        the source's bytes for sure (:meth:`LocalState.begin_keep`); the index lists the
-        copy unless another worker holds or fetches the key.
-        """
-        self._in_background(self._keep_written(key, data, reply, since))
-
-    async def _keep_written(
-        self, key: str, data: bytes, reply: WriteReply, since: tuple[bytes | None, int]
-    ) -> None:
-        if self._closed or len(data) > self.settings.max_size or not self.state.can_serve():
-            return
-        fetch = self.state.begin_keep(key, reply, since)
-        if fetch is None:
-            return
-        kept = None
-        try:
-            kept = await self._keep_file(key, data, fetch, reply.epoch, reply.seq, self.clock())
-        finally:
-            fetch.future.set_result(data)  # readers that joined: the bytes just written
-            self.state.end_fetch(key, fetch)
-        if kept is not None:
-            await self._list_written(kept)
-
-    async def _list_written(self, item: Item) -> None:
-        """The index learns of a written copy, unless another worker holds the key."""
-        try:
-            taken = await self.index.add([item])
-        except UNAVAILABLE as err:
-            logger.debug("zarr cache could not list written %s: %s", item.key, err)
-            return
-        for key in taken:  # another worker holds or fetches it: that copy stays
-            await self._delete(self.state.remove_copy(key, item.tag))
+        """Keep the bytes a task on this worker wrote to ``key`` (see :class:`KeptWrites`)."""
+        self.kept_writes.keep(key, data, reply, since)
 
     async def zarr_cache_index_moved(self, shard: int | None = None) -> None:
         """A new index shard (or layout) exists: register this worker's files right away."""
