@@ -176,3 +176,52 @@ def peer_markdown(n: int = 100) -> str:
                 )
                 print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+# -- local hits ---------------------------------------------------------------------------
+async def _hit_latencies(n: int, size: int, label: str, dask_worker=None) -> list[float]:
+    """Seconds of each of ``n`` warm hits of ``size`` bytes through ``WorkerCache.get``."""
+    cache = dask_worker.extensions["zarr_cache"]
+    payload = b"x" * size
+
+    async def source() -> bytes:
+        return payload
+
+    keys = [f"ns-bench\x00hits-{label}/{size}/{i}" for i in range(n)]
+    for key in keys:  # the cold pass: fetched and kept
+        await cache.get(key, source)
+    await cache.idle()
+    latencies = []
+    for _ in range(2):  # the second warm pass is timed
+        latencies.clear()
+        for key in keys:
+            start = time.perf_counter()
+            await cache.get(key, source)
+            latencies.append(time.perf_counter() - start)
+    return sorted(latencies)
+
+
+def hits_markdown(n: int = 2000, sizes: tuple[int, ...] = (1024, 65536)) -> str:
+    """p50 and p99 of a warm local hit, the memory copies off (file reads) and on."""
+    lines = [
+        "| object | memory copies | p50 us | p99 us | mean us |",
+        "|---|---|---|---|---|",
+    ]
+    with loopback_cluster(1, 1) as cluster, Client(cluster) as client:
+        (worker,) = client.scheduler_info()["workers"]
+        for memory_size in (0, None):
+            client.register_plugin(ZarrCachePlugin(max_size="4GiB", memory_size=memory_size))
+            for size in sizes:
+                label = "off" if memory_size == 0 else "on"
+                lat = client.run(_hit_latencies, n, size, label, workers=[worker])[worker]
+                p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+                lines.append(
+                    f"| {size // 1024} KiB | {label} | {p50 * 1e6:.1f} | {p99 * 1e6:.1f} | "
+                    f"{sum(lat) / len(lat) * 1e6:.1f} |"
+                )
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    hits_markdown()

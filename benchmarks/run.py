@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = [int(k) for k in args.micro_keys.split(",")]
         sections += ["## Index", _micro.index_markdown(keys)]
         sections += ["## Peer transfer", _micro.peer_markdown()]
+        sections += ["## Local hits", _micro.hits_markdown()]
     report = "\n\n".join(sections) + "\n"
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,13 @@ class ZarrCachePlugin(SchedulerPlugin):
     directory : str, optional
         Parent directory of the worker caches (each worker uses a subdirectory derived from
         its name); default ``<worker.local_directory>/zarr-cache``.
+    memory_size : int or str, optional
+        Bytes of small objects each worker also keeps in memory, beside their files, so a
+        hit on one is a dict lookup; default from dask config ``zarr-cache.memory-size``
+        (``None``: ``max_size / 16``, at most 256 MiB); ``0``: none.
+    memory_object_limit : int or str, optional
+        The largest object kept in memory; default ``zarr-cache.memory-object-limit``
+        (64 KiB).
 
     Raises
     ------
@@ -83,9 +90,17 @@ class ZarrCachePlugin(SchedulerPlugin):
         directory: str | os.PathLike[str] | None = None,
         revalidate_after: float | None = None,
         cache_writes: bool | None = None,
+        memory_size: int | str | None = None,
+        memory_object_limit: int | str | None = None,
     ) -> None:
         self.settings = CacheSettings.from_arguments(
-            max_size, max_age_seconds, directory, revalidate_after, cache_writes
+            max_size,
+            max_age_seconds,
+            directory,
+            revalidate_after,
+            cache_writes,
+            memory_size,
+            memory_object_limit,
         )
         self._scheduler_state: ZarrCacheScheduler | None = None
 

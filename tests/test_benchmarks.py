@@ -72,6 +72,13 @@ def test_index_micro_benchmark_measures_throughput_and_memory():
     assert 0 < _micro.index_memory_per_key(50_000) < 120  # issue #12's budget per key
 
 
+def test_hit_latency_micro_benchmark_times_file_reads_and_memory_copies():
+    table = _micro.hits_markdown(n=50, sizes=(1024,))
+    rows = [line.split("|") for line in table.splitlines()[2:]]
+    assert [r[2].strip() for r in rows] == ["off", "on"]
+    assert all(0 < float(r[3]) <= float(r[4]) for r in rows)  # p50 <= p99, in microseconds
+
+
 def test_benchmark_s3_endpoint_serves_a_one_range_get_as_it_serves_a_plain_one(tmp_path):
     # The cache's one-GET read asks for ``bytes=0-``: it must cost what a plain GET does.
     body = bytes(range(256)) * 1024  # 256 KiB, a benchmark chunk

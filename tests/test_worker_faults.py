@@ -151,11 +151,23 @@ def test_damaged_cache_files_are_detected_and_refetched(s3, s3_path, client, mod
     prefix = store.location.prefix("")
     damaged = client.run(damage_one, prefix=prefix, mode=mode, workers=[owner])
     damaged = damaged[owner]
-    for _ in range(2):
+    path = damaged.split("\x00")[1]  # the object's full path
+    # A small object's copy in memory was made from the file's verified bytes: it serves
+    # the right bytes, and the damaged file is not read.
+    np.testing.assert_array_equal(read_all(store, client), data)
+    assert chunk_gets(s3, s3_path)[path] == 1
+    client.run(forget_copy, key=damaged, workers=[owner])  # pushed out of memory
+    for _ in range(2):  # now the file is read: its damage is found, the object fetched
         np.testing.assert_array_equal(read_all(store, client), data)
     gets = chunk_gets(s3, s3_path)
-    assert gets.pop(damaged.split("\x00")[1]) == 2  # the object's full path
+    assert gets.pop(path) == 2
     assert set(gets.values()) == {1}
+
+
+def forget_copy(dask_worker, key):
+    cache = dask_worker.extensions["zarr_cache"]
+    with cache.state.lock:
+        cache.state.entries.memory.drop(key)
 
 
 def test_unwritable_cache_directory_degrades_to_read_through(s3, s3_path, tmp_path):

@@ -59,25 +59,35 @@ dask.config.update_defaults(
             # sticky bit (a Kubernetes emptyDir or fsGroup volume, written only by the
             # pod's own containers). Such users could swap the cache's directory.
             "trusted-parent": False,
+            # Bytes of small objects each worker also keeps in memory (copies of its
+            # files: a hit on one is a dict lookup, not a file read). None: max-size / 16,
+            # at most 256 MiB; 0: none.
+            "memory-size": None,
+            # The largest object kept in memory.
+            "memory-object-limit": "64KiB",
         }
     }
 )
 
+#: ``memory_size`` when not given: this share of ``max_size``, at most ``MEMORY_SIZE_CAP``.
+MEMORY_SIZE_SHARE, MEMORY_SIZE_CAP = 16, 256 * 2**20
 
-def _parse_max_size(value: int | str) -> int:
+
+def _parse_size(value: int | str, name: str, zero: bool = False) -> int:
+    """A number of bytes, or a size string like ``"2GiB"``: positive (or 0 with ``zero``)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise CacheConfigError(
-            f"max_size must be an int number of bytes or a size string like '2GiB', got {value!r}"
+            f"{name} must be an int number of bytes or a size string like '2GiB', got {value!r}"
         )
     if isinstance(value, str):
         if not value.strip():
-            raise CacheConfigError("max_size is an empty string; give a size like '2GiB'")
+            raise CacheConfigError(f"{name} is an empty string; give a size like '2GiB'")
         try:
             value = parse_bytes(value)
         except (ValueError, TypeError) as err:
-            raise CacheConfigError(f"max_size {value!r} is not a size like '2GiB'") from err
-    if value <= 0:
-        raise CacheConfigError(f"max_size must be positive, got {value!r} bytes")
+            raise CacheConfigError(f"{name} {value!r} is not a size like '2GiB'") from err
+    if value < 0 or (value == 0 and not zero):
+        raise CacheConfigError(f"{name} must be positive, got {value!r} bytes")
     return int(value)
 
 
@@ -178,6 +188,11 @@ class CacheSettings:
     cache_writes : bool
         Whether an object a task writes through the cache is kept on its worker (dask
         config ``zarr-cache.cache-writes``).
+    memory_size : int
+        Bytes of small objects' copies each worker keeps in memory beside their files
+        (``zarr-cache.memory-size``; 0: none).
+    memory_object_limit : int
+        The largest object kept in memory (``zarr-cache.memory-object-limit``).
 
     Notes
     -----
@@ -230,6 +245,8 @@ class CacheSettings:
     trusted_parent: bool = False
     revalidate_after: float | None = None
     cache_writes: bool = True
+    memory_size: int = 0
+    memory_object_limit: int = 64 * 2**10
     disk_retry: float = 5.0
     peer_backoff: float = 30.0
     peer_probe_timeout: float = 0.5
@@ -275,6 +292,8 @@ class CacheSettings:
         directory: str | os.PathLike[str] | None = None,
         revalidate_after: float | int | str | None = None,
         cache_writes: bool | None = None,
+        memory_size: int | str | None = None,
+        memory_object_limit: int | str | None = None,
     ) -> CacheSettings:
         """Validate user arguments; ``None`` falls back to dask config ``zarr-cache.*``.
 
@@ -313,8 +332,15 @@ class CacheSettings:
             cache_writes = _parse_flag("cache-writes")
         elif not isinstance(cache_writes, bool):
             raise CacheConfigError(f"cache_writes must be True or False, got {cache_writes!r}")
+        max_size = _parse_size(max_size, "max_size")
+        if memory_size is None:
+            memory_size = dask.config.get("zarr-cache.memory-size")
+        if memory_size is None:
+            memory_size = min(max_size // MEMORY_SIZE_SHARE, MEMORY_SIZE_CAP)
+        if memory_object_limit is None:
+            memory_object_limit = dask.config.get("zarr-cache.memory-object-limit")
         return cls(
-            max_size=_parse_max_size(max_size),
+            max_size=max_size,
             max_age_seconds=_parse_seconds(max_age_seconds, "max_age_seconds"),
             revalidate_after=_parse_seconds(revalidate_after, "revalidate_after"),
             directory=_parse_directory(directory),
@@ -326,6 +352,8 @@ class CacheSettings:
             file_mode=file_mode,
             trusted_parent=_parse_flag("trusted-parent"),
             cache_writes=cache_writes,
+            memory_size=_parse_size(memory_size, "memory_size", zero=True),
+            memory_object_limit=_parse_size(memory_object_limit, "memory_object_limit"),
         )
 
 

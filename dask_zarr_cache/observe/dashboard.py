@@ -185,7 +185,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
     from bokeh.plotting import figure
 
     history_source = ColumnDataSource(
-        {k: [] for k in ("time", "local", "peer", "remote", "evictions", "expired")}
+        {k: [] for k in ("time", "memory", "local", "peer", "remote", "evictions", "expired")}
     )
     # Only seconds with reads: an idle second is neither a gap nor a 0% hit ratio.
     ratio_source = ColumnDataSource({"time": [], "ratio": []})
@@ -210,6 +210,7 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
         sizing_mode="stretch_width",
     )
     for name, color, label in (
+        ("memory", "#9467bd", "local memory"),
         ("local", "#2ca02c", "local disk"),
         ("peer", "#1f77b4", "peer"),
         ("remote", "#d62728", "remote source"),
@@ -281,7 +282,8 @@ def zarr_cache_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Any) -> Non
             if d["hits"] + d["peer_reads"] + d["remote_reads"]:
                 ratios["time"].append(cur["time"] * 1000)
                 ratios["ratio"].append(hit_ratio(d))
-            data["local"].append(d["hit_bytes"] / dt)
+            data["memory"].append(d["memory_hit_bytes"] / dt)
+            data["local"].append((d["hit_bytes"] - d["memory_hit_bytes"]) / dt)
             data["peer"].append(d["peer_bytes"] / dt)
             data["remote"].append(d["remote_bytes"] / dt)
             data["evictions"].append(cur["total"]["evictions"])

@@ -40,7 +40,7 @@ from dask_zarr_cache.worker.earlier_files import EarlierFiles
 from dask_zarr_cache.worker.flights import ASKING, PEER, SOURCE, Fetch
 from dask_zarr_cache.worker.guarded_disk import GuardedDisk
 from dask_zarr_cache.worker.kept_writes import KeptWrites
-from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_cached
+from dask_zarr_cache.worker.peers import MISSING, UNAVAILABLE, Peers, read_file
 from dask_zarr_cache.worker.state import LocalEntry, LocalState
 from dask_zarr_cache.worker.upkeep import Upkeep
 from dask_zarr_cache.writes.catch_up import catch_up
@@ -111,6 +111,8 @@ class WorkerCache(WorkerCacheAPI):
             peer_backoff=settings.peer_backoff,
             revalidate_after=settings.revalidate_after,
             revalidate_grace=settings.revalidate_grace,
+            memory_size=settings.memory_size,
+            memory_object_limit=settings.memory_object_limit,
         )
         self.counters = self.state.counters
         self.disk = DiskCache(directory, settings.file_mode, settings.trusted_parent)
@@ -224,12 +226,13 @@ class WorkerCache(WorkerCacheAPI):
             self.state.end_fetch(key, fetch)
 
     async def _read_local(self, key: str) -> Payload | None:
-        with context_meter.meter("zarr-cache-local-read"):
-            found = await read_cached(self.state, self.disk, key)
-        if found is None:  # not here, expired, or damaged on disk: fetch it
-            return None
-        data = found[0]
-        self.state.record_hit(key, len(data))
+        entry, expired, data = self.state.local_hit(key)  # a copy in memory: counted
+        if data is None:
+            with context_meter.meter("zarr-cache-local-read"):
+                data = await read_file(self.state, self.disk, key, entry, expired)
+            if entry is None or data is None:  # not here, expired, or damaged: fetch it
+                return None
+            self.state.record_hit(key, entry, data)
         context_meter.digest_metric("zarr-cache-hit", 1, "count")
         return data
 
@@ -354,7 +357,7 @@ class WorkerCache(WorkerCacheAPI):
         if crc is None:
             return None
         entry = LocalEntry(len(data), crc, created)
-        admitted, doomed = self.state.admit(key, entry, fetch, reads)
+        admitted, doomed = self.state.admit(key, entry, fetch, reads, data)
         await self._delete(doomed)
         return entry.item(key) if admitted else None
 

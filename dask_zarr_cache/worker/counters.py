@@ -15,8 +15,10 @@ class CacheCounters:
     field only grows.
     """
 
-    hits: int = 0  #: reads served from this worker's disk
+    hits: int = 0  #: reads served from this worker's disk (its memory copies included)
     hit_bytes: int = 0
+    memory_hits: int = 0  #: of the hits, those served from a copy in memory
+    memory_hit_bytes: int = 0
     misses: int = 0  #: reads not on this worker's disk
     remote_reads: int = 0  #: GETs sent to the source store
     remote_bytes: int = 0

@@ -15,6 +15,7 @@ from dask_zarr_cache.core.clock import Clock
 from dask_zarr_cache.core.protocol import Item
 from dask_zarr_cache.identity.keys import base_key, is_immutable
 from dask_zarr_cache.worker.budget import Budget
+from dask_zarr_cache.worker.memory import MemoryCopies
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -62,6 +63,11 @@ class Entries(Mapping[str, LocalEntry]):
         Which entries stay when the disk budget is full.
     counters : CacheCounters
         ``entries``, ``bytes``, ``evictions`` and ``expired`` are kept here.
+    revalidate_after, revalidate_grace : float
+        When entries are checked against their source, and how long one is still served
+        while its check is late.
+    memory : MemoryCopies, optional
+        Copies of small entries' bytes; each goes with its entry (none: no copies).
 
     """
 
@@ -73,8 +79,10 @@ class Entries(Mapping[str, LocalEntry]):
         counters: CacheCounters,
         revalidate_after: float | None = None,
         revalidate_grace: float = 5.0,
+        memory: MemoryCopies | None = None,
     ) -> None:
         self.max_age_seconds = max_age_seconds
+        self.memory = MemoryCopies(0, 0) if memory is None else memory
         self.revalidate_after = revalidate_after
         self.revalidate_grace = revalidate_grace
         self.clock = clock
@@ -107,6 +115,8 @@ class Entries(Mapping[str, LocalEntry]):
         old = self._by_key.pop(key, None)
         if old is not None:
             self.counters.bytes -= old.size
+            if old.tag != entry.tag:  # other bytes (a check keeps the copy's tag)
+                self.memory.drop(key)
         self._by_key[key] = entry
         if not is_immutable(key):
             if old is None or old.created != entry.created:  # a check keeps its TTL place
@@ -132,6 +142,7 @@ class Entries(Mapping[str, LocalEntry]):
             if entry is None:
                 continue
             removed.append(key)
+            self.memory.drop(key)
             self._mortal.pop(key, None)
             self._vouched.pop(key, None)
             self._unlink_range(key)

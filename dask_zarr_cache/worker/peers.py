@@ -31,9 +31,19 @@ if TYPE_CHECKING:
 
     from dask_zarr_cache.core.protocol import Payload
     from dask_zarr_cache.worker.disk import DiskCache
+    from dask_zarr_cache.worker.entries import LocalEntry
     from dask_zarr_cache.worker.state import LocalState
 
-__all__ = ["ABSENT", "FETCHING", "MISSING", "OK", "UNAVAILABLE", "Peers", "read_cached"]
+__all__ = [
+    "ABSENT",
+    "FETCHING",
+    "MISSING",
+    "OK",
+    "UNAVAILABLE",
+    "Peers",
+    "read_cached",
+    "read_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +208,32 @@ class Peers:
 async def read_cached(state: LocalState, disk: DiskCache, key: str) -> tuple[Payload, int] | None:
     """Return the worker's verified copy of ``key`` and its checksum, or ``None``.
 
-    An expired entry, or one whose file is gone or damaged, is forgotten on the way.
+    From memory if a copy is kept there, else from its file (then a small one is kept in
+    memory).  An expired entry, or one whose file is gone or damaged, is forgotten on the
+    way.
     """
-    entry, expired = state.lookup(key)
+    entry, expired, copy = state.find(key)
+    if entry is None:
+        await read_file(state, disk, key, entry, expired)
+        return None
+    if copy is not None:
+        return copy, entry.checksum
+    data = await read_file(state, disk, key, entry, expired)
+    if data is None:
+        return None
+    state.remember(key, entry, data)
+    return data, entry.checksum
+
+
+async def read_file(
+    state: LocalState, disk: DiskCache, key: str, entry: LocalEntry | None, expired: bool
+) -> Payload | None:
+    """The bytes of ``entry``'s file, verified against its checksum, or ``None``.
+
+    ``entry`` and ``expired`` are what :meth:`LocalState.find` said of ``key``: the file
+    of an entry that just expired is deleted, and an entry whose file is gone or damaged
+    is forgotten.
+    """
     if expired:
         await asyncio.to_thread(disk.delete, key)
     if entry is None:
@@ -208,5 +241,4 @@ async def read_cached(state: LocalState, disk: DiskCache, key: str) -> tuple[Pay
     data = await asyncio.to_thread(disk.read, key, entry.checksum)
     if data is None:
         state.remove_copy(key, entry.tag)
-        return None
-    return data, entry.checksum
+    return data

@@ -32,6 +32,7 @@ from dask_zarr_cache.worker.counters import CacheCounters
 from dask_zarr_cache.worker.entries import Entries, LocalEntry
 from dask_zarr_cache.worker.flights import SOURCE, Fetch, Flights
 from dask_zarr_cache.worker.hints import PeerHints
+from dask_zarr_cache.worker.memory import MemoryCopies
 from dask_zarr_cache.writes.log import matcher
 from dask_zarr_cache.writes.marks import UNSEQUENCED
 from dask_zarr_cache.writes.position import Position
@@ -82,6 +83,9 @@ class LocalState:
     revalidate_after, revalidate_grace : float
         When entries are checked against their source, and how long one is still served
         while its check is late (see :class:`~dask_zarr_cache.worker.entries.Entries`).
+    memory_size, memory_object_limit : int
+        Bytes of small objects' copies kept in memory, and the largest object kept so
+        (see :class:`~dask_zarr_cache.worker.memory.MemoryCopies`).
 
     """
 
@@ -96,6 +100,8 @@ class LocalState:
         max_hints: int = 200_000,
         revalidate_after: float | None = None,
         revalidate_grace: float = 5.0,
+        memory_size: int = 0,
+        memory_object_limit: int = 0,
     ) -> None:
         self.clock = clock
         self.lock = threading.Lock()
@@ -109,6 +115,7 @@ class LocalState:
             self.counters,
             revalidate_after,
             revalidate_grace,
+            MemoryCopies(memory_size, memory_object_limit),
         )
         self.flights = Flights()
         self.writes = Position(lease, clock)
@@ -196,19 +203,61 @@ class LocalState:
     def lookup(self, key: str) -> tuple[LocalEntry | None, bool]:
         """The live entry of ``key``, and whether it just expired (its file must go)."""
         with self.lock:
-            entry = self.entries.get(key)
-            if entry is not None and not entry.proven:  # not served before its check
-                return None, False
-            if entry is None or not self.entries.is_expired(key, entry):
-                return entry, False
-            return None, bool(self.entries.remove([key], expired=True))
+            return self._lookup(key)
 
-    def record_hit(self, key: str, nbytes: int) -> None:
-        """Count a read served from this worker's disk (an access, for the budget)."""
+    def _lookup(self, key: str) -> tuple[LocalEntry | None, bool]:
+        entry = self.entries.get(key)
+        if entry is not None and not entry.proven:  # not served before its check
+            return None, False
+        if entry is None or not self.entries.is_expired(key, entry):
+            return entry, False
+        return None, bool(self.entries.remove([key], expired=True))
+
+    def find(self, key: str) -> tuple[LocalEntry | None, bool, bytes | None]:
+        """The live entry of ``key``, whether it just expired, and its copy in memory if any."""
         with self.lock:
-            self.counters.hits += 1
-            self.counters.hit_bytes += nbytes
-            self.entries.budget.touch(key)
+            entry, expired = self._lookup(key)
+            return (
+                entry,
+                expired,
+                None if entry is None else self.entries.memory.get(key, entry.tag),
+            )
+
+    def local_hit(self, key: str) -> tuple[LocalEntry | None, bool, Payload | None]:
+        """A read of ``key`` on this worker, in one hold of the lock.
+
+        Returns the live entry, whether it just expired (as :meth:`lookup`), and its
+        bytes if a copy is in memory: that read is counted as a hit already.  With an
+        entry and no copy, the caller reads the file and calls :meth:`record_hit`.
+        """
+        with self.lock:
+            entry, expired = self._lookup(key)
+            data = None if entry is None else self.entries.memory.get(key, entry.tag)
+            if data is not None:
+                self.counters.memory_hits += 1
+                self.counters.memory_hit_bytes += len(data)
+                self._hit(key, len(data))
+            return entry, expired, data
+
+    def record_hit(self, key: str, entry: LocalEntry, data: Payload) -> None:
+        """Count a read of ``entry``'s file, ``data`` (verified); keep a copy if small."""
+        with self.lock:
+            self._hit(key, len(data))
+            self._remember(key, entry, data)
+
+    def remember(self, key: str, entry: LocalEntry, data: Payload) -> None:
+        """``data`` is what ``entry``'s file holds: keep a copy in memory if it is small."""
+        with self.lock:
+            self._remember(key, entry, data)
+
+    def _hit(self, key: str, nbytes: int) -> None:
+        self.counters.hits += 1
+        self.counters.hit_bytes += nbytes
+        self.entries.budget.touch(key)
+
+    def _remember(self, key: str, entry: LocalEntry, data: Payload) -> None:
+        if self.entries.get(key) is entry:  # not removed or replaced meanwhile
+            self.entries.memory.put(key, entry.tag, data)
 
     def record_served(self, key: str, nbytes: int) -> None:
         """Count bytes of ``key`` served to a peer (an access, for the budget)."""
@@ -274,11 +323,17 @@ class LocalState:
             return self.flights.replaced(key, fetch) or key in self.entries
 
     def admit(
-        self, key: str, entry: LocalEntry, fetch: Fetch, reads: int = 0
+        self,
+        key: str,
+        entry: LocalEntry,
+        fetch: Fetch,
+        reads: int = 0,
+        data: Payload | None = None,
     ) -> tuple[bool, list[str]]:
         """Add the entry a fetch wrote, unless a write poisoned the fetch meanwhile.
 
-        ``reads`` is how often the cluster asked for ``key`` lately (from the index).
+        ``reads`` is how often the cluster asked for ``key`` lately (from the index);
+        ``data``, the bytes written to its file, is kept in memory too if it is small.
         Returns whether the entry stays, and the keys whose files must go: evicted to
         stay within the budget, and ``key`` itself unless it stays.
         """
@@ -289,7 +344,10 @@ class LocalState:
             budget.record(key, reads)
             self.entries.add(key, entry)
             evicted = budget.admit(key, entry.size)
-            return key not in evicted, self.entries.remove(evicted, evicted=True)
+            doomed = self.entries.remove(evicted, evicted=True)
+            if data is not None:
+                self._remember(key, entry, data)
+            return key not in evicted, doomed
 
     def adopt(self, files: Iterable[CacheFile], proven: bool = True) -> list[str]:
         """Add files found on disk (oldest first).

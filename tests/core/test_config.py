@@ -50,7 +50,19 @@ def test_unset_arguments_come_from_dask_config(tmp_path):
         }
     ):
         settings = CacheSettings.from_arguments()
-    assert settings == CacheSettings(3 * 2**20, 60.0, str(tmp_path))
+    # memory: max-size / 16 unless set
+    assert settings == CacheSettings(3 * 2**20, 60.0, str(tmp_path), memory_size=3 * 2**16)
+
+
+def test_memory_settings_come_from_arguments_dask_config_or_the_disk_budget():
+    assert CacheSettings.from_arguments("64GiB").memory_size == 256 * 2**20  # the cap
+    plugin = ZarrCachePlugin(max_size="1GiB", memory_size="8MiB", memory_object_limit="4KiB")
+    assert (plugin.settings.memory_size, plugin.settings.memory_object_limit) == (8 << 20, 4096)
+    with dask.config.set({"zarr-cache.memory-size": 0}):
+        assert CacheSettings.from_arguments("1GiB").memory_size == 0  # none
+    for bad in ({"memory_size": -1}, {"memory_object_limit": 0}, {"memory_size": "lots"}):
+        with pytest.raises(CacheConfigError, match="memory"):
+            ZarrCachePlugin(max_size="1GiB", **bad)
 
 
 def test_plugin_pickles_to_its_settings_only():
