@@ -286,13 +286,15 @@ def check(
 
     def errors_and_stalls(op: ReadOp | WriteOp, bound: float, stalls: str) -> None:
         died = op.error is not None and is_worker_death(op.error)  # no times from a task
+        # A write whose first run died during it returns from Dask's re-run: no time of its own.
+        untimed = died or (isinstance(op, WriteOp) and op.outcome == "maybe")
         if op.error is not None and not died:
             found["cache_errors"].append(_describe(op))
         if isinstance(op, WriteOp):
             frozen = sum(frozen_during(w, op.t_invoke, op.t_return) for w in stops)
             bound += lease_wait * max(0, frozen - 1)
         if (
-            not died
+            not untimed
             and op.duration > bound
             and not frozen_during(op.worker, op.t_invoke, op.t_return)
         ):

@@ -183,7 +183,10 @@ def write_chunk(
     Dask runs a finished task again when its result dies with its worker; a second run
     would put an old version back after newer ones (right for Dask, wrong for a history
     whose versions only grow).  The first run creates the file ``claim`` (every process
-    of the suite shares this machine's disk); a later run finds it and writes nothing.
+    of the suite shares this machine's disk); a later run finds it and writes nothing,
+    and returns the first run's result if the first run recorded it there (chaos seed
+    6004: a write's result died with its worker 20 s after it returned, and the re-run's
+    time counted as a 20.5 s write).
 
     Parameters
     ----------
@@ -202,22 +205,46 @@ def write_chunk(
     -------
     dict
         ``t_return`` (right after the store write returned), ``worker`` (name),
-        ``error`` (text, or ``None``) and ``rerun`` (this run wrote nothing).
+        ``error`` (text, or ``None``) and ``rerun`` (this run wrote nothing, and the
+        first run left no result: it died during its write).
 
     """
     worker = _worker_name()
     try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return {"t_return": time.time(), "worker": worker, "error": None, "rerun": True}
+        return _first_run(claim, worker)
     try:
         arr = open_cached_array(url, storage_options, "r+")
         arr[chunk_selection(chunk, chunk_size)] = np.full(
             chunk_size, encode(chunk, version), dtype="int64"
         )
     except Exception as err:
+        os.close(fd)
         return {"t_return": time.time(), "worker": worker, "error": _error(err), "rerun": False}
-    return {"t_return": time.time(), "worker": worker, "error": None, "rerun": False}
+    t_return = time.time()
+    with os.fdopen(fd, "w") as record:  # for a re-run, if this result is lost
+        record.write(f"{t_return!r} {worker}")
+    return {"t_return": t_return, "worker": worker, "error": None, "rerun": False}
+
+
+def _first_run(claim: str, worker: str) -> dict[str, Any]:
+    """What a re-run of a write returns: the first run's result, if it recorded one.
+
+    Dask runs a task again when the worker holding its result dies before the client
+    collected it: the first run's write returned then, and its time is the write's.
+    Without a record the first run died during its write: it may or may not have landed.
+    """
+    with open(claim) as record:
+        recorded = record.read().split(" ", 1)
+    if len(recorded) == 2:
+        return {
+            "t_return": float(recorded[0]),
+            "worker": recorded[1],
+            "error": None,
+            "rerun": False,
+        }
+    return {"t_return": time.time(), "worker": worker, "error": None, "rerun": True}
 
 
 class StackDumps(WorkerPlugin):

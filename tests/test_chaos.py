@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from benchmarks import _chaos_tasks
 from benchmarks._chaos_delays import ChaosDelays, read_delay_logs, unwrap_handlers, wrap_handlers
 from benchmarks._chaos_history import (
     History,
@@ -299,3 +300,25 @@ def test_a_chaos_run_finds_nothing():
     assert proc.returncode == 0, (
         f"chaos run with --seed {seed} found failures (exit {proc.returncode})"
     )
+
+
+def test_a_write_whose_first_run_died_during_it_has_no_duration_of_its_own():
+    # Dask's re-run returns long after: not a stall (an "ok" write that slow still is one).
+    slow = [write(0, 2, 1.0, 1.0 + WRITE_BOUND + 5, outcome="maybe")]
+    assert run(writes=slow).failures["write_stalls"] == 0
+    slow = [write(0, 2, 1.0, 1.0 + WRITE_BOUND + 5)]
+    assert run(writes=slow).failures["write_stalls"] == 1
+
+
+def test_a_write_re_run_after_its_result_was_lost_returns_the_first_run_s_result(tmp_path):
+    claim = str(tmp_path / "claim")
+    with open(claim, "w") as record:  # the first run wrote, then its worker died
+        record.write("12.5 w1")
+    assert _chaos_tasks._first_run(claim, "w2") == {
+        "t_return": 12.5,
+        "worker": "w1",
+        "error": None,
+        "rerun": False,
+    }
+    open(claim, "w").close()  # the first run died during its write
+    assert _chaos_tasks._first_run(claim, "w2")["rerun"] is True
