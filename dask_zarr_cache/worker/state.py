@@ -213,31 +213,28 @@ class LocalState:
             return entry, False
         return None, bool(self.entries.remove([key], expired=True))
 
-    def find(self, key: str) -> tuple[LocalEntry | None, bool, bytes | None]:
+    def find(self, key: str) -> tuple[LocalEntry | None, bool, Payload | None]:
         """The live entry of ``key``, whether it just expired, and its copy in memory if any."""
         with self.lock:
-            entry, expired = self._lookup(key)
-            return (
-                entry,
-                expired,
-                None if entry is None else self.entries.memory.get(key, entry.tag),
-            )
+            return self._find(key)
 
     def local_hit(self, key: str) -> tuple[LocalEntry | None, bool, Payload | None]:
         """A read of ``key`` on this worker, in one hold of the lock.
 
-        Returns the live entry, whether it just expired (as :meth:`lookup`), and its
-        bytes if a copy is in memory: that read is counted as a hit already.  With an
-        entry and no copy, the caller reads the file and calls :meth:`record_hit`.
+        Returns what :meth:`find` does; a copy in memory is counted as a hit already.
+        With an entry and no copy, the caller reads the file and calls :meth:`record_hit`.
         """
         with self.lock:
-            entry, expired = self._lookup(key)
-            data = None if entry is None else self.entries.memory.get(key, entry.tag)
+            entry, expired, data = self._find(key)
             if data is not None:
                 self.counters.memory_hits += 1
                 self.counters.memory_hit_bytes += len(data)
                 self._hit(key, len(data))
             return entry, expired, data
+
+    def _find(self, key: str) -> tuple[LocalEntry | None, bool, Payload | None]:
+        entry, expired = self._lookup(key)
+        return entry, expired, None if entry is None else self.entries.memory.get(key, entry.tag)
 
     def record_hit(self, key: str, entry: LocalEntry, data: Payload) -> None:
         """Count a read of ``entry``'s file, ``data`` (verified); keep a copy if small."""
